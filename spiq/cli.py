@@ -1,0 +1,124 @@
+"""The `spiq` command: list models, evaluate a method on labelled images."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import CALIBRATED, METHODS, ConfigError, QuantConfig
+from .data import DatasetError
+from .registry import ModelUnavailableError, get_spec, list_models
+
+
+def _cmd_models(args) -> int:
+    rows = []
+    for name in list_models():
+        spec = get_spec(name)
+        problem = spec.offline_problem()
+        rows.append((name, "yes" if problem is None else "no", spec.description, problem or ""))
+    width = max(len(r[0]) for r in rows)
+    print(f"{'model':{width}}  available offline  description")
+    for name, ok, desc, problem in rows:
+        print(f"{name:{width}}  {ok:17}  {desc}" + (f"\n{'':{width}}  {'':17}  ({problem})" if problem else ""))
+    return 0
+
+
+def _build_config(args) -> QuantConfig | None:
+    if args.config:
+        try:
+            base = QuantConfig.from_json(Path(args.config).read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {args.config}: {exc.strerror}") from None
+    else:
+        base = QuantConfig()
+        if args.method is None:
+            raise ConfigError("give --method (or --config)")
+    method = args.method or base.method
+    if method == "fp":
+        return None
+    changes = {"method": method}
+    if args.wbits is not None:
+        changes["weight_bits"] = args.wbits
+    if args.abits is not None:
+        changes["input_bits"] = args.abits
+    if args.calib_n is not None:
+        changes["calib_images"] = args.calib_n
+    return base.replace(**changes)
+
+
+def _cmd_evaluate(args) -> int:
+    from tqdm import tqdm
+
+    from .data import find_images
+    from .evaluate import calibration_subset, evaluate, load_images
+    from .registry import load_model
+
+    config = _build_config(args)
+    model, preprocess, _ = load_model(args.model)
+    n = len(find_images(args.images)[: args.limit])
+    calib = None
+    if config is not None and config.method in CALIBRATED:
+        src = args.calib or args.images
+        if not args.calib:
+            print(f"note: calibrating on {config.calib_images} images drawn from {src} "
+                  "(pass --calib DIR for images kept apart from the evaluation)", file=sys.stderr)
+        with tqdm(desc="calibration images", unit="img", file=sys.stderr) as bar:
+            pool, _, _ = load_images(src, preprocess, progress=bar.update)
+        calib = calibration_subset(pool, config.calib_images)
+    with tqdm(total=n, desc="loading images", unit="img", file=sys.stderr) as bar:
+        images, labels, _ = load_images(args.images, preprocess, args.limit, progress=bar.update)
+    passes = 1 if config is None else 2
+    with tqdm(total=n * passes, desc=f"evaluating {args.model} {args.method or config.method}", unit="img",
+              file=sys.stderr) as bar:
+        result = evaluate(args.model, images, labels, config, calib=calib, float_model=model,
+                          progress=bar.update)
+    if config is None:
+        result.wbits = result.abits = None
+    print(result.summary())
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    return 0
+
+
+def _bits(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bits must be an integer from 2 to 16, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="spiq", description="Data-free post-training quantization of vision networks.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("models", help="list the models and whether they work offline").set_defaults(func=_cmd_models)
+
+    e = sub.add_parser("evaluate", help="top-1 and agreement with the float model on labelled images")
+    e.add_argument("--model", required=True, help="a name from `spiq models`")
+    e.add_argument("--images", required=True, help="folder of <synset>_*.jpg files or <synset>/ subfolders")
+    e.add_argument("--method", choices=["fp", *METHODS], help="fp (float) or a quantization method")
+    e.add_argument("--wbits", type=_bits, help="weight bits (2-16)")
+    e.add_argument("--abits", type=_bits, help="input (activation) bits (2-16)")
+    e.add_argument("--limit", type=int, help="evaluate only the first N images")
+    e.add_argument("--config", help="QuantConfig JSON; --method/--wbits/--abits override its fields")
+    e.add_argument("--calib", help="calibration image folder for calib-* methods (default: --images)")
+    e.add_argument("--calib-n", type=int, help="number of calibration images")
+    e.add_argument("--json", help="write the result as JSON here")
+    e.set_defaults(func=_cmd_evaluate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, DatasetError, ModelUnavailableError, KeyError) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"spiq: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""One configuration object for every method, with validation and a flat JSON form."""
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+
+METHODS = {
+    "spiq": "static per-input-channel ranges from BN statistics, scales folded into the weights",
+    "static-tensor": "static per-tensor ranges from BN statistics (DFQ-style)",
+    "calib-minmax": "static ranges from calibration images: min/max",
+    "calib-percentile": "static ranges from calibration images: percentile",
+    "calib-mse": "static ranges from calibration images: MSE-optimal clipping",
+    "dynamic-tensor": "per-sample per-tensor ranges computed at run time",
+    "dynamic-channel": "per-sample per-channel ranges computed at run time",
+}
+DATA_FREE = ("spiq", "static-tensor")
+CALIBRATED = ("calib-minmax", "calib-percentile", "calib-mse")
+DYNAMIC = ("dynamic-tensor", "dynamic-channel")
+GRANULARITIES = ("channel", "tensor")
+MIN_BITS, MAX_BITS = 2, 16
+
+
+class ConfigError(ValueError):
+    """A configuration field is missing, unknown, or out of range."""
+
+
+def _suggest(word: str, options) -> str:
+    close = difflib.get_close_matches(str(word), list(options), n=3)
+    return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+
+
+def _check_bits(where: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        else:
+            raise ConfigError(f"{where} must be an integer from {MIN_BITS} to {MAX_BITS}, got {value!r}")
+    if not MIN_BITS <= value <= MAX_BITS:
+        raise ConfigError(f"{where} must be from {MIN_BITS} to {MAX_BITS}, got {value}")
+    return value
+
+
+def _check_choice(where: str, value, options) -> str:
+    if value not in options:
+        raise ConfigError(f"{where} must be one of {', '.join(options)}; got {value!r}{_suggest(value, options)}")
+    return value
+
+
+@dataclass(frozen=True)
+class LayerOverride:
+    """Per-layer exceptions to the model-wide settings; None means 'as the model'."""
+    skip: bool = False
+    method: str | None = None
+    weight_bits: int | None = None
+    input_bits: int | None = None
+    input_granularity: str | None = None
+    weight_granularity: str | None = None
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    method: str = "spiq"
+    weight_bits: int = 8
+    input_bits: int = 8
+    # None: the method's own (per channel for spiq and dynamic-channel, per tensor otherwise).
+    input_granularity: str | None = None
+    weight_granularity: str = "channel"
+    # Weight clipping: "max" (round to nearest over the full range) or "mse" (per-channel search).
+    weight_clip: str = "mse"
+    # Tail law of BN-implied pre-activations for the data-free methods.
+    tail: str = "t4"
+    # Weight of the clipping term against rounding when a data-free range is chosen.
+    clip_penalty: float = 1.0
+    # Subtract the expected output error (from the BN-implied input law) from each layer's bias.
+    bias_correction: bool = True
+    percentile: float = 99.99
+    calib_images: int = 32
+    overrides: dict[str, LayerOverride] = field(default_factory=dict)
+
+    def __post_init__(self):
+        from .ranges import TAIL_MODELS
+
+        _check_choice("method", self.method, METHODS)
+        object.__setattr__(self, "weight_bits", _check_bits("weight_bits", self.weight_bits))
+        object.__setattr__(self, "input_bits", _check_bits("input_bits", self.input_bits))
+        if self.input_granularity is not None:
+            _check_choice("input_granularity", self.input_granularity, GRANULARITIES)
+        _check_choice("weight_granularity", self.weight_granularity, GRANULARITIES)
+        _check_choice("weight_clip", self.weight_clip, ("max", "mse"))
+        _check_choice("tail", self.tail, TAIL_MODELS)
+        if not isinstance(self.clip_penalty, (int, float)) or isinstance(self.clip_penalty, bool) \
+                or not 0 < self.clip_penalty <= 1000:
+            raise ConfigError(f"clip_penalty must be a number in (0, 1000], got {self.clip_penalty!r}")
+        if not isinstance(self.bias_correction, bool):
+            raise ConfigError(f"bias_correction must be true or false, got {self.bias_correction!r}")
+        if not isinstance(self.percentile, (int, float)) or not 50 < self.percentile <= 100:
+            raise ConfigError(f"percentile must be in (50, 100], got {self.percentile!r}")
+        if isinstance(self.calib_images, bool) or not isinstance(self.calib_images, int) or self.calib_images < 1:
+            raise ConfigError(f"calib_images must be a positive integer, got {self.calib_images!r}")
+        if not isinstance(self.overrides, dict):
+            raise ConfigError("overrides must map layer names to settings")
+        clean = {}
+        for name, ov in self.overrides.items():
+            if isinstance(ov, LayerOverride):
+                ov = asdict(ov)
+            if isinstance(ov, dict):
+                ov = _override_from_dict(name, ov)
+            else:
+                raise ConfigError(f"overrides[{name!r}] must be an object, got {type(ov).__name__}")
+            clean[name] = ov
+        object.__setattr__(self, "overrides", clean)
+
+    # --- what a layer gets -----------------------------------------------------------------------
+    def for_layer(self, name: str) -> "LayerSettings":
+        ov = self.overrides.get(name, LayerOverride())
+        method = ov.method or self.method
+        gran = ov.input_granularity or (self.input_granularity if ov.method is None else None) \
+            or default_granularity(method)
+        return LayerSettings(
+            skip=ov.skip, method=method,
+            weight_bits=ov.weight_bits or self.weight_bits,
+            input_bits=ov.input_bits or self.input_bits,
+            input_per_channel=gran == "channel",
+            weight_per_channel=(ov.weight_granularity or self.weight_granularity) == "channel",
+        )
+
+    def check_layers(self, layer_names) -> None:
+        """Raise if an override names a layer the model does not have."""
+        names = list(layer_names)
+        for name in self.overrides:
+            if name not in names:
+                raise ConfigError(f"overrides: the model has no quantizable layer {name!r}{_suggest(name, names)}")
+
+    # --- JSON ------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        out = {"method": self.method, "weight_bits": self.weight_bits, "input_bits": self.input_bits}
+        default = QuantConfig()
+        for f in fields(self):
+            if f.name in out or f.name == "overrides":
+                continue
+            value = getattr(self, f.name)
+            if value != getattr(default, f.name):
+                out[f.name] = value
+        if self.overrides:
+            out["overrides"] = {n: {k: v for k, v in asdict(ov).items() if v not in (None, False)}
+                                for n, ov in self.overrides.items()}
+        return out
+
+    def to_json(self, indent: int | None = None) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data) -> "QuantConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"a config must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        for key in data:
+            if key not in known:
+                raise ConfigError(f"unknown config field {key!r}{_suggest(key, known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "QuantConfig":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"config is not valid JSON: {exc}") from None
+        return cls.from_dict(data)
+
+    def replace(self, **changes) -> "QuantConfig":
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class LayerSettings:
+    skip: bool
+    method: str
+    weight_bits: int
+    input_bits: int
+    input_per_channel: bool
+    weight_per_channel: bool
+
+
+def default_granularity(method: str) -> str:
+    return "channel" if method in ("spiq", "dynamic-channel") else "tensor"
+
+
+def _override_from_dict(layer: str, data: dict) -> LayerOverride:
+    known = {f.name for f in fields(LayerOverride)}
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"overrides[{layer!r}]: unknown field {key!r}{_suggest(key, known)}")
+    where = f"overrides[{layer!r}]"
+    if "skip" in data and not isinstance(data["skip"], bool):
+        raise ConfigError(f"{where}.skip must be true or false, got {data['skip']!r}")
+    if data.get("method") is not None:
+        _check_choice(f"{where}.method", data["method"], METHODS)
+    for b in ("weight_bits", "input_bits"):
+        if data.get(b) is not None:
+            data = {**data, b: _check_bits(f"{where}.{b}", data[b])}
+    for g in ("input_granularity", "weight_granularity"):
+        if data.get(g) is not None:
+            _check_choice(f"{where}.{g}", data[g], GRANULARITIES)
+    return LayerOverride(**data)

@@ -1,0 +1,105 @@
+"""Evaluation: top-1 of a float and a quantized model over labelled images, and their agreement."""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .config import QuantConfig
+from .data import Preprocess, find_images, load_batch
+from .quantize import quantize
+from .registry import load_model
+
+
+@dataclass
+class EvalResult:
+    model: str
+    method: str
+    wbits: int | None
+    abits: int | None
+    n_images: int
+    top1: float
+    top1_fp: float
+    agreement: float
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        bits = "float" if self.method == "fp" else f"W{self.wbits}A{self.abits}"
+        return (f"{self.model} {self.method} {bits}: top-1 {self.top1 * 100:.1f}% (float {self.top1_fp * 100:.1f}%), "
+                f"agreement {self.agreement * 100:.1f}% on {self.n_images} images in {self.seconds:.1f}s")
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, batch: int = 25,
+            progress: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Top-1 class of each preprocessed image (N, 3, H, W)."""
+    out = []
+    for i in range(0, len(images), batch):
+        out.append(model(images[i:i + batch]).argmax(1))
+        if progress is not None:
+            progress(min(batch, len(images) - i))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def load_images(root: str | Path, preprocess: Preprocess, limit: int | None = None,
+                progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor, list[Path]]:
+    """Preprocessed images and labels of a labelled folder (first `limit` in sorted order)."""
+    items = find_images(root)
+    if limit is not None:
+        items = items[:limit]
+    xs = []
+    for i in range(0, len(items), 50):
+        chunk = items[i:i + 50]
+        xs.append(load_batch([p for p, _ in chunk], preprocess))
+        if progress is not None:
+            progress(len(chunk))
+    labels = torch.tensor([label for _, label in items])
+    return torch.cat(xs), labels, [p for p, _ in items]
+
+
+def calibration_subset(images: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
+    """n images picked at random (seeded) from a batch: the calib-* methods' data."""
+    g = torch.Generator().manual_seed(seed)
+    return images[torch.randperm(len(images), generator=g)[:n]]
+
+
+def evaluate(model_name: str, images: torch.Tensor, labels: torch.Tensor, config: QuantConfig | None,
+             calib: torch.Tensor | None = None, float_model: nn.Module | None = None,
+             fp_pred: torch.Tensor | None = None, progress: Callable[[int], None] | None = None) -> EvalResult:
+    """Quantize `model_name` with `config` (None: float only) and score it against the float model."""
+    start = time.perf_counter()
+    if float_model is None:
+        float_model, _, _ = load_model(model_name)
+    if fp_pred is None:
+        fp_pred = predict(float_model, images, progress=progress)
+    if config is None:
+        pred = fp_pred
+    else:
+        qmodel = quantize(float_model, config, calib_data=calib)
+        pred = predict(qmodel, images, progress=progress)
+    n = len(labels)
+    return EvalResult(
+        model=model_name,
+        method="fp" if config is None else config.method,
+        wbits=None if config is None else config.weight_bits,
+        abits=None if config is None else config.input_bits,
+        n_images=n,
+        top1=(pred == labels).float().mean().item() if n else 0.0,
+        top1_fp=(fp_pred == labels).float().mean().item() if n else 0.0,
+        agreement=(pred == fp_pred).float().mean().item() if n else 0.0,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def iter_configs(methods: Iterable[str], bit_pairs: Iterable[tuple[int, int]], base: QuantConfig | None = None):
+    base = base or QuantConfig()
+    for w, a in bit_pairs:
+        for m in methods:
+            yield base.replace(method=m, weight_bits=w, input_bits=a)

@@ -1,0 +1,107 @@
+"""Graph analysis: who feeds whom.
+
+The model is traced with torch.fx, keeping convolutions, linears, norms, activations and pools as
+opaque leaves, so the graph speaks in the model's own module names. Everything downstream (BN
+folding, range propagation, the quantized layers) reads this one graph.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+
+QUANTIZABLE = (nn.Conv2d, nn.Linear)
+BATCHNORMS = (nn.BatchNorm2d, nn.BatchNorm1d)
+
+
+def _timm_leaf_types() -> tuple[type, ...]:
+    try:
+        from timm.layers import BatchNormAct2d, SelectAdaptivePool2d
+    except ImportError:  # timm is optional for torchvision-only use
+        return ()
+    return (BatchNormAct2d, SelectAdaptivePool2d)
+
+
+LEAF_TYPES = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d, nn.LayerNorm,
+              nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.MaxPool2d, nn.Dropout, nn.Identity,
+              nn.Flatten) + _timm_leaf_types()
+
+
+class _LeafTracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, LEAF_TYPES) or super().is_leaf_module(m, qualname)
+
+
+class GraphError(RuntimeError):
+    """The model could not be traced into a graph."""
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """Trace `model` (not modified) into an fx graph whose call_module targets are its own names."""
+    try:
+        graph = _LeafTracer().trace(model)
+    except Exception as exc:
+        raise GraphError(f"cannot trace {type(model).__name__} with torch.fx: {exc}") from exc
+    return fx.GraphModule(model, graph)
+
+
+# Nodes that only move or copy data: a producer search walks through them.
+_PASSTHROUGH_MODULES = (nn.Identity, nn.Dropout, nn.Flatten)
+_PASSTHROUGH_FUNCS = {torch.flatten, operator.getitem}
+_PASSTHROUGH_METHODS = {"flatten", "view", "reshape", "contiguous", "clone"}
+
+
+def is_passthrough(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), _PASSTHROUGH_MODULES)
+    if node.op == "call_function":
+        return node.target in _PASSTHROUGH_FUNCS or getattr(node.target, "__name__", "") == "dropout"
+    if node.op == "call_method":
+        return node.target in _PASSTHROUGH_METHODS
+    return False
+
+
+@dataclass
+class LayerNode:
+    """A quantizable layer and the node that feeds its input."""
+    name: str
+    module: nn.Module
+    node: fx.Node
+    input: fx.Node
+
+
+@dataclass
+class ModelGraph:
+    gm: fx.GraphModule
+    layers: dict[str, LayerNode] = field(default_factory=dict)
+
+    def users(self, node: fx.Node) -> list[fx.Node]:
+        return list(node.users)
+
+
+def analyse(model: nn.Module) -> ModelGraph:
+    gm = trace(model)
+    g = ModelGraph(gm)
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            if isinstance(mod, QUANTIZABLE):
+                g.layers[node.target] = LayerNode(node.target, mod, node, node.args[0])
+    return g
+
+
+def conv_bn_pairs(g: ModelGraph) -> list[tuple[str, str]]:
+    """(conv, bn) names where the BN reads only that conv's output and the conv feeds only the BN."""
+    pairs = []
+    for name, layer in g.layers.items():
+        if not isinstance(layer.module, nn.Conv2d) or len(layer.node.users) != 1:
+            continue
+        (user,) = layer.node.users
+        if user.op != "call_module":
+            continue
+        bn = g.gm.get_submodule(user.target)
+        if isinstance(bn, nn.BatchNorm2d) and bn.num_features == layer.module.out_channels:
+            pairs.append((name, user.target))
+    return pairs

@@ -1,0 +1,171 @@
+"""Quantized layers: the arithmetic of fake quantization and the module that wraps a conv/linear.
+
+Every quantizer is uniform and affine. Inputs are unsigned codes in [0, 2^b - 1] with a zero
+point, weights are symmetric signed codes in [-(2^(b-1) - 1), 2^(b-1) - 1]. All fake-quant ops
+use PyTorch's fused kernels, whose backward is the straight-through estimator, so gradient-based
+attributions stay meaningful on a quantized model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .ranges import Range
+
+
+def weight_levels(bits: int) -> int:
+    return 2 ** (bits - 1) - 1
+
+
+def input_scale_zero(rng: Range, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and integer zero point of the grid covering [lo, hi] with 2^bits codes."""
+    scale = ((rng.hi - rng.lo) / (2 ** bits - 1)).float().clamp_min(1e-12)
+    zero = torch.round(-rng.lo / scale).clamp(0, 2 ** bits - 1).to(torch.int32)
+    return scale, zero
+
+
+def input_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes minus zero point (as float), per channel along dim 1 or per tensor."""
+    shape = (1, -1) + (1,) * (x.dim() - 2) if scale.dim() == 1 else ()
+    s, z = scale.view(shape), zero.view(shape).float()
+    return torch.clamp(torch.round(x / s) + z, 0, 2 ** bits - 1) - z
+
+
+def quantize_weight(w: torch.Tensor, bits: int, per_channel: bool, clip: str = "max") -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric weight quantization: integer codes and the scale per output channel (or tensor)."""
+    n = weight_levels(bits)
+    flat = w.reshape(w.shape[0], -1) if per_channel else w.reshape(1, -1)
+    amax = flat.abs().max(1).values.clamp_min(1e-12)
+    if clip == "mse":
+        # Per-channel search of the clipping ratio minimising ||w - q(w)||^2.
+        ratios = torch.linspace(0.2, 1.0, 81)
+        cand = amax[:, None] * ratios[None, :]                       # (O, R)
+        s = (cand / n)[:, :, None]
+        q = torch.clamp(torch.round(flat[:, None, :] / s), -n, n) * s
+        err = ((q - flat[:, None, :]) ** 2).sum(-1)
+        amax = cand.gather(1, err.argmin(1, keepdim=True))[:, 0]
+    elif clip != "max":
+        raise ValueError(f"unknown weight clipping {clip!r}")
+    scale = amax / n
+    codes = torch.clamp(torch.round(flat / scale[:, None]), -n, n).reshape(w.shape)
+    return codes, scale if per_channel else scale[0]
+
+
+def _per_out(scale: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return scale.view((-1,) + (1,) * (w.dim() - 1)) if scale.dim() == 1 else scale
+
+
+def fold_input_scale(w: torch.Tensor, s: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """W[:, c] * s_c for a linear (O, C) or a (grouped) conv (O, C/groups, kh, kw)."""
+    if w.dim() == 2:
+        return w * s[None, :]
+    cg = w.shape[1]
+    s_out = s.view(groups, cg).repeat_interleave(w.shape[0] // groups, 0)   # (O, C/groups)
+    return w * s_out[:, :, None, None]
+
+
+@dataclass(frozen=True)
+class InputQuant:
+    """How a layer's input is quantized. mode: 'static' (range fixed) or 'dynamic' (per sample)."""
+    mode: str
+    bits: int
+    per_channel: bool
+    scale: torch.Tensor | None = None
+    zero: torch.Tensor | None = None
+
+
+def fake_quant_input(x: torch.Tensor, q: InputQuant) -> torch.Tensor:
+    qmax = 2 ** q.bits - 1
+    if q.mode == "static":
+        if q.per_channel:
+            return torch.fake_quantize_per_channel_affine(x, q.scale, q.zero, 1, 0, qmax)
+        return torch.fake_quantize_per_tensor_affine(x, q.scale, q.zero, 0, qmax)
+    # dynamic: each sample's own min/max, per tensor or per channel
+    dims = tuple(d for d in range(1, x.dim()) if not (q.per_channel and d == 1))
+    lo = x.amin(dim=dims, keepdim=True).clamp_max(0)
+    hi = x.amax(dim=dims, keepdim=True).clamp_min(0)
+    scale = ((hi - lo) / qmax).clamp_min(1e-12)
+    zero = torch.round(-lo / scale)
+    q_x = torch.clamp(torch.round(x / scale) + zero, 0, qmax)
+    out = (q_x - zero) * scale
+    return x + (out - x).detach()  # straight-through
+
+
+class QuantLayer(nn.Module):
+    """A conv/linear whose input is fake-quantized and whose weights sit on an integer grid.
+
+    With a static per-channel input, the input scales are folded into the weights before they are
+    quantized per output channel (SPIQ): `weight_codes * weight_scale` are the integer weights the
+    layer would run with on integer input codes, and `layer.weight` holds the same product divided
+    back by the input scales so that the float simulation can take fake-quantized inputs.
+    """
+
+    def __init__(self, layer: nn.Module, input_quant: InputQuant | None, weight_codes: torch.Tensor,
+                 weight_scale: torch.Tensor, folded: bool, name: str = ""):
+        super().__init__()
+        self.layer = layer
+        self.input_quant = input_quant
+        self.folded = folded
+        self.name = name
+        self.register_buffer("weight_codes", weight_codes)
+        self.register_buffer("weight_scale", weight_scale)
+
+    def forward(self, x):
+        if self.input_quant is not None:
+            x = fake_quant_input(x, self.input_quant)
+        return self.layer(x)
+
+    def integer_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The same layer computed on integer codes with int64 accumulation, then rescaled."""
+        q = self.input_quant
+        assert q is not None and q.mode == "static", "integer_forward needs a static input quantizer"
+        codes = input_codes(x, q.scale, q.zero, q.bits).to(torch.int64)
+        wq = self.weight_codes.to(torch.int64)
+        layer = self.layer
+        if isinstance(layer, nn.Conv2d):
+            pad_x = codes
+            if type(layer).__name__ == "Conv2dSame":
+                from timm.layers.padding import pad_same
+
+                pad_x = pad_same(codes.double(), layer.kernel_size, layer.stride, layer.dilation).to(torch.int64)
+                padding = 0
+            else:
+                padding = layer.padding
+            acc = F.conv2d(pad_x.double(), wq.double(), None, layer.stride, padding, layer.dilation,
+                           layer.groups)  # float64 holds these integer sums exactly
+        else:
+            acc = F.linear(codes.double(), wq.double())
+        out_scale = _per_out(self.weight_scale, self.weight_codes).view(1, -1, *([1] * (acc.dim() - 2))) \
+            if self.weight_scale.dim() == 1 else self.weight_scale
+        y = acc * out_scale.double()
+        if not self.folded:  # a per-tensor input scale multiplies the result instead
+            y = y * q.scale.double()
+        if layer.bias is not None:
+            y = y + layer.bias.double().view(1, -1, *([1] * (acc.dim() - 2)))
+        return y.float()
+
+    def extra_repr(self) -> str:
+        q = self.input_quant
+        w_bits = int(self.weight_codes.abs().max().item()).bit_length() + 1
+        if q is None:
+            return f"input=float, weight~{w_bits}b"
+        return (f"input={q.mode}/{'channel' if q.per_channel else 'tensor'}/{q.bits}b, "
+                f"folded={self.folded}")
+
+
+def make_weights(layer: nn.Module, bits: int, per_channel: bool, clip: str,
+                 input_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize `layer`'s weights, first folding per-channel input scales in when given.
+
+    Returns (codes, scale, float weight for the simulation)."""
+    w = layer.weight.detach()
+    groups = getattr(layer, "groups", 1)
+    target = fold_input_scale(w, input_scale, groups) if input_scale is not None else w
+    codes, scale = quantize_weight(target, bits, per_channel, clip)
+    wq = codes * _per_out(scale, codes)
+    if input_scale is not None:
+        wq = fold_input_scale(wq, 1.0 / input_scale, groups)
+    return codes, scale, wq

@@ -1,0 +1,394 @@
+"""Range estimation: what values does each conv/linear input take, per channel?
+
+Data-free: every tensor of the graph is described by a per-channel distribution that starts at
+the BatchNorm statistics of the layer that produced it (BN output ~ beta_c + |gamma_c| * Z) and is
+carried through activations, residual adds, multiplications and pooling. Z is a standardised
+law with chosen tails; the distribution is held as a fixed grid of weighted quantiles of Z pushed
+through the activations, so ReLU6, SiLU or Hardswish are exact, not approximated. Hard bounds
+(ReLU6 caps, the input normalisation, interval arithmetic through the weights) travel alongside
+and clamp it.
+
+From such a distribution, `clip_range` picks the quantization range that minimises the expected
+clipping + rounding error at the bit width in use. Calibrated observers (min/max, percentile,
+MSE on real images) give the same `Range` type, so every method shares the quantized layers.
+"""
+from __future__ import annotations
+
+import functools
+import operator
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import fx, nn
+from torch.nn import functional as F
+
+from .fold import BNStats
+from .graph import ModelGraph, is_passthrough
+
+TAIL_MODELS = ("gauss", "laplace", "t3", "t4", "t6")
+
+
+@functools.lru_cache(maxsize=None)
+def _z_grid(tail: str, k: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantiles of a unit-variance law and their probability weights, dense in the tails."""
+    from scipy import stats
+
+    edges = 1.0 / (1.0 + np.exp(-np.linspace(-16.0, 16.0, k + 1)))  # tail mass down to 1e-7
+    edges[0], edges[-1] = 0.0, 1.0
+    u = 1.0 / (1.0 + np.exp(-np.linspace(-16.0, 16.0, 2 * k + 1)[1::2]))
+    if tail == "gauss":
+        z = stats.norm.ppf(u)
+    elif tail == "laplace":
+        z = stats.laplace.ppf(u, scale=1 / np.sqrt(2))
+    elif tail.startswith("t") and tail[1:].isdigit():
+        nu = int(tail[1:])
+        z = stats.t.ppf(u, nu) * np.sqrt((nu - 2) / nu)
+    else:
+        raise ValueError(f"unknown tail model {tail!r}; choose one of {TAIL_MODELS}")
+    return torch.tensor(z, dtype=torch.float32), torch.tensor(np.diff(edges), dtype=torch.float32)
+
+
+def _uniform_quantiles(k: int = 1024) -> torch.Tensor:
+    """The probabilities at which `_z_grid` sits, so a known law can share its weights."""
+    return torch.tensor(1.0 / (1.0 + np.exp(-np.linspace(-16.0, 16.0, 2 * k + 1)[1::2])), dtype=torch.float32)
+
+
+@dataclass
+class Dist:
+    """Per-channel law of a tensor: act(mean + std * Z), clamped to [lo, hi]."""
+    mean: torch.Tensor                      # (C,) of the underlying pre-activation variable
+    std: torch.Tensor                       # (C,)
+    lo: torch.Tensor                        # (C,) hard bounds
+    hi: torch.Tensor
+    acts: tuple[Callable, ...] = ()
+    exact_samples: torch.Tensor | None = None  # (C, K) when the law is known directly (the input)
+
+    @property
+    def channels(self) -> int:
+        return self.mean.numel()
+
+    def samples(self, z: torch.Tensor) -> torch.Tensor:
+        if self.exact_samples is not None:
+            x = self.exact_samples
+        else:
+            x = self.mean[:, None] + self.std[:, None] * z[None, :]
+            for act in self.acts:
+                x = act(x)
+        return torch.minimum(torch.maximum(x, self.lo[:, None]), self.hi[:, None])
+
+    def moments(self, z, w) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.samples(z)
+        m = (x * w).sum(1)
+        return m, ((x - m[:, None]) ** 2 * w).sum(1).clamp_min(0).sqrt()
+
+
+@dataclass(frozen=True)
+class Range:
+    """A quantization range: per channel (C,) or per tensor (scalars), lo <= 0 <= hi."""
+    lo: torch.Tensor
+    hi: torch.Tensor
+
+    @property
+    def per_channel(self) -> bool:
+        return self.lo.dim() == 1
+
+
+# --- propagation through the graph ------------------------------------------------------------
+
+_INF = torch.tensor(float("inf"))
+
+
+def _act_bounds(mod_or_fn, lo, hi):
+    """Hard bounds after an activation: the function at the ends plus any interior minimum."""
+    f = mod_or_fn
+    a, b = f(lo), f(hi)
+    low = torch.minimum(a, b)
+    # SiLU / Hardswish / GELU dip below zero between the ends.
+    mins = {nn.SiLU: -0.2785, nn.Hardswish: -0.375, nn.GELU: -0.17}
+    for t, m in mins.items():
+        if isinstance(f, t):
+            low = torch.where((lo < 0) & (hi > -3), torch.minimum(low, torch.full_like(low, m)), low)
+    return low, torch.maximum(a, b)
+
+
+_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.GELU, nn.Sigmoid, nn.Hardsigmoid,
+                nn.Tanh, nn.LeakyReLU)
+
+
+@dataclass
+class Propagation:
+    """The data-free law at every conv/linear input, and the layers where it had to guess."""
+    inputs: dict[str, Dist] = field(default_factory=dict)
+    fallbacks: dict[str, str] = field(default_factory=dict)
+
+
+def _weight_bounds(mod: nn.Module, d: Dist) -> tuple[torch.Tensor, torch.Tensor]:
+    """Interval arithmetic through a conv/linear: the widest output any input in bounds allows."""
+    w = mod.weight.detach()
+    b = mod.bias.detach() if mod.bias is not None else torch.zeros(w.shape[0])
+    lo, hi = d.lo.clamp_min(-1e6), d.hi.clamp_max(1e6)
+    if isinstance(mod, nn.Conv2d):
+        g = mod.groups
+        cg = w.shape[1]
+        lo_g = lo.view(g, cg).repeat_interleave(w.shape[0] // g, 0)[:, :, None, None]
+        hi_g = hi.view(g, cg).repeat_interleave(w.shape[0] // g, 0)[:, :, None, None]
+        top = torch.maximum(w * lo_g, w * hi_g).sum((1, 2, 3))
+        bot = torch.minimum(w * lo_g, w * hi_g).sum((1, 2, 3))
+        # zero padding can put 0 in any position, which may lie outside [lo, hi]
+        if any(p for p in (mod.padding if isinstance(mod.padding, tuple) else (1,))) or type(mod) is not nn.Conv2d:
+            top = top.clamp_min(0) if lo.min() > 0 else top
+            bot = bot.clamp_max(0) if hi.max() < 0 else bot
+    else:
+        top = torch.maximum(w * lo, w * hi).sum(1)
+        bot = torch.minimum(w * lo, w * hi).sum(1)
+    return bot + b, top + b
+
+
+def _moment_layer(mod: nn.Module, d: Dist, z, w) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of a conv/linear output with no BN after it, inputs taken as independent."""
+    m, s = d.moments(z, w)
+    weight = mod.weight.detach()
+    bias = mod.bias.detach() if mod.bias is not None else torch.zeros(weight.shape[0])
+    if isinstance(mod, nn.Conv2d):
+        g = mod.groups
+        cg = weight.shape[1]
+        m_g = m.view(g, cg).repeat_interleave(weight.shape[0] // g, 0)
+        v_g = (s ** 2).view(g, cg).repeat_interleave(weight.shape[0] // g, 0)
+        mean = (weight.sum((2, 3)) * m_g).sum(1) + bias
+        var = ((weight ** 2).sum((2, 3)) * v_g).sum(1)
+    else:
+        mean = weight @ m + bias
+        var = (weight ** 2) @ (s ** 2)
+    return mean, var.sqrt()
+
+
+def propagate(graph: ModelGraph, bn_stats: dict[str, BNStats], input_lo: torch.Tensor,
+              input_hi: torch.Tensor, tail: str = "laplace") -> Propagation:
+    """Walk the (BN-folded) graph once, carrying a `Dist` per tensor; record each layer's input."""
+    z, w = _z_grid(tail)
+    gm = graph.gm
+    out: dict[fx.Node, Dist | None] = {}
+    result = Propagation()
+    layer_of = {layer.node: name for name, layer in graph.layers.items()}
+
+    def arg(n):
+        return out.get(n) if isinstance(n, fx.Node) else None
+
+    for node in gm.graph.nodes:
+        d: Dist | None = None
+        if node.op == "placeholder":
+            lo, hi = input_lo.float(), input_hi.float()
+            t = _uniform_quantiles(z.numel())  # pixels taken as uniform between the bounds
+            d = Dist(mean=(lo + hi) / 2, std=(hi - lo) / np.sqrt(12), lo=lo, hi=hi,
+                     exact_samples=lo[:, None] + (hi - lo)[:, None] * t[None, :])
+        elif node in layer_of:
+            name = layer_of[node]
+            mod = gm.get_submodule(node.target)
+            src = arg(node.args[0])
+            if src is None:
+                result.fallbacks[name] = "input produced by an operation the analysis does not model"
+                d_in = None
+            else:
+                d_in = src
+                result.inputs[name] = src
+            if name in bn_stats:
+                st = bn_stats[name]
+                lo, hi = (_weight_bounds(mod, d_in) if d_in is not None
+                          else (-_INF.expand_as(st.mean), _INF.expand_as(st.mean)))
+                d = Dist(st.mean.clone(), st.std.clone(), lo, hi)
+            elif d_in is not None:
+                mean, std = _moment_layer(mod, d_in, z, w)
+                lo, hi = _weight_bounds(mod, d_in)
+                d = Dist(mean, std, lo, hi)
+        elif node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            src = arg(node.args[0]) if node.args else None
+            inner = [m for m in (mod if isinstance(mod, nn.Sequential) else [mod])
+                     if not isinstance(m, (nn.Identity, nn.Dropout))]
+            if src is not None and all(isinstance(m, _ACTIVATIONS) for m in inner):
+                d = src
+                for act in inner:
+                    lo, hi = _act_bounds(act, d.lo, d.hi)
+                    if d.exact_samples is not None:
+                        d = Dist(d.mean, d.std, lo, hi, exact_samples=act(d.exact_samples))
+                    else:
+                        d = Dist(d.mean, d.std, lo, hi, d.acts + (act,))
+            elif src is not None and (is_passthrough(gm, node) or isinstance(
+                    mod, (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.MaxPool2d))
+                    or type(mod).__name__ == "SelectAdaptivePool2d"):
+                # Pooling narrows a distribution; keeping it whole is the safe side.
+                d = src
+        elif node.op in ("call_function", "call_method"):
+            fn = node.target
+            a = arg(node.args[0]) if node.args else None
+            b = arg(node.args[1]) if len(node.args) > 1 else None
+            if is_passthrough(gm, node) or fn in (torch.flatten, F.adaptive_avg_pool2d, "mean") \
+                    or getattr(fn, "__name__", "") == "stochastic_depth":
+                d = a
+            elif fn in (operator.add, torch.add, operator.iadd, "add", "add_") and a is not None and b is not None \
+                    and a.channels == b.channels:
+                ma, sa = a.moments(z, w)
+                mb, sb = b.moments(z, w)
+                d = Dist(ma + mb, torch.sqrt(sa ** 2 + sb ** 2), a.lo + b.lo, a.hi + b.hi)
+            elif fn in (operator.mul, torch.mul, "mul") and a is not None and b is not None:
+                ma, sa = a.moments(z, w)
+                mb, sb = b.moments(z, w)
+                if ma.numel() != mb.numel():
+                    ma, sa, mb, sb = (t.expand(max(ma.numel(), mb.numel())) for t in (ma, sa, mb, sb))
+                var = (sa ** 2 + ma ** 2) * (sb ** 2 + mb ** 2) - (ma * mb) ** 2
+                ends = torch.stack([a.lo * b.lo, a.lo * b.hi, a.hi * b.lo, a.hi * b.hi]).nan_to_num(0.0)
+                d = Dist(ma * mb, var.clamp_min(0).sqrt(), ends.min(0).values, ends.max(0).values)
+        out[node] = d
+    for name in graph.layers:
+        if name not in result.inputs and name not in result.fallbacks:
+            result.fallbacks[name] = "input produced by an operation the analysis does not model"
+    return result
+
+
+# --- choosing a range from a law ----------------------------------------------------------------
+
+class _SortedSamples:
+    """Prefix sums of sorted weighted samples: the expected error of any grid in O(log K)."""
+
+    def __init__(self, x: torch.Tensor, w: torch.Tensor):
+        xs, idx = x.double().sort(1)
+        ws = w.double().expand_as(xs).gather(1, idx)
+        zero = torch.zeros(xs.shape[0], 1, dtype=torch.float64)
+        self.xs = xs.contiguous()
+        self.c = [torch.cat([zero, (ws * xs ** k).cumsum(1)], 1) for k in range(3)]
+
+    def _below(self, t, right):
+        i = torch.searchsorted(self.xs, t, right=right)
+        return [c.gather(1, i) for c in self.c]
+
+    def error(self, lo, hi, levels, clip_penalty):
+        """E[(q(x) - x)^2] for grids [lo, hi] (C, n): clipping on both sides plus rounding inside."""
+        lo, hi = lo.double().contiguous(), hi.double().contiguous()
+        tot = [c[:, -1:] for c in self.c]
+        b0, b1, b2 = self._below(lo, right=False)            # x < lo
+        a0, a1, a2 = (t - u for t, u in zip(tot, self._below(hi, right=True)))   # x > hi
+        lower = b2 - 2 * lo * b1 + lo ** 2 * b0
+        upper = a2 - 2 * hi * a1 + hi ** 2 * a0
+        # Values exactly on the grid's ends (ReLU zeros, ReLU6 caps) are represented without error.
+        inside = self._below(hi, right=False)[0] - self._below(lo, right=True)[0]
+        step = (hi - lo) / levels
+        return clip_penalty * (lower + upper) + inside * step ** 2 / 12
+
+
+def clip_range(d: Dist, bits: int, per_channel: bool, tail: str, clip_penalty: float = 1.0) -> Range:
+    """The range minimising the expected quantization error of `d` at `bits` (per channel or tensor)."""
+    z, w = _z_grid(tail)
+    return clip_samples(d.samples(z), w, bits, per_channel, clip_penalty)
+
+
+def clip_samples(x: torch.Tensor, w: torch.Tensor, bits: int, per_channel: bool,
+                 clip_penalty: float = 1.0, n_candidates: int = 96) -> Range:
+    """Range search over weighted samples x (C, K), weights w (K,)."""
+    levels = 2 ** bits - 1
+    x_lo = x.min(1).values.clamp_max(0)
+    x_hi = x.max(1).values.clamp_min(0)
+    r = torch.logspace(-2.5, 0, n_candidates)
+    sums = _SortedSamples(x, w)
+    if not per_channel:
+        x_lo, x_hi = x_lo.min().expand(1), x_hi.max().expand(1)
+    lo, hi = x_lo.clone(), x_hi.clone()
+    for _ in range(2):  # coordinate descent: the two tails barely interact
+        for side in ("hi", "lo"):
+            if side == "lo" and bool((x_lo == 0).all()):
+                continue
+            cand = (x_hi if side == "hi" else x_lo)[:, None] * r[None, :]
+            other = (lo if side == "hi" else hi)[:, None].expand_as(cand)
+            c_lo, c_hi = (other, cand) if side == "hi" else (cand, other)
+            if per_channel:
+                err = sums.error(c_lo, c_hi, levels, clip_penalty)
+            else:
+                n = x.shape[0]
+                err = sums.error(c_lo.expand(n, -1), c_hi.expand(n, -1), levels, clip_penalty).sum(0, keepdim=True)
+            pick = cand.gather(1, err.argmin(-1, keepdim=True))[:, 0].float()
+            if side == "hi":
+                hi = pick
+            else:
+                lo = pick
+    # A channel that never moves still needs a valid (non-empty) grid.
+    hi = torch.where(hi - lo <= 1e-8, lo + 1e-8, hi)
+    if per_channel:
+        return Range(lo, hi)
+    return Range(lo[0], hi[0])
+
+
+def expected_value(d: Dist, tail: str, rng: Range | None = None, bits: int | None = None) -> torch.Tensor:
+    """E[x] per channel, or E[q(x)] when a range and bit width are given (for bias correction)."""
+    z, w = _z_grid(tail)
+    x = d.samples(z)
+    if rng is not None:
+        lo, hi = (rng.lo, rng.hi) if rng.per_channel else (rng.lo.expand(x.shape[0]), rng.hi.expand(x.shape[0]))
+        step = ((hi - lo) / (2 ** bits - 1))[:, None]
+        zero = torch.round(-lo[:, None] / step)
+        x = (torch.clamp(torch.round(x / step) + zero, 0, 2 ** bits - 1) - zero) * step
+    return (x * w).sum(1)
+
+
+# --- calibration on real images -----------------------------------------------------------------
+
+@dataclass
+class Observed:
+    """Per-channel statistics of one layer input over calibration images."""
+    lo: torch.Tensor        # (C,) min
+    hi: torch.Tensor        # (C,) max
+    sample: torch.Tensor    # (C, S) a random subsample of values, for percentile and MSE
+
+
+@torch.no_grad()
+def observe(model: nn.Module, layer_names: list[str], images: torch.Tensor, batch: int = 16,
+            keep: int = 4096, seed: int = 0) -> dict[str, Observed]:
+    gen = torch.Generator().manual_seed(seed)
+    acc: dict[str, list] = {n: [] for n in layer_names}
+    lo: dict[str, torch.Tensor] = {}
+    hi: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def fn(_mod, args):
+            x = args[0].detach()
+            xc = x.transpose(0, 1).reshape(x.shape[1], -1) if x.dim() > 2 else x.t()
+            mn, mx = xc.min(1).values, xc.max(1).values
+            lo[name] = torch.minimum(lo[name], mn) if name in lo else mn
+            hi[name] = torch.maximum(hi[name], mx) if name in hi else mx
+            idx = torch.randint(0, xc.shape[1], (min(keep, xc.shape[1]),), generator=gen)
+            acc[name].append(xc[:, idx])
+        return fn
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in layer_names]
+    try:
+        for i in range(0, len(images), batch):
+            model(images[i:i + batch])
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: Observed(lo[n], hi[n], torch.cat(acc[n], 1)) for n in layer_names}
+
+
+def calibrated_range(obs: Observed, rule: str, bits: int, per_channel: bool,
+                     percentile: float = 99.99) -> Range:
+    if rule == "minmax":
+        lo, hi = obs.lo.clamp_max(0), obs.hi.clamp_min(0)
+        if not per_channel:
+            lo, hi = lo.min(), hi.max()
+    elif rule == "percentile":
+        q = torch.tensor([1 - percentile / 100, percentile / 100])
+        s = obs.sample if per_channel else obs.sample.reshape(1, -1)
+        if s.shape[1] > 2 ** 24 - 1:
+            s = s[:, torch.randperm(s.shape[1])[: 2 ** 24 - 1]]
+        qs = torch.quantile(s, q, dim=1)
+        lo, hi = qs[0].clamp_max(0), qs[1].clamp_min(0)
+        if not per_channel:
+            lo, hi = lo[0], hi[0]
+    elif rule == "mse":
+        k = obs.sample.shape[1]
+        return clip_samples(obs.sample, torch.full((k,), 1.0 / k), bits, per_channel)
+    else:
+        raise ValueError(f"unknown calibration rule {rule!r}")
+    hi = torch.where(hi - lo <= 1e-8, lo + 1e-8, hi)
+    return Range(lo, hi)
+
