@@ -64,11 +64,14 @@ def open_image(source) -> Image.Image:
         img = Image.open(source)
         w, h = img.size
         if w * h > MAX_PIXELS:
-            raise ImageError(f"image is {w}x{h} = {w * h / 1e6:.0f} Mpx; the limit is {MAX_PIXELS / 1e6:.0f} Mpx")
+            raise ImageError(f"image is too large: {w}x{h} = {w * h / 1e6:.0f} Mpx; the limit is "
+                             f"{MAX_PIXELS / 1e6:.0f} Mpx")
         img.load()
     except ImageError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"image is too large to decode safely (limit {MAX_PIXELS / 1e6:.0f} Mpx): {exc}") from None
+    except UnidentifiedImageError as exc:
         raise ImageError(f"not a readable image: {exc}") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"corrupt or truncated image: {exc}") from None

@@ -27,26 +27,21 @@ def input_scale_zero(rng: Range, bits: int) -> tuple[torch.Tensor, torch.Tensor]
     return scale, zero
 
 
-def input_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """Integer codes minus zero point (as float), per channel along dim 1 or per tensor."""
-    shape = (1, -1) + (1,) * (x.dim() - 2) if scale.dim() == 1 else ()
-    s, z = scale.view(shape), zero.view(shape).float()
-    return torch.clamp(torch.round(x / s) + z, 0, 2 ** bits - 1) - z
-
-
 def quantize_weight(w: torch.Tensor, bits: int, per_channel: bool, clip: str = "max") -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric weight quantization: integer codes and the scale per output channel (or tensor)."""
     n = weight_levels(bits)
     flat = w.reshape(w.shape[0], -1) if per_channel else w.reshape(1, -1)
     amax = flat.abs().max(1).values.clamp_min(1e-12)
     if clip == "mse":
-        # Per-channel search of the clipping ratio minimising ||w - q(w)||^2.
-        ratios = torch.linspace(0.2, 1.0, 81)
-        cand = amax[:, None] * ratios[None, :]                       # (O, R)
-        s = (cand / n)[:, :, None]
-        q = torch.clamp(torch.round(flat[:, None, :] / s), -n, n) * s
-        err = ((q - flat[:, None, :]) ** 2).sum(-1)
-        amax = cand.gather(1, err.argmin(1, keepdim=True))[:, 0]
+        # Per-channel search of the clipping ratio minimising ||w - q(w)||^2: coarse, then fine.
+        best = torch.ones_like(amax)
+        for lo, hi in ((0.2, 1.0), (-0.03, 0.03)):
+            ratios = torch.linspace(lo, hi, 17)
+            cand = (ratios[None, :] + (best[:, None] if lo < 0 else torch.zeros_like(best)[:, None])).clamp(0.05, 1.0)
+            s = (amax[:, None] * cand / n)[:, :, None]
+            err = ((torch.clamp(torch.round(flat[:, None, :] / s), -n, n) * s - flat[:, None, :]) ** 2).sum(-1)
+            best = cand.gather(1, err.argmin(1, keepdim=True))[:, 0]
+        amax = amax * best
     elif clip != "max":
         raise ValueError(f"unknown weight clipping {clip!r}")
     scale = amax / n
@@ -118,33 +113,40 @@ class QuantLayer(nn.Module):
             x = fake_quant_input(x, self.input_quant)
         return self.layer(x)
 
-    def integer_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The same layer computed on integer codes with int64 accumulation, then rescaled."""
+    def integer_accumulator(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer on integer codes: the exact int64 accumulator and the scale that dequantizes it."""
         q = self.input_quant
-        assert q is not None and q.mode == "static", "integer_forward needs a static input quantizer"
-        codes = input_codes(x, q.scale, q.zero, q.bits).to(torch.int64)
-        wq = self.weight_codes.to(torch.int64)
+        if q is None or q.mode != "static":
+            raise ValueError("integer arithmetic needs a static input quantizer")
+        # Codes from the very kernel the simulation uses: at ties (normalised 8-bit pixels sit
+        # exactly on half-steps) any other rounding expression may land on the other side.
+        shape = (1, -1) + (1,) * (x.dim() - 2) if q.per_channel else ()
+        codes = torch.round(fake_quant_input(x, q) / q.scale.view(shape)).double()
+        w = self.weight_codes.double()
         layer = self.layer
         if isinstance(layer, nn.Conv2d):
-            pad_x = codes
-            if type(layer).__name__ == "Conv2dSame":
+            padding = layer.padding
+            if type(layer).__name__ == "Conv2dSame":  # timm's TF "same" padding, computed per input size
                 from timm.layers.padding import pad_same
 
-                pad_x = pad_same(codes.double(), layer.kernel_size, layer.stride, layer.dilation).to(torch.int64)
-                padding = 0
-            else:
-                padding = layer.padding
-            acc = F.conv2d(pad_x.double(), wq.double(), None, layer.stride, padding, layer.dilation,
-                           layer.groups)  # float64 holds these integer sums exactly
+                codes, padding = pad_same(codes, layer.kernel_size, layer.stride, layer.dilation), 0
+            acc = F.conv2d(codes, w, None, layer.stride, padding, layer.dilation, layer.groups)
         else:
-            acc = F.linear(codes.double(), wq.double())
-        out_scale = _per_out(self.weight_scale, self.weight_codes).view(1, -1, *([1] * (acc.dim() - 2))) \
-            if self.weight_scale.dim() == 1 else self.weight_scale
-        y = acc * out_scale.double()
+            acc = F.linear(codes, w)
+        # float64 holds these integer sums exactly (|acc| < 2^53)
+        acc = acc.round().to(torch.int64)
+        shape = (1, -1) + (1,) * (acc.dim() - 2)
+        scale = self.weight_scale.double().view(shape) if self.weight_scale.dim() == 1 else self.weight_scale.double()
         if not self.folded:  # a per-tensor input scale multiplies the result instead
-            y = y * q.scale.double()
-        if layer.bias is not None:
-            y = y + layer.bias.double().view(1, -1, *([1] * (acc.dim() - 2)))
+            scale = scale * q.scale.double()
+        return acc, scale
+
+    def integer_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The same layer computed on integers, then rescaled and biased."""
+        acc, scale = self.integer_accumulator(x)
+        y = acc.double() * scale
+        if self.layer.bias is not None:
+            y = y + self.layer.bias.double().view((1, -1) + (1,) * (acc.dim() - 2))
         return y.float()
 
     def extra_repr(self) -> str:

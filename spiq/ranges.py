@@ -64,6 +64,9 @@ class Dist:
     hi: torch.Tensor
     acts: tuple[Callable, ...] = ()
     exact_samples: torch.Tensor | None = None  # (C, K) when the law is known directly (the input)
+    # The bounds are the range to use as they are: the normalised image, whose saturated pixels
+    # (0 and 255 are common) must not be clipped.
+    use_bounds: bool = False
 
     @property
     def channels(self) -> int:
@@ -182,7 +185,7 @@ def propagate(graph: ModelGraph, bn_stats: dict[str, BNStats], input_lo: torch.T
             lo, hi = input_lo.float(), input_hi.float()
             t = _uniform_quantiles(z.numel())  # pixels taken as uniform between the bounds
             d = Dist(mean=(lo + hi) / 2, std=(hi - lo) / np.sqrt(12), lo=lo, hi=hi,
-                     exact_samples=lo[:, None] + (hi - lo)[:, None] * t[None, :])
+                     exact_samples=lo[:, None] + (hi - lo)[:, None] * t[None, :], use_bounds=True)
         elif node in layer_of:
             name = layer_of[node]
             mod = gm.get_submodule(node.target)
@@ -279,6 +282,9 @@ class _SortedSamples:
 
 def clip_range(d: Dist, bits: int, per_channel: bool, tail: str, clip_penalty: float = 1.0) -> Range:
     """The range minimising the expected quantization error of `d` at `bits` (per channel or tensor)."""
+    if d.use_bounds:
+        lo, hi = d.lo.clamp_max(0), d.hi.clamp_min(0)
+        return Range(lo, hi) if per_channel else Range(lo.min(), hi.max())
     z, w = _z_grid(tail)
     return clip_samples(d.samples(z), w, bits, per_channel, clip_penalty)
 

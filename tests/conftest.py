@@ -1,0 +1,37 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import spiq
+from spiq.evaluate import load_images, predict
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_DIR = Path(os.environ.get("SPIQ_SAMPLE_DIR", ROOT.parent / "shared" / "data" / "imagenet-sample"))
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def lite0():
+    model, preprocess, classes = spiq.load_model("efficientnet_lite0")
+    return model
+
+
+@pytest.fixture(scope="session")
+def sample():
+    """All real sample images, preprocessed for EfficientNet-Lite0, with their labels."""
+    if not SAMPLE_DIR.is_dir():
+        pytest.fail(f"the ImageNet sample is missing at {SAMPLE_DIR} (set SPIQ_SAMPLE_DIR)")
+    model, preprocess, _ = spiq.load_model("efficientnet_lite0")
+    images, labels, paths = load_images(SAMPLE_DIR, preprocess)
+    return images, labels
+
+
+@pytest.fixture(scope="session")
+def subset(sample, lite0):
+    """Every 4th sample image (125) and the float model's top-1 on them."""
+    images, labels = sample
+    x, y = images[::4], labels[::4]
+    return x, y, predict(lite0, x)

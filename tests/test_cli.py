@@ -1,0 +1,58 @@
+import json
+import subprocess
+import sys
+
+from PIL import Image
+
+from conftest import SAMPLE_DIR
+
+
+def _spiq(*args):
+    return subprocess.run([sys.executable, "-m", "spiq", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_evaluate_writes_the_json_contract(tmp_path):
+    out = tmp_path / "r.json"
+    r = _spiq("evaluate", "--model", "efficientnet_lite0", "--images", str(SAMPLE_DIR), "--method", "spiq",
+              "--wbits", "8", "--abits", "6", "--limit", "24", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "agreement" in r.stdout and len(r.stdout.strip().splitlines()) == 1
+    assert "it/s" in r.stderr or "img/s" in r.stderr or "s/img" in r.stderr  # a progress bar ran
+    data = json.loads(out.read_text())
+    assert set(data) == {"model", "method", "wbits", "abits", "n_images", "top1", "top1_fp", "agreement", "seconds"}
+    assert data["model"] == "efficientnet_lite0" and data["method"] == "spiq"
+    assert (data["wbits"], data["abits"], data["n_images"]) == (8, 6, 24)
+    assert 0.5 <= data["top1_fp"] <= 1 and 0.8 <= data["agreement"] <= 1 and data["seconds"] > 0
+
+
+def test_evaluate_fp_and_config_file(tmp_path):
+    out = tmp_path / "fp.json"
+    r = _spiq("evaluate", "--model", "efficientnet_lite0", "--images", str(SAMPLE_DIR), "--method", "fp",
+              "--limit", "8", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert data["agreement"] == 1.0 and data["top1"] == data["top1_fp"]
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"method": "static-tensor", "weight_bits": 8, "input_bits": 8,
+                               "overrides": {"conv_stem": {"skip": True}}}))
+    out2 = tmp_path / "c_out.json"
+    r = _spiq("evaluate", "--model", "efficientnet_lite0", "--images", str(SAMPLE_DIR), "--config", str(cfg),
+              "--limit", "8", "--json", str(out2))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(out2.read_text())["method"] == "static-tensor"
+
+
+def test_evaluate_bad_input_is_a_clear_error(tmp_path):
+    base = ["evaluate", "--model", "efficientnet_lite0", "--method", "spiq", "--wbits", "8", "--abits", "8"]
+    r = _spiq(*base, "--images", str(tmp_path / "missing"))
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+    r = _spiq(*base, "--images", str(tmp_path))
+    assert r.returncode == 2 and "holds no images" in r.stderr
+    Image.new("RGB", (8, 8)).save(tmp_path / "cat.jpg")
+    r = _spiq(*base, "--images", str(tmp_path))
+    assert r.returncode == 2 and "no ImageNet synset" in r.stderr
+    r = _spiq("evaluate", "--model", "efficientnet_lite0", "--images", str(SAMPLE_DIR), "--method", "spiq",
+              "--wbits", "8", "--abits", "1")
+    assert r.returncode == 2 and "input_bits must be from 2 to 16" in r.stderr
+    r = _spiq("evaluate", "--model", "resnet_18", "--images", str(SAMPLE_DIR), "--method", "fp")
+    assert r.returncode == 2 and "unknown model 'resnet_18'" in r.stderr and "resnet18" in r.stderr

@@ -1,0 +1,54 @@
+"""The float simulation must be the integer computation: integer codes, int accumulate, rescale."""
+import pytest
+import torch
+
+import spiq
+from spiq.qlayers import QuantLayer, weight_levels
+
+LAYERS = ["conv_stem", "blocks.1.0.conv_dw", "blocks.2.1.conv_pw", "blocks.4.1.conv_pwl", "classifier"]
+
+
+def _inputs(qmodel, names, x):
+    seen = {}
+    hooks = [qmodel.get_submodule(n).register_forward_pre_hook(
+        lambda m, a, n=n: seen.__setitem__(n, a[0].detach())) for n in names]
+    with torch.no_grad():
+        qmodel(x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("method,wbits,abits", [("spiq", 8, 4), ("spiq", 4, 8), ("static-tensor", 8, 6),
+                                                ("calib-minmax", 6, 5)])
+def test_simulation_equals_integer_arithmetic(lite0, sample, method, wbits, abits):
+    images, _ = sample
+    q = spiq.quantize(lite0, spiq.QuantConfig(method=method, weight_bits=wbits, input_bits=abits),
+                      calib_data=images[100:108])
+    xs = _inputs(q, LAYERS, images[:4])
+    for name in LAYERS:
+        layer: QuantLayer = q.get_submodule(name)
+        assert layer.folded == (method == "spiq")
+        codes = layer.weight_codes
+        assert codes.abs().max() <= weight_levels(wbits) and torch.equal(codes, codes.round())
+        bias = layer.layer.bias.detach().clone()
+        with torch.no_grad():
+            full = layer(xs[name])
+            layer.layer.bias.zero_()  # compare the accumulators alone: a large bias hides float32 digits
+            sim = layer(xs[name]).double()
+            layer.layer.bias.copy_(bias)
+            acc, scale = layer.integer_accumulator(xs[name])
+        # The float simulation recovers the integer accumulator exactly, to well under one unit
+        units = sim / scale
+        assert (units - acc).abs().max() < 0.25, f"{name}: simulation is off the integer result"
+        assert torch.allclose(layer.integer_forward(xs[name]), full, rtol=1e-4, atol=1e-4)
+
+
+def test_spiq_folds_per_channel_input_scales_into_weights(lite0):
+    q = spiq.quantize(lite0, spiq.QuantConfig(method="spiq", weight_bits=8, input_bits=4))
+    layer = q.get_submodule("blocks.4.1.conv_pwl")
+    s = layer.input_quant.scale
+    assert s.shape == (layer.layer.in_channels,) and s.std() > 0  # one scale per input channel
+    # integer weights times their per-output scale, divided by the input scales, is the simulated weight
+    w_int = layer.weight_codes * layer.weight_scale.view(-1, 1, 1, 1)
+    assert torch.allclose(w_int / s.view(1, -1, 1, 1), layer.layer.weight, rtol=1e-5, atol=1e-8)
