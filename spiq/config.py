@@ -67,9 +67,13 @@ class QuantConfig:
     input_granularity: str | None = None
     weight_granularity: str = "channel"
     # Weight clipping: "max" (round to nearest over the full range) or "mse" (per-channel search).
-    weight_clip: str = "mse"
+    weight_clip: str = "max"
+    # Weight rounding: "nearest", or "squant" (data-free flips that cancel kernel/channel error sums).
+    weight_rounding: str = "squant"
     # Tail law of BN-implied pre-activations for the data-free methods.
     tail: str = "t4"
+    # ... and of depthwise-conv outputs, whose real tails reach 20-60 sigma (None: same as tail).
+    tail_depthwise: str | None = "t3"
     # Weight of the clipping term against rounding when a data-free range is chosen.
     clip_penalty: float = 1.0
     # Subtract the expected output error (from the BN-implied input law) from each layer's bias.
@@ -88,7 +92,10 @@ class QuantConfig:
             _check_choice("input_granularity", self.input_granularity, GRANULARITIES)
         _check_choice("weight_granularity", self.weight_granularity, GRANULARITIES)
         _check_choice("weight_clip", self.weight_clip, ("max", "mse"))
+        _check_choice("weight_rounding", self.weight_rounding, ("nearest", "squant"))
         _check_choice("tail", self.tail, TAIL_MODELS)
+        if self.tail_depthwise is not None:
+            _check_choice("tail_depthwise", self.tail_depthwise, TAIL_MODELS)
         if not isinstance(self.clip_penalty, (int, float)) or isinstance(self.clip_penalty, bool) \
                 or not 0 < self.clip_penalty <= 1000:
             raise ConfigError(f"clip_penalty must be a number in (0, 1000], got {self.clip_penalty!r}")

@@ -38,3 +38,14 @@ def fold_batchnorm(model: nn.Module, graph: ModelGraph) -> dict[str, BNStats]:
         stats[conv_name] = BNStats(mean=bn.bias.detach().clone(), std=bn.weight.detach().abs().clone())
         model.set_submodule(bn_name, _after_bn(bn))
     return stats
+
+
+def folded_copy(model: nn.Module) -> nn.Module:
+    """A BN-folded float copy of `model`: the reference every quantized layer is compared with."""
+    import copy
+
+    from .graph import analyse
+
+    folded = copy.deepcopy(model).eval()
+    fold_batchnorm(folded, analyse(folded))
+    return folded

@@ -27,7 +27,39 @@ def input_scale_zero(rng: Range, bits: int) -> tuple[torch.Tensor, torch.Tensor]
     return scale, zero
 
 
-def quantize_weight(w: torch.Tensor, bits: int, per_channel: bool, clip: str = "max") -> tuple[torch.Tensor, torch.Tensor]:
+def _flip_largest(e: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Per row of e (R, J), -1/+1 on the |count| entries whose rounding error e points the way of count."""
+    sign = torch.sign(count).unsqueeze(-1)
+    order = torch.argsort(e * sign, dim=-1, descending=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(e.shape[-1]).expand_as(order))
+    return -(rank < count.abs().unsqueeze(-1)).float() * sign
+
+
+def squant_round(x: torch.Tensor, n: int) -> torch.Tensor:
+    """SQuant's data-free rounding (Guo et al., ICLR 2022) of x = w / scale, shaped (O, C, J).
+
+    Rounding to nearest leaves each kernel's and each output channel's rounding errors to add up;
+    SQuant flips the roundings with the largest errors until every kernel (the J taps of one
+    input channel) and then every output channel sums to within half a step, which bounds the
+    error a constant input would see. Codes stay within [-n, n].
+    """
+    q = torch.round(x)
+    e = q - x                                                     # each in [-0.5, 0.5]
+    # kernel level: within each (o, c), flip round(sum e) taps
+    flips = _flip_largest(e, torch.round(e.sum(-1)))
+    q = torch.clamp(q + flips, -n, n)
+    e = q - x
+    # channel level: within each o, flip one tap in each of the round(sum e) kernels that lean most
+    k_err = e.sum(-1)                                            # (O, C)
+    k_flip = _flip_largest(k_err, torch.round(k_err.sum(-1)))  # (O, C): which kernels, which way
+    tap = torch.where(k_flip.unsqueeze(-1) < 0, e, -e).argmax(-1, keepdim=True)  # the tap leaning most
+    q = torch.clamp(q.scatter_add(-1, tap, k_flip.unsqueeze(-1)), -n, n)
+    return q
+
+
+def quantize_weight(w: torch.Tensor, bits: int, per_channel: bool, clip: str = "max",
+                    rounding: str = "nearest") -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric weight quantization: integer codes and the scale per output channel (or tensor)."""
     n = weight_levels(bits)
     flat = w.reshape(w.shape[0], -1) if per_channel else w.reshape(1, -1)
@@ -45,7 +77,14 @@ def quantize_weight(w: torch.Tensor, bits: int, per_channel: bool, clip: str = "
     elif clip != "max":
         raise ValueError(f"unknown weight clipping {clip!r}")
     scale = amax / n
-    codes = torch.clamp(torch.round(flat / scale[:, None]), -n, n).reshape(w.shape)
+    if rounding == "squant":
+        scaled = (w / _per_out(scale if per_channel else scale[0], w))
+        scaled = scaled.reshape(w.shape[0], w.shape[1], -1) if w.dim() > 2 else scaled.reshape(w.shape[0], 1, -1)
+        codes = squant_round(torch.clamp(scaled, -n, n), n).reshape(w.shape)
+    elif rounding == "nearest":
+        codes = torch.clamp(torch.round(flat / scale[:, None]), -n, n).reshape(w.shape)
+    else:
+        raise ValueError(f"unknown weight rounding {rounding!r}")
     return codes, scale if per_channel else scale[0]
 
 
@@ -159,14 +198,14 @@ class QuantLayer(nn.Module):
 
 
 def make_weights(layer: nn.Module, bits: int, per_channel: bool, clip: str,
-                 input_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 input_scale: torch.Tensor | None, rounding: str = "nearest") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize `layer`'s weights, first folding per-channel input scales in when given.
 
     Returns (codes, scale, float weight for the simulation)."""
     w = layer.weight.detach()
     groups = getattr(layer, "groups", 1)
     target = fold_input_scale(w, input_scale, groups) if input_scale is not None else w
-    codes, scale = quantize_weight(target, bits, per_channel, clip)
+    codes, scale = quantize_weight(target, bits, per_channel, clip, rounding)
     wq = codes * _per_out(scale, codes)
     if input_scale is not None:
         wq = fold_input_scale(wq, 1.0 / input_scale, groups)

@@ -50,10 +50,10 @@ def input_bounds_of(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor, str]:
     return -mean / std, (1 - mean) / std, "ImageNet mean/std assumed"
 
 
-def _fallback_dist(channels: int) -> Dist:
+def _fallback_dist(channels: int, tail: str) -> Dist:
     # Unknown producer: assume a unit-variance, zero-mean input, unbounded.
     inf = torch.full((channels,), float("inf"))
-    return Dist(torch.zeros(channels), torch.ones(channels), -inf, inf)
+    return Dist(torch.zeros(channels), torch.ones(channels), -inf, inf, tail=tail)
 
 
 def _in_channels(layer: nn.Module) -> int:
@@ -91,7 +91,7 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data: torch.Tensor | N
     bn_stats = fold_batchnorm(q, graph)
     graph = analyse(q)
     lo, hi, bounds_from = input_bounds_of(model)
-    prop = propagate(graph, bn_stats, lo, hi, tail=config.tail)
+    prop = propagate(graph, bn_stats, lo, hi, tail=config.tail, tail_depthwise=config.tail_depthwise)
     report = QuantReport(config, fallbacks=dict(prop.fallbacks), propagation=prop)
     if bounds_from != "preprocess":
         report.fallbacks["<input>"] = bounds_from
@@ -106,10 +106,10 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data: torch.Tensor | N
         if s.skip:
             continue
         layer = q.get_submodule(name)
-        dist = prop.inputs.get(name) or _fallback_dist(_in_channels(layer))
+        dist = prop.inputs.get(name) or _fallback_dist(_in_channels(layer), config.tail)
         rng: Range | None = None
         if s.method in DATA_FREE:
-            rng = clip_range(dist, s.input_bits, s.input_per_channel, config.tail, config.clip_penalty)
+            rng = clip_range(dist, s.input_bits, s.input_per_channel, config.clip_penalty)
         elif s.method in CALIBRATED:
             rule = s.method.split("-", 1)[1]
             rng = calibrated_range(observed[name], rule, s.input_bits, s.input_per_channel, config.percentile)
@@ -121,11 +121,11 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data: torch.Tensor | N
         folded = inq.mode == "static" and inq.per_channel
         w_float = layer.weight.detach().clone()
         codes, w_scale, w_sim = make_weights(layer, s.weight_bits, s.weight_per_channel, config.weight_clip,
-                                             inq.scale if folded else None)
+                                             inq.scale if folded else None, config.weight_rounding)
         layer.weight.data = w_sim
         if config.bias_correction:
-            mean_x = expected_value(dist, config.tail)
-            mean_xq = expected_value(dist, config.tail, rng, s.input_bits) if rng is not None else mean_x
+            mean_x = expected_value(dist)
+            mean_xq = expected_value(dist, rng, s.input_bits) if rng is not None else mean_x
             shift = _output_mean(layer, w_sim, mean_xq) - _output_mean(layer, w_float, mean_x)
             if layer.bias is None:
                 layer.bias = nn.Parameter(torch.zeros(w_sim.shape[0]), requires_grad=False)

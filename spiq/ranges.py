@@ -63,6 +63,7 @@ class Dist:
     lo: torch.Tensor                        # (C,) hard bounds
     hi: torch.Tensor
     acts: tuple[Callable, ...] = ()
+    tail: str = "t4"                        # law of Z
     exact_samples: torch.Tensor | None = None  # (C, K) when the law is known directly (the input)
     # The bounds are the range to use as they are: the normalised image, whose saturated pixels
     # (0 and 255 are common) must not be clipped.
@@ -72,17 +73,19 @@ class Dist:
     def channels(self) -> int:
         return self.mean.numel()
 
-    def samples(self, z: torch.Tensor) -> torch.Tensor:
+    def samples(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weighted samples (C, K) of the law and their weights (K,), shared by every law."""
+        z, w = _z_grid(self.tail)
         if self.exact_samples is not None:
             x = self.exact_samples
         else:
             x = self.mean[:, None] + self.std[:, None] * z[None, :]
             for act in self.acts:
                 x = act(x)
-        return torch.minimum(torch.maximum(x, self.lo[:, None]), self.hi[:, None])
+        return torch.minimum(torch.maximum(x, self.lo[:, None]), self.hi[:, None]), w
 
-    def moments(self, z, w) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.samples(z)
+    def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x, w = self.samples()
         m = (x * w).sum(1)
         return m, ((x - m[:, None]) ** 2 * w).sum(1).clamp_min(0).sqrt()
 
@@ -149,9 +152,9 @@ def _weight_bounds(mod: nn.Module, d: Dist) -> tuple[torch.Tensor, torch.Tensor]
     return bot + b, top + b
 
 
-def _moment_layer(mod: nn.Module, d: Dist, z, w) -> tuple[torch.Tensor, torch.Tensor]:
+def _moment_layer(mod: nn.Module, d: Dist) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std of a conv/linear output with no BN after it, inputs taken as independent."""
-    m, s = d.moments(z, w)
+    m, s = d.moments()
     weight = mod.weight.detach()
     bias = mod.bias.detach() if mod.bias is not None else torch.zeros(weight.shape[0])
     if isinstance(mod, nn.Conv2d):
@@ -168,9 +171,9 @@ def _moment_layer(mod: nn.Module, d: Dist, z, w) -> tuple[torch.Tensor, torch.Te
 
 
 def propagate(graph: ModelGraph, bn_stats: dict[str, BNStats], input_lo: torch.Tensor,
-              input_hi: torch.Tensor, tail: str = "laplace") -> Propagation:
+              input_hi: torch.Tensor, tail: str = "t4", tail_depthwise: str | None = None) -> Propagation:
     """Walk the (BN-folded) graph once, carrying a `Dist` per tensor; record each layer's input."""
-    z, w = _z_grid(tail)
+    k = _z_grid(tail)[0].numel()
     gm = graph.gm
     out: dict[fx.Node, Dist | None] = {}
     result = Propagation()
@@ -183,7 +186,7 @@ def propagate(graph: ModelGraph, bn_stats: dict[str, BNStats], input_lo: torch.T
         d: Dist | None = None
         if node.op == "placeholder":
             lo, hi = input_lo.float(), input_hi.float()
-            t = _uniform_quantiles(z.numel())  # pixels taken as uniform between the bounds
+            t = _uniform_quantiles(k)  # pixels taken as uniform between the bounds
             d = Dist(mean=(lo + hi) / 2, std=(hi - lo) / np.sqrt(12), lo=lo, hi=hi,
                      exact_samples=lo[:, None] + (hi - lo)[:, None] * t[None, :], use_bounds=True)
         elif node in layer_of:
@@ -200,11 +203,13 @@ def propagate(graph: ModelGraph, bn_stats: dict[str, BNStats], input_lo: torch.T
                 st = bn_stats[name]
                 lo, hi = (_weight_bounds(mod, d_in) if d_in is not None
                           else (-_INF.expand_as(st.mean), _INF.expand_as(st.mean)))
-                d = Dist(st.mean.clone(), st.std.clone(), lo, hi)
+                # Depthwise outputs are heavier-tailed than what BN statistics of other convs imply.
+                dw = isinstance(mod, nn.Conv2d) and mod.groups > 1 and mod.groups == mod.in_channels
+                d = Dist(st.mean.clone(), st.std.clone(), lo, hi, tail=(tail_depthwise or tail) if dw else tail)
             elif d_in is not None:
-                mean, std = _moment_layer(mod, d_in, z, w)
+                mean, std = _moment_layer(mod, d_in)
                 lo, hi = _weight_bounds(mod, d_in)
-                d = Dist(mean, std, lo, hi)
+                d = Dist(mean, std, lo, hi, tail=tail)
         elif node.op == "call_module":
             mod = gm.get_submodule(node.target)
             src = arg(node.args[0]) if node.args else None
@@ -215,9 +220,9 @@ def propagate(graph: ModelGraph, bn_stats: dict[str, BNStats], input_lo: torch.T
                 for act in inner:
                     lo, hi = _act_bounds(act, d.lo, d.hi)
                     if d.exact_samples is not None:
-                        d = Dist(d.mean, d.std, lo, hi, exact_samples=act(d.exact_samples))
+                        d = Dist(d.mean, d.std, lo, hi, tail=d.tail, exact_samples=act(d.exact_samples))
                     else:
-                        d = Dist(d.mean, d.std, lo, hi, d.acts + (act,))
+                        d = Dist(d.mean, d.std, lo, hi, d.acts + (act,), tail=d.tail)
             elif src is not None and (is_passthrough(gm, node) or isinstance(
                     mod, (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.MaxPool2d))
                     or type(mod).__name__ == "SelectAdaptivePool2d"):
@@ -232,17 +237,17 @@ def propagate(graph: ModelGraph, bn_stats: dict[str, BNStats], input_lo: torch.T
                 d = a
             elif fn in (operator.add, torch.add, operator.iadd, "add", "add_") and a is not None and b is not None \
                     and a.channels == b.channels:
-                ma, sa = a.moments(z, w)
-                mb, sb = b.moments(z, w)
-                d = Dist(ma + mb, torch.sqrt(sa ** 2 + sb ** 2), a.lo + b.lo, a.hi + b.hi)
+                ma, sa = a.moments()
+                mb, sb = b.moments()
+                d = Dist(ma + mb, torch.sqrt(sa ** 2 + sb ** 2), a.lo + b.lo, a.hi + b.hi, tail=tail)
             elif fn in (operator.mul, torch.mul, "mul") and a is not None and b is not None:
-                ma, sa = a.moments(z, w)
-                mb, sb = b.moments(z, w)
+                ma, sa = a.moments()
+                mb, sb = b.moments()
                 if ma.numel() != mb.numel():
                     ma, sa, mb, sb = (t.expand(max(ma.numel(), mb.numel())) for t in (ma, sa, mb, sb))
                 var = (sa ** 2 + ma ** 2) * (sb ** 2 + mb ** 2) - (ma * mb) ** 2
                 ends = torch.stack([a.lo * b.lo, a.lo * b.hi, a.hi * b.lo, a.hi * b.hi]).nan_to_num(0.0)
-                d = Dist(ma * mb, var.clamp_min(0).sqrt(), ends.min(0).values, ends.max(0).values)
+                d = Dist(ma * mb, var.clamp_min(0).sqrt(), ends.min(0).values, ends.max(0).values, tail=tail)
         out[node] = d
     for name in graph.layers:
         if name not in result.inputs and name not in result.fallbacks:
@@ -280,13 +285,13 @@ class _SortedSamples:
         return clip_penalty * (lower + upper) + inside * step ** 2 / 12
 
 
-def clip_range(d: Dist, bits: int, per_channel: bool, tail: str, clip_penalty: float = 1.0) -> Range:
+def clip_range(d: Dist, bits: int, per_channel: bool, clip_penalty: float = 1.0) -> Range:
     """The range minimising the expected quantization error of `d` at `bits` (per channel or tensor)."""
     if d.use_bounds:
         lo, hi = d.lo.clamp_max(0), d.hi.clamp_min(0)
         return Range(lo, hi) if per_channel else Range(lo.min(), hi.max())
-    z, w = _z_grid(tail)
-    return clip_samples(d.samples(z), w, bits, per_channel, clip_penalty)
+    x, w = d.samples()
+    return clip_samples(x, w, bits, per_channel, clip_penalty)
 
 
 def clip_samples(x: torch.Tensor, w: torch.Tensor, bits: int, per_channel: bool,
@@ -324,10 +329,9 @@ def clip_samples(x: torch.Tensor, w: torch.Tensor, bits: int, per_channel: bool,
     return Range(lo[0], hi[0])
 
 
-def expected_value(d: Dist, tail: str, rng: Range | None = None, bits: int | None = None) -> torch.Tensor:
+def expected_value(d: Dist, rng: Range | None = None, bits: int | None = None) -> torch.Tensor:
     """E[x] per channel, or E[q(x)] when a range and bit width are given (for bias correction)."""
-    z, w = _z_grid(tail)
-    x = d.samples(z)
+    x, w = d.samples()
     if rng is not None:
         lo, hi = (rng.lo, rng.hi) if rng.per_channel else (rng.lo.expand(x.shape[0]), rng.hi.expand(x.shape[0]))
         step = ((hi - lo) / (2 ** bits - 1))[:, None]

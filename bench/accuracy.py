@@ -1,0 +1,88 @@
+"""Accuracy of every method at every bit width on the real ImageNet sample (EfficientNet-Lite0).
+
+    python bench/accuracy.py [--limit N] [--methods spiq,static-tensor] [--bits W8A4,W8A8]
+
+Writes bench/results/accuracy.json and accuracy.md (the table in the README). Calibrated methods
+draw their 32 images from the same sample (seeded); nothing else sees the labels.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from common import SAMPLE_DIR, machine, save
+
+import spiq
+from spiq.evaluate import calibration_subset, evaluate, load_images, predict
+
+BITS = ["W8A8", "W8A6", "W6A6", "W8A5", "W8A4", "W4A8", "W4A4"]
+# (label, config fields): the calibrated rows per tensor (their default) and the best of them per channel.
+METHODS = [
+    ("spiq", {"method": "spiq"}),
+    ("static-tensor (BN)", {"method": "static-tensor"}),
+    ("calib-minmax", {"method": "calib-minmax"}),
+    ("calib-percentile", {"method": "calib-percentile"}),
+    ("calib-mse", {"method": "calib-mse"}),
+    ("calib-mse (per channel)", {"method": "calib-mse", "input_granularity": "channel"}),
+    ("dynamic-tensor", {"method": "dynamic-tensor"}),
+    ("dynamic-channel", {"method": "dynamic-channel"}),
+]
+
+
+def parse_bits(text: str) -> tuple[int, int]:
+    w, a = text.upper().lstrip("W").split("A")
+    return int(w), int(a)
+
+
+def table(results: list[dict], fp_top1: float, bits: list[str]) -> str:
+    lines = [f"EfficientNet-Lite0, {results[0]['n_images'] if results else 0} ImageNet sample images; "
+             f"float top-1 {fp_top1 * 100:.1f} %. Cells: top-1 % / agreement with float top-1 %.", "",
+             "| method | " + " | ".join(bits) + " |", "|---|" + "---|" * len(bits)]
+    for label in dict.fromkeys(r["label"] for r in results):
+        cells = []
+        for b in bits:
+            r = next((r for r in results if r["label"] == label and r["bits"] == b), None)
+            cells.append(f"{r['top1'] * 100:.1f} / {r['agreement'] * 100:.1f}" if r else "")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--limit", type=int)
+    p.add_argument("--methods", help="comma-separated labels (default: all)")
+    p.add_argument("--bits", default=",".join(BITS))
+    p.add_argument("--out", default="accuracy")
+    args = p.parse_args(argv)
+    torch.set_num_threads(2)
+    bits = args.bits.split(",")
+    methods = [m for m in METHODS if not args.methods or m[0] in args.methods.split(",")]
+
+    model, preprocess, _ = spiq.load_model("efficientnet_lite0")
+    images, labels, _ = load_images(SAMPLE_DIR, preprocess, args.limit)
+    calib = calibration_subset(images, 32)
+    fp_pred = predict(model, images)
+    fp_top1 = (fp_pred == labels).float().mean().item()
+    results = []
+    start = time.time()
+    for b in tqdm(bits, desc="bit widths"):
+        w, a = parse_bits(b)
+        for label, fields in tqdm(methods, desc=b, leave=False):
+            cfg = spiq.QuantConfig(weight_bits=w, input_bits=a, **fields)
+            r = evaluate("efficientnet_lite0", images, labels, cfg, calib=calib, float_model=model, fp_pred=fp_pred)
+            results.append({"label": label, "bits": b, "config": cfg.to_dict(), **r.to_dict()})
+            tqdm.write(f"{b:5s} {label:26s} top-1 {r.top1 * 100:5.1f}  agreement {r.agreement * 100:5.1f}")
+    md = table(results, fp_top1, bits)
+    print(md)
+    save(args.out, {"model": "efficientnet_lite0", "n_images": len(labels), "top1_fp": fp_top1,
+                    "calibration": "32 images drawn (seed 0) from the same sample", "machine": machine(),
+                    "seconds": time.time() - start, "results": results}, md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

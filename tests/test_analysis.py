@@ -1,0 +1,27 @@
+import math
+
+import spiq
+from spiq.analysis import layer_breakdown
+
+
+def test_breakdown_separates_input_and_weight_error(lite0, sample):
+    images = sample[0][::50][:6]
+    a4 = layer_breakdown(lite0, spiq.quantize(lite0, spiq.QuantConfig(weight_bits=8, input_bits=4)), images)
+    a8 = layer_breakdown(lite0, spiq.quantize(lite0, spiq.QuantConfig(weight_bits=8, input_bits=8)), images)
+    assert [r.name for r in a4] == [r.name for r in a8] and len(a4) == 50
+    for r4, r8 in zip(a4, a8):
+        assert all(math.isfinite(v) for v in (r4.input, r4.weight, r4.both))
+        # four more input bits are worth roughly 24 dB on the input-only error
+        assert r8.input > r4.input + 15, r4.name
+        # the error of the whole layer is no smaller than its input error alone (to rounding noise)
+        assert r4.both <= r4.input + 0.5, r4.name
+    # at W8 the folded weights cost far less than 4-bit inputs: the inputs decide
+    assert sum(r.weight > r.input for r in a4) == len(a4)
+
+
+def test_minmax_ranges_clip_nothing_on_their_own_images(lite0, sample):
+    calib = sample[0][:4]
+    q = spiq.quantize(lite0, spiq.QuantConfig(method="calib-minmax", input_granularity="channel"),
+                      calib_data=calib)
+    rows = layer_breakdown(lite0, q, calib)
+    assert all(r.clipped == 0 for r in rows)
