@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .fold import folded_copy
+from .hooks import run_with_hooks
 from .qlayers import QuantLayer, fake_quant_input
 
 
@@ -69,16 +70,215 @@ def layer_breakdown(model: nn.Module, qmodel: nn.Module, images: torch.Tensor, b
                 energy[name][i] += float(((o.double() - y.double()) ** 2).sum())
         return fn
 
-    handles = [reference.get_submodule(n).register_forward_hook(hook(n)) for n in names]
-    try:
-        for i in range(0, len(images), batch):
-            reference(images[i:i + batch])
-    finally:
-        for h in handles:
-            h.remove()
+    run_with_hooks(reference, {n: hook(n) for n in names}, images, batch)
     out = []
     for n in names:
         e = energy[n].tolist()
         out.append(LayerBreakdown(n, *(sqnr_db(e[0], e[i]) for i in range(1, 5)),
                                   clipped=count[n][0] / max(count[n][1], 1)))
     return out
+
+
+def _capture(model: nn.Module, names, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Outputs of the named layers for one batch (cloned: the activations after them run in place)."""
+    out: dict[str, torch.Tensor] = {}
+    run_with_hooks(model, {n: (lambda m, a, y, n=n: out.__setitem__(n, y.clone())) for n in names}, x, len(x))
+    return out
+
+
+def _output_energies(reference: nn.Module, qmodel: nn.Module, names: list[str], images: torch.Tensor,
+                     batch: int) -> dict[str, list[float]]:
+    """Per layer: energy of the float output and of the propagated error (whole model quantized)."""
+    acc = {n: [0.0, 0.0] for n in names}
+    for i in range(0, len(images), batch):
+        ref_out = _capture(reference, names, images[i:i + batch])
+        q_out = _capture(qmodel, names, images[i:i + batch])
+        for n in names:
+            r = ref_out[n].double()
+            acc[n][0] += float((r ** 2).sum())
+            acc[n][1] += float(((q_out[n].double() - r) ** 2).sum())
+    return acc
+
+
+@dataclass
+class LayerSQNR:
+    name: str
+    isolated: float     # dB: only this layer quantized, on float inputs
+    propagated: float   # dB: the whole model quantized, errors of earlier layers included
+
+
+@torch.no_grad()
+def layer_sqnr(model: nn.Module, qmodel: nn.Module, images: torch.Tensor, batch: int = 8) -> list[LayerSQNR]:
+    """Output SQNR of every quantized layer, isolated and propagated, in network order."""
+    iso = {r.name: r.both for r in layer_breakdown(model, qmodel, images, batch)}
+    names = list(iso)
+    prop = _output_energies(folded_copy(model), qmodel, names, images, batch)
+    return [LayerSQNR(n, iso[n], sqnr_db(*prop[n])) for n in names]
+
+
+@dataclass
+class ChannelRanges:
+    """The per-tensor vs per-channel picture of one layer's input (all tensors (C,) unless noted)."""
+    layer: str
+    bits: int
+    data_free_lo: torch.Tensor      # the per-channel range the data-free law gives at these bits
+    data_free_hi: torch.Tensor
+    tensor_lo: float                # the one per-tensor range from the same law
+    tensor_hi: float
+    observed_lo: torch.Tensor       # what the images produced (float model)
+    observed_hi: torch.Tensor
+    step: torch.Tensor              # per-channel step size
+    tensor_step: float
+    effective_bits: torch.Tensor    # log2 of the grid points the observed span covers, per channel grid
+    effective_bits_tensor: torch.Tensor   # ... and on the per-tensor grid
+    clipped: torch.Tensor           # share of the channel's values outside its per-channel range
+
+
+@torch.no_grad()
+def channel_ranges(model: nn.Module, qmodel: nn.Module, layer: str, images: torch.Tensor) -> ChannelRanges:
+    """Per-channel vs per-tensor input ranges of `layer` and how the images fill them."""
+    from .ranges import clip_range, observe
+
+    report = qmodel.spiq_report
+    if layer not in report.layers:
+        raise KeyError(f"{layer!r} is not a quantized layer of this model")
+    bits = report.layers[layer].input_bits
+    dist = report.propagation.inputs.get(layer) if report.propagation else None
+    if dist is None:
+        raise ValueError(f"{layer}: no data-free law (its producer could not be analysed)")
+    penalty = report.config.clip_penalty
+    per_c = clip_range(dist, bits, True, penalty)
+    per_t = clip_range(dist, bits, False, penalty)
+    obs = observe(folded_copy(model), [layer], images)[layer]
+    levels = 2 ** bits - 1
+    step = (per_c.hi - per_c.lo) / levels
+    t_step = float((per_t.hi - per_t.lo) / levels)
+    span = (obs.hi - obs.lo).clamp_min(0)
+    s = obs.sample
+    outside = ((s < per_c.lo[:, None]) | (s > per_c.hi[:, None])).float().mean(1)
+    return ChannelRanges(
+        layer=layer, bits=bits, data_free_lo=per_c.lo, data_free_hi=per_c.hi,
+        tensor_lo=float(per_t.lo), tensor_hi=float(per_t.hi), observed_lo=obs.lo, observed_hi=obs.hi,
+        step=step, tensor_step=t_step,
+        effective_bits=torch.log2(torch.minimum(span / step, torch.tensor(float(levels))) + 1),
+        effective_bits_tensor=torch.log2(torch.minimum(span / t_step, torch.tensor(float(levels))) + 1),
+        clipped=outside)
+
+
+@dataclass
+class FoldCost:
+    """What folding per-channel input scales into a layer's weights costs, and what it buys (dB)."""
+    name: str
+    weight_sqnr: float          # weights quantized as they are
+    weight_sqnr_folded: float   # weights with the input scales folded in, then quantized
+    input_sqnr_tensor: float    # expected input SQNR with one range per tensor (data-free law)
+    input_sqnr_channel: float   # ... with one range per channel
+
+
+@torch.no_grad()
+def fold_cost(model: nn.Module, qmodel: nn.Module) -> list[FoldCost]:
+    """For every layer with folded per-channel input scales: weight error added vs input error removed."""
+    from .qlayers import fold_input_scale, quantize_weight
+    from .ranges import clip_range
+
+    reference = folded_copy(model)
+    report = qmodel.spiq_report
+    cfg = report.config
+    out = []
+    for name, lr in report.layers.items():
+        q = qmodel.get_submodule(name)
+        if not getattr(q, "folded", False):
+            continue
+        w = reference.get_submodule(name).weight
+        settings = cfg.for_layer(name)
+
+        def wsqnr(target):
+            codes, scale = quantize_weight(target, settings.weight_bits, settings.weight_per_channel,
+                                           cfg.weight_clip, cfg.weight_rounding)
+            shape = (-1,) + (1,) * (target.dim() - 1) if scale.dim() == 1 else ()
+            return sqnr_db(float((target ** 2).sum()), float(((codes * scale.view(shape) - target) ** 2).sum()))
+
+        folded = fold_input_scale(w, q.input_quant.scale, getattr(q.layer, "groups", 1))
+        dist = report.propagation.inputs[name]
+        x, p = dist.samples()
+        signal = float((x ** 2 * p).sum())
+
+        def isqnr(rng):
+            lo, hi = (rng.lo, rng.hi) if rng.per_channel else (rng.lo.expand(x.shape[0]), rng.hi.expand(x.shape[0]))
+            step = ((hi - lo) / (2 ** lr.input_bits - 1))[:, None]
+            xq = torch.clamp(torch.round((x - lo[:, None]) / step), 0, 2 ** lr.input_bits - 1) * step + lo[:, None]
+            return sqnr_db(signal, float(((xq - x) ** 2 * p).sum()))
+
+        out.append(FoldCost(name, wsqnr(w), wsqnr(folded),
+                            isqnr(clip_range(dist, lr.input_bits, False, cfg.clip_penalty)),
+                            isqnr(clip_range(dist, lr.input_bits, True, cfg.clip_penalty))))
+    return out
+
+
+@dataclass
+class Prediction:
+    classes: list[str]
+    probs: list[float]
+
+
+@dataclass
+class Comparison:
+    """Top-k of the float and the quantized model on one image."""
+    float: Prediction
+    quant: Prediction
+    flipped: bool           # top-1 differs
+    logit_sqnr: float       # dB
+
+
+@torch.no_grad()
+def compare_predictions(model: nn.Module, qmodel: nn.Module, x: torch.Tensor, classes: list[str],
+                        k: int = 5) -> Comparison:
+    """`x` is one preprocessed image (3, H, W) or a batch of one."""
+    x = x.unsqueeze(0) if x.dim() == 3 else x
+    yf, yq = model(x)[0], qmodel(x)[0]
+
+    def top(y):
+        p = y.softmax(0)
+        v, i = p.topk(k)
+        return Prediction([classes[j] for j in i.tolist()], v.tolist())
+
+    return Comparison(top(yf), top(yq), bool(yf.argmax() != yq.argmax()),
+                      sqnr_db(float((yf.double() ** 2).sum()), float(((yq - yf).double() ** 2).sum())))
+
+
+@torch.no_grad()
+def error_maps(model: nn.Module, qmodel: nn.Module, x: torch.Tensor, layers: list[str] | None = None,
+               channel: int | None = None) -> dict[str, torch.Tensor]:
+    """Spatial maps of |y - ŷ| (mean over channels, or one channel), upsampled to the image size.
+
+    Maps are for conv layers with the whole model quantized (errors propagated). The "logits" map
+    projects the error of the last feature map onto the float top-1 class's classifier row: where
+    in the image the quantized model's evidence for that class went wrong.
+    """
+    from torch.nn import functional as F
+
+    x = x.unsqueeze(0) if x.dim() == 3 else x
+    reference = folded_copy(model)
+    convs = [n for n, m in qmodel.named_modules() if isinstance(m, QuantLayer) and isinstance(m.layer, nn.Conv2d)]
+    layers = layers or convs
+    unknown = [n for n in layers if n not in convs]
+    if unknown:
+        raise KeyError(f"not quantized conv layers: {', '.join(unknown)}")
+    last = convs[-1]
+    wanted = set(layers) | {last}
+    ref_out, q_out = _capture(reference, wanted, x), _capture(qmodel, wanted, x)
+    top = model(x)[0].argmax()
+    size = x.shape[-2:]
+    maps = {}
+    for n in layers:
+        diff = (q_out[n] - ref_out[n]).abs()[0]
+        m = diff[channel] if channel is not None else diff.mean(0)
+        maps[n] = F.interpolate(m[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+    # logit error map: classifier row of the float top-1 applied to the last feature map's error
+    head = [m for m in qmodel.modules() if isinstance(m, QuantLayer) and isinstance(m.layer, nn.Linear)]
+    feat_err = (q_out[last] - ref_out[last])[0]
+    if head and head[-1].layer.in_features == feat_err.shape[0]:
+        w = reference.get_submodule(head[-1].name).weight[top]
+        m = (w[:, None, None] * feat_err).sum(0).abs()
+        maps["logits"] = F.interpolate(m[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+    return maps

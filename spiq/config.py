@@ -74,6 +74,10 @@ class QuantConfig:
     tail: str = "t4"
     # ... and of depthwise-conv outputs, whose real tails reach 20-60 sigma (None: same as tail).
     tail_depthwise: str | None = "t3"
+    # Data-free range rule: "mse" (expected clip + rounding error at the bit width) or the naive
+    # "sigma" rule, mean ± n_sigma·std through the activation, kept to show why it loses.
+    range_rule: str = "mse"
+    n_sigma: float = 4.0
     # Weight of the clipping term against rounding when a data-free range is chosen.
     clip_penalty: float = 1.0
     # Subtract the expected output error (from the BN-implied input law) from each layer's bias.
@@ -96,6 +100,9 @@ class QuantConfig:
         _check_choice("tail", self.tail, TAIL_MODELS)
         if self.tail_depthwise is not None:
             _check_choice("tail_depthwise", self.tail_depthwise, TAIL_MODELS)
+        _check_choice("range_rule", self.range_rule, ("mse", "sigma"))
+        if isinstance(self.n_sigma, bool) or not isinstance(self.n_sigma, (int, float)) or not 0 < self.n_sigma <= 100:
+            raise ConfigError(f"n_sigma must be a number in (0, 100], got {self.n_sigma!r}")
         if not isinstance(self.clip_penalty, (int, float)) or isinstance(self.clip_penalty, bool) \
                 or not 0 < self.clip_penalty <= 1000:
             raise ConfigError(f"clip_penalty must be a number in (0, 1000], got {self.clip_penalty!r}")

@@ -12,7 +12,7 @@ from .config import CALIBRATED, DATA_FREE, DYNAMIC, ConfigError, QuantConfig
 from .fold import fold_batchnorm
 from .graph import QUANTIZABLE, analyse
 from .qlayers import InputQuant, QuantLayer, input_scale_zero, make_weights
-from .ranges import Dist, Propagation, Range, calibrated_range, clip_range, expected_value, observe, propagate
+from .ranges import Dist, Propagation, Range, calibrated_range, clip_range, sigma_range, expected_value, observe, propagate
 
 # ImageNet normalisation: the assumption when a model comes without its preprocessing.
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -109,7 +109,8 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data: torch.Tensor | N
         dist = prop.inputs.get(name) or _fallback_dist(_in_channels(layer), config.tail)
         rng: Range | None = None
         if s.method in DATA_FREE:
-            rng = clip_range(dist, s.input_bits, s.input_per_channel, config.clip_penalty)
+            rng = (clip_range(dist, s.input_bits, s.input_per_channel, config.clip_penalty)
+                   if config.range_rule == "mse" else sigma_range(dist, config.n_sigma, s.input_per_channel))
         elif s.method in CALIBRATED:
             rule = s.method.split("-", 1)[1]
             rng = calibrated_range(observed[name], rule, s.input_bits, s.input_per_channel, config.percentile)

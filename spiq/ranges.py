@@ -26,6 +26,7 @@ from torch.nn import functional as F
 
 from .fold import BNStats
 from .graph import ModelGraph, is_passthrough
+from .hooks import run_with_hooks
 
 TAIL_MODELS = ("gauss", "laplace", "t3", "t4", "t6")
 
@@ -294,6 +295,22 @@ def clip_range(d: Dist, bits: int, per_channel: bool, clip_penalty: float = 1.0)
     return clip_samples(x, w, bits, per_channel, clip_penalty)
 
 
+def sigma_range(d: Dist, n: float, per_channel: bool) -> Range:
+    """The naive rule kept for comparison: [act(mean - n·std), act(mean + n·std)], whatever the bits."""
+    if d.use_bounds or d.exact_samples is not None:
+        x, _ = d.samples()
+        lo, hi = x.min(1).values, x.max(1).values
+    else:
+        ends = torch.stack([d.mean - n * d.std, d.mean + n * d.std])
+        for act in d.acts:
+            ends = act(ends)
+        lo, hi = ends.min(0).values, ends.max(0).values
+    lo = torch.maximum(lo, d.lo).clamp_max(0)
+    hi = torch.minimum(hi, d.hi).clamp_min(0)
+    hi = torch.where(hi - lo <= 1e-8, lo + 1e-8, hi)
+    return Range(lo, hi) if per_channel else Range(lo.min(), hi.max())
+
+
 def clip_samples(x: torch.Tensor, w: torch.Tensor, bits: int, per_channel: bool,
                  clip_penalty: float = 1.0, n_candidates: int = 96) -> Range:
     """Range search over weighted samples x (C, K), weights w (K,)."""
@@ -369,13 +386,7 @@ def observe(model: nn.Module, layer_names: list[str], images: torch.Tensor, batc
             acc[name].append(xc[:, idx])
         return fn
 
-    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in layer_names]
-    try:
-        for i in range(0, len(images), batch):
-            model(images[i:i + batch])
-    finally:
-        for h in handles:
-            h.remove()
+    run_with_hooks(model, {n: hook(n) for n in layer_names}, images, batch, pre=True)
     return {n: Observed(lo[n], hi[n], torch.cat(acc[n], 1)) for n in layer_names}
 
 

@@ -25,3 +25,14 @@ def test_minmax_ranges_clip_nothing_on_their_own_images(lite0, sample):
                       calib_data=calib)
     rows = layer_breakdown(lite0, q, calib)
     assert all(r.clipped == 0 for r in rows)
+
+
+def test_bit_aware_ranges_beat_the_fixed_sigma_rule_at_4_bits(lite0, sample):
+    """n·σ fits one bit width at most; the expected-error range adapts to the bits in use."""
+    images = sample[0][::50][:6]
+    mse = layer_breakdown(lite0, spiq.quantize(lite0, spiq.QuantConfig(input_bits=4)), images)
+    for n in (4.0, 12.0):
+        naive = layer_breakdown(lite0, spiq.quantize(
+            lite0, spiq.QuantConfig(input_bits=4, range_rule="sigma", n_sigma=n)), images)
+        better = sum(a.input > b.input for a, b in zip(mse, naive))
+        assert better >= 0.8 * len(mse), f"n={n}: the bit-aware range wins on only {better} of {len(mse)} layers"

@@ -1,0 +1,80 @@
+"""Attribution drift: the same captum attribution on the float and the quantized model.
+
+Rounding has a zero gradient almost everywhere; the fake-quant ops of `qlayers` pass gradients
+straight through (STE), so gradient-based attributions of a quantized model are meaningful.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+from torch.nn import functional as F
+
+from .graph import is_passthrough, trace
+
+METHODS = ("integrated-gradients", "grad-cam")
+
+
+def last_stage(model: nn.Module) -> str:
+    """Name of the module whose output the global pooling reads: the last conv stage (for Grad-CAM)."""
+    gm = trace(model)
+    for node in gm.graph.nodes:
+        pooled = (node.op == "call_module" and type(gm.get_submodule(node.target)).__name__ in
+                  ("SelectAdaptivePool2d", "AdaptiveAvgPool2d")) or \
+                 (node.op == "call_function" and getattr(node.target, "__name__", "") == "adaptive_avg_pool2d") or \
+                 (node.op == "call_method" and node.target == "mean")
+        if pooled:
+            src: fx.Node = node.args[0]
+            while is_passthrough(gm, src):
+                src = src.args[0]
+            if src.op == "call_module":
+                return src.target
+    raise ValueError(f"{type(model).__name__}: no global pooling found to place Grad-CAM at")
+
+
+def attribute(model: nn.Module, x: torch.Tensor, target: int, method: str = "integrated-gradients",
+              layer: str | None = None, steps: int = 24) -> torch.Tensor:
+    """An (H, W) attribution map of class `target` for one preprocessed image (3, H, W)."""
+    from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam
+
+    x = (x.unsqueeze(0) if x.dim() == 3 else x).detach().clone().requires_grad_(True)
+    if method == "integrated-gradients":
+        a = IntegratedGradients(model).attribute(x, target=target, n_steps=steps, internal_batch_size=steps)
+        return a[0].abs().sum(0).detach()
+    if method == "grad-cam":
+        module = model.get_submodule(layer or last_stage(model))
+        a = LayerGradCam(model, module).attribute(x, target=target, relu_attributions=True)
+        return LayerAttribution.interpolate(a, tuple(x.shape[-2:]), "bilinear")[0, 0].detach()
+    raise ValueError(f"unknown attribution method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+def rank_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman correlation of two maps."""
+    ra = a.flatten().argsort().argsort().double()
+    rb = b.flatten().argsort().argsort().double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()).clamp_min(1e-12))
+
+
+@dataclass
+class Drift:
+    method: str
+    target: int             # the class attributed: the float model's top-1
+    float_map: torch.Tensor
+    quant_map: torch.Tensor
+    difference: torch.Tensor   # quant - float, each normalised to unit max
+    rank_correlation: float
+
+
+def attribution_drift(model: nn.Module, qmodel: nn.Module, x: torch.Tensor,
+                      method: str = "integrated-gradients", target: int | None = None) -> Drift:
+    """The same attribution on both models, for the float model's top-1 unless `target` is given."""
+    if target is None:
+        with torch.no_grad():
+            target = int(model((x.unsqueeze(0) if x.dim() == 3 else x))[0].argmax())
+    layer = last_stage(model) if method == "grad-cam" else None
+    fm = attribute(model, x, target, method, layer)
+    qm = attribute(qmodel, x, target, method, layer)
+    norm = lambda m: m / m.abs().max().clamp_min(1e-12)  # noqa: E731
+    return Drift(method, target, fm, qm, norm(qm) - norm(fm), rank_correlation(fm, qm))

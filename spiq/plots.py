@@ -1,0 +1,111 @@
+"""Every figure of the project, built in one place with plotly (renders in Jupyter with fig.show())."""
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+FLOAT, QUANT, TENSOR, BAD = "#4c78a8", "#f58518", "#9d9d9d", "#e45756"
+
+
+def layer_sqnr(rows, worst: int = 5) -> go.Figure:
+    """Isolated and propagated output SQNR per layer; the `worst` isolated layers highlighted."""
+    names = [r.name for r in rows]
+    iso = [r.isolated for r in rows]
+    bad = set(np.argsort(iso)[:worst].tolist())
+    fig = go.Figure([
+        go.Bar(x=names, y=iso, name="isolated", marker_color=[BAD if i in bad else QUANT for i in range(len(rows))]),
+        go.Scatter(x=names, y=[r.propagated for r in rows], name="propagated", mode="lines+markers",
+                   line_color=FLOAT),
+    ])
+    fig.update_layout(title="Output SQNR per layer (higher is better)", yaxis_title="dB", xaxis_tickangle=-60,
+                      legend_orientation="h")
+    return fig
+
+
+def channel_ranges(cr, max_channels: int = 96) -> go.Figure:
+    """Per-channel ranges (bars) against the one per-tensor range (band) and what the image used."""
+    order = np.argsort(-cr.data_free_hi.numpy())[:max_channels]
+    ch = [str(int(c)) for c in order]
+    lo, hi = cr.data_free_lo.numpy()[order], cr.data_free_hi.numpy()[order]
+    fig = go.Figure([
+        go.Bar(x=ch, y=hi - lo, base=lo, name=f"per-channel range ({cr.bits} bits each)", marker_color=QUANT,
+               opacity=0.6),
+        go.Scatter(x=ch, y=cr.observed_hi.numpy()[order], mode="markers", name="observed max",
+                   marker=dict(color=FLOAT, symbol="line-ew-open", size=12)),
+        go.Scatter(x=ch, y=cr.observed_lo.numpy()[order], mode="markers", name="observed min",
+                   marker=dict(color=FLOAT, symbol="line-ew-open", size=12), showlegend=False),
+    ])
+    fig.add_hrect(y0=cr.tensor_lo, y1=cr.tensor_hi, fillcolor=TENSOR, opacity=0.15, line_width=0,
+                  annotation_text=f"per-tensor range, step {cr.tensor_step:.3g}")
+    eb_c, eb_t = float(cr.effective_bits.mean()), float(cr.effective_bits_tensor.mean())
+    fig.update_layout(title=f"{cr.layer}: input ranges — mean bits used {eb_c:.2f} per channel vs {eb_t:.2f} per tensor",
+                      xaxis_title="input channel (widest first)", yaxis_title="value", barmode="overlay",
+                      legend_orientation="h")
+    return fig
+
+
+def layer_breakdown(rows) -> go.Figure:
+    """Where each layer loses: input clipping, input rounding + clipping, weights."""
+    names = [r.name for r in rows]
+    fig = go.Figure([go.Scatter(x=names, y=[getattr(r, k) for r in rows], name=label, mode="lines+markers")
+                     for k, label in (("clip", "input clipping only"), ("input", "input quantized"),
+                                      ("weight", "weights only"), ("both", "layer quantized"))])
+    fig.update_layout(title="Output SQNR per error source, each layer isolated", yaxis_title="dB",
+                      xaxis_tickangle=-60, legend_orientation="h")
+    return fig
+
+
+def fold_cost(rows) -> go.Figure:
+    names = [r.name for r in rows]
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, subplot_titles=(
+        "weight SQNR lost by folding the input scales (dB)", "input SQNR gained per channel (dB)"))
+    fig.add_bar(x=names, y=[r.weight_sqnr - r.weight_sqnr_folded for r in rows], marker_color=BAD, row=1, col=1,
+                name="weight cost")
+    fig.add_bar(x=names, y=[r.input_sqnr_channel - r.input_sqnr_tensor for r in rows], marker_color=QUANT,
+                row=2, col=1, name="input gain")
+    fig.update_layout(showlegend=False, xaxis2_tickangle=-60, title="Fold cost against input error removed")
+    return fig
+
+
+def _image_array(image) -> np.ndarray:
+    return np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
+
+
+def error_map(image, emap, title: str = "quantization error") -> go.Figure:
+    """The error map (H, W) over the image it was computed for (image resized to the map)."""
+    from PIL import Image
+
+    h, w = emap.shape
+    img = Image.fromarray(_image_array(image)).resize((w, h))
+    fig = go.Figure([go.Image(z=np.asarray(img)),
+                     go.Heatmap(z=emap.numpy(), colorscale="Inferno", opacity=0.55, colorbar_title="|y − ŷ|")])
+    fig.update_layout(title=title, yaxis_autorange="reversed", xaxis_visible=False, yaxis_visible=False)
+    return fig
+
+
+def attribution(image, drift) -> go.Figure:
+    from PIL import Image
+
+    h, w = drift.float_map.shape
+    img = np.asarray(Image.fromarray(_image_array(image)).resize((w, h)))
+    fig = make_subplots(rows=1, cols=3, subplot_titles=(
+        "float", "quantized", f"difference (rank corr. {drift.rank_correlation:.2f})"))
+    for col, (m, scale) in enumerate(((drift.float_map, "Viridis"), (drift.quant_map, "Viridis"),
+                                      (drift.difference, "RdBu")), 1):
+        fig.add_trace(go.Image(z=img, opacity=0.35), row=1, col=col)
+        fig.add_trace(go.Heatmap(z=m.numpy(), colorscale=scale, opacity=0.7, showscale=col == 3,
+                                 zmid=0 if col == 3 else None), row=1, col=col)
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False, autorange="reversed")
+    fig.update_layout(title=f"Attribution ({drift.method}) of class {drift.target}")
+    return fig
+
+
+def predictions(cmp) -> go.Figure:
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("float", "quantized" + (" — top-1 flipped" if cmp.flipped else "")))
+    for col, (p, color) in enumerate(((cmp.float, FLOAT), (cmp.quant, BAD if cmp.flipped else QUANT)), 1):
+        fig.add_bar(x=p.probs[::-1], y=p.classes[::-1], orientation="h", marker_color=color, row=1, col=col)
+    fig.update_layout(showlegend=False, title=f"Top-5 (logit SQNR {cmp.logit_sqnr:.1f} dB)")
+    fig.update_xaxes(range=[0, 1], title_text="probability")
+    return fig
