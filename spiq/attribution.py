@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
-from torch.nn import functional as F
 
 from .graph import is_passthrough, trace
 

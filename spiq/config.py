@@ -74,6 +74,11 @@ class QuantConfig:
     tail: str = "t4"
     # ... and of depthwise-conv outputs, whose real tails reach 20-60 sigma (None: same as tail).
     tail_depthwise: str | None = "t3"
+    # ... and of residual sums, lighter-tailed than each of their terms (None: same as tail).
+    tail_sum: str | None = "t6"
+    # SPIQ folding: "always" (every layer per input channel, as in the paper) or "auto" (per layer,
+    # per channel only where the expected input gain beats the weight precision the fold costs).
+    fold: str = "auto"
     # Data-free range rule: "mse" (expected clip + rounding error at the bit width) or the naive
     # "sigma" rule, mean ± n_sigma·std through the activation, kept to show why it loses.
     range_rule: str = "mse"
@@ -98,9 +103,11 @@ class QuantConfig:
         _check_choice("weight_clip", self.weight_clip, ("max", "mse"))
         _check_choice("weight_rounding", self.weight_rounding, ("nearest", "squant"))
         _check_choice("tail", self.tail, TAIL_MODELS)
-        if self.tail_depthwise is not None:
-            _check_choice("tail_depthwise", self.tail_depthwise, TAIL_MODELS)
+        for name in ("tail_depthwise", "tail_sum"):
+            if getattr(self, name) is not None:
+                _check_choice(name, getattr(self, name), TAIL_MODELS)
         _check_choice("range_rule", self.range_rule, ("mse", "sigma"))
+        _check_choice("fold", self.fold, ("auto", "always"))
         if isinstance(self.n_sigma, bool) or not isinstance(self.n_sigma, (int, float)) or not 0 < self.n_sigma <= 100:
             raise ConfigError(f"n_sigma must be a number in (0, 100], got {self.n_sigma!r}")
         if not isinstance(self.clip_penalty, (int, float)) or isinstance(self.clip_penalty, bool) \

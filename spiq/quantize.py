@@ -8,11 +8,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .config import CALIBRATED, DATA_FREE, DYNAMIC, ConfigError, QuantConfig
+from .config import CALIBRATED, DATA_FREE, ConfigError, QuantConfig
 from .fold import fold_batchnorm
 from .graph import QUANTIZABLE, analyse
 from .qlayers import InputQuant, QuantLayer, input_scale_zero, make_weights
-from .ranges import Dist, Propagation, Range, calibrated_range, clip_range, sigma_range, expected_value, observe, propagate
+from .ranges import (Dist, Propagation, Range, calibrated_range, clip_range, expected_value, observe, propagate,
+                     quantized_samples, sigma_range)
 
 # ImageNet normalisation: the assumption when a model comes without its preprocessing.
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -70,6 +71,39 @@ def _output_mean(layer: nn.Module, weight: torch.Tensor, x_mean: torch.Tensor) -
     return weight @ x_mean
 
 
+def _plan(layer: nn.Module, rng: Range | None, input_bits: int, input_per_channel: bool, weight_bits: int,
+          weight_per_channel: bool, config: QuantConfig):
+    """Input quantizer and weights of one layer: (InputQuant, weight codes, weight scale, float weight)."""
+    if rng is not None:
+        scale, zero = input_scale_zero(rng, input_bits)
+        inq = InputQuant("static", input_bits, input_per_channel, scale, zero)
+    else:
+        inq = InputQuant("dynamic", input_bits, input_per_channel)
+    fold = inq.scale if inq.mode == "static" and inq.per_channel else None
+    codes, w_scale, w_sim = make_weights(layer, weight_bits, weight_per_channel, config.weight_clip, fold,
+                                         config.weight_rounding)
+    return inq, codes, w_scale, w_sim
+
+
+def _per_input_channel(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """Sum a weight-shaped tensor over everything but the input channel: (C,)."""
+    if t.dim() == 2:
+        return t.sum(0)
+    o, cg = t.shape[:2]
+    return t.reshape(groups, o // groups, cg, -1).sum((1, 3)).reshape(-1)
+
+
+def _expected_output_error(layer: nn.Module, w_float: torch.Tensor, w_sim: torch.Tensor, dist: Dist,
+                           rng: Range, bits: int) -> float:
+    """E‖y − ŷ‖² under the input law, input and weight errors taken as independent."""
+    x, w, xq = quantized_samples(dist, rng, bits)
+    e2 = (((xq - x) ** 2) * w).sum(1)
+    m2 = ((x ** 2) * w).sum(1)
+    g = getattr(layer, "groups", 1)
+    return float((e2 * _per_input_channel(w_float ** 2, g)).sum()
+                 + (m2 * _per_input_channel((w_sim - w_float) ** 2, g)).sum())
+
+
 @torch.no_grad()
 def quantize(model: nn.Module, config: QuantConfig, calib_data: torch.Tensor | None = None,
              progress: Callable[[float, str], None] | None = None) -> nn.Module:
@@ -91,7 +125,8 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data: torch.Tensor | N
     bn_stats = fold_batchnorm(q, graph)
     graph = analyse(q)
     lo, hi, bounds_from = input_bounds_of(model)
-    prop = propagate(graph, bn_stats, lo, hi, tail=config.tail, tail_depthwise=config.tail_depthwise)
+    prop = propagate(graph, bn_stats, lo, hi, tail=config.tail, tail_depthwise=config.tail_depthwise,
+                     tail_sum=config.tail_sum)
     report = QuantReport(config, fallbacks=dict(prop.fallbacks), propagation=prop)
     if bounds_from != "preprocess":
         report.fallbacks["<input>"] = bounds_from
@@ -114,15 +149,19 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data: torch.Tensor | N
         elif s.method in CALIBRATED:
             rule = s.method.split("-", 1)[1]
             rng = calibrated_range(observed[name], rule, s.input_bits, s.input_per_channel, config.percentile)
-        if rng is not None:
-            scale, zero = input_scale_zero(rng, s.input_bits)
-            inq = InputQuant("static", s.input_bits, s.input_per_channel, scale, zero)
-        else:
-            inq = InputQuant("dynamic", s.input_bits, s.input_per_channel)
-        folded = inq.mode == "static" and inq.per_channel
         w_float = layer.weight.detach().clone()
-        codes, w_scale, w_sim = make_weights(layer, s.weight_bits, s.weight_per_channel, config.weight_clip,
-                                             inq.scale if folded else None, config.weight_rounding)
+        inq, codes, w_scale, w_sim = _plan(layer, rng, s.input_bits, s.input_per_channel, s.weight_bits,
+                                           s.weight_per_channel, config)
+        if s.method == "spiq" and inq.per_channel and config.fold == "auto":
+            # Per-channel input scales cost weight precision once folded. Where the data-free law says
+            # the input gain is smaller than that cost (high input bits, low weight bits), one range
+            # per tensor is the better static quantizer for this layer.
+            rng_t = clip_range(dist, s.input_bits, False, config.clip_penalty)
+            alt = _plan(layer, rng_t, s.input_bits, False, s.weight_bits, s.weight_per_channel, config)
+            if _expected_output_error(layer, w_float, alt[3], dist, rng_t, s.input_bits) < \
+                    _expected_output_error(layer, w_float, w_sim, dist, rng, s.input_bits):
+                rng, (inq, codes, w_scale, w_sim) = rng_t, alt
+        folded = inq.mode == "static" and inq.per_channel
         layer.weight.data = w_sim
         if config.bias_correction:
             mean_x = expected_value(dist)
@@ -131,7 +170,7 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data: torch.Tensor | N
             if layer.bias is None:
                 layer.bias = nn.Parameter(torch.zeros(w_sim.shape[0]), requires_grad=False)
             layer.bias.data = layer.bias.data - shift
-        report.layers[name] = LayerReport(s.method, s.input_bits, s.weight_bits, s.input_per_channel, rng,
+        report.layers[name] = LayerReport(s.method, s.input_bits, s.weight_bits, inq.per_channel, rng,
                                           "bn" if name in prop.inputs else report.fallbacks.get(name, "fallback"))
         q.set_submodule(name, QuantLayer(layer, inq, codes, w_scale, folded, name))
     if progress is not None:

@@ -172,7 +172,8 @@ def _moment_layer(mod: nn.Module, d: Dist) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def propagate(graph: ModelGraph, bn_stats: dict[str, BNStats], input_lo: torch.Tensor,
-              input_hi: torch.Tensor, tail: str = "t4", tail_depthwise: str | None = None) -> Propagation:
+              input_hi: torch.Tensor, tail: str = "t4", tail_depthwise: str | None = None,
+              tail_sum: str | None = None) -> Propagation:
     """Walk the (BN-folded) graph once, carrying a `Dist` per tensor; record each layer's input."""
     k = _z_grid(tail)[0].numel()
     gm = graph.gm
@@ -240,7 +241,7 @@ def propagate(graph: ModelGraph, bn_stats: dict[str, BNStats], input_lo: torch.T
                     and a.channels == b.channels:
                 ma, sa = a.moments()
                 mb, sb = b.moments()
-                d = Dist(ma + mb, torch.sqrt(sa ** 2 + sb ** 2), a.lo + b.lo, a.hi + b.hi, tail=tail)
+                d = Dist(ma + mb, torch.sqrt(sa ** 2 + sb ** 2), a.lo + b.lo, a.hi + b.hi, tail=tail_sum or tail)
             elif fn in (operator.mul, torch.mul, "mul") and a is not None and b is not None:
                 ma, sa = a.moments()
                 mb, sb = b.moments()
@@ -346,15 +347,22 @@ def clip_samples(x: torch.Tensor, w: torch.Tensor, bits: int, per_channel: bool,
     return Range(lo[0], hi[0])
 
 
+def quantized_samples(d: Dist, rng: Range, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The law's samples x (C, K), their weights, and q(x) on the grid of `rng` at `bits`."""
+    x, w = d.samples()
+    lo, hi = (rng.lo, rng.hi) if rng.per_channel else (rng.lo.expand(x.shape[0]), rng.hi.expand(x.shape[0]))
+    step = ((hi - lo) / (2 ** bits - 1))[:, None]
+    zero = torch.round(-lo[:, None] / step)
+    return x, w, (torch.clamp(torch.round(x / step) + zero, 0, 2 ** bits - 1) - zero) * step
+
+
 def expected_value(d: Dist, rng: Range | None = None, bits: int | None = None) -> torch.Tensor:
     """E[x] per channel, or E[q(x)] when a range and bit width are given (for bias correction)."""
-    x, w = d.samples()
-    if rng is not None:
-        lo, hi = (rng.lo, rng.hi) if rng.per_channel else (rng.lo.expand(x.shape[0]), rng.hi.expand(x.shape[0]))
-        step = ((hi - lo) / (2 ** bits - 1))[:, None]
-        zero = torch.round(-lo[:, None] / step)
-        x = (torch.clamp(torch.round(x / step) + zero, 0, 2 ** bits - 1) - zero) * step
-    return (x * w).sum(1)
+    if rng is None:
+        x, w = d.samples()
+        return (x * w).sum(1)
+    _, w, xq = quantized_samples(d, rng, bits)
+    return (xq * w).sum(1)
 
 
 # --- calibration on real images -----------------------------------------------------------------

@@ -1,7 +1,9 @@
 import math
 
 import spiq
-from spiq.analysis import layer_breakdown
+import torch
+
+from spiq.analysis import layer_breakdown, sqnr_db
 
 
 def test_breakdown_separates_input_and_weight_error(lite0, sample):
@@ -11,8 +13,9 @@ def test_breakdown_separates_input_and_weight_error(lite0, sample):
     assert [r.name for r in a4] == [r.name for r in a8] and len(a4) == 50
     for r4, r8 in zip(a4, a8):
         assert all(math.isfinite(v) for v in (r4.input, r4.weight, r4.both))
-        # four more input bits are worth roughly 24 dB on the input-only error
-        assert r8.input > r4.input + 15, r4.name
+        # four more input bits are worth up to 24 dB on the input-only error (less where the
+        # 8-bit range is chosen wider, to clip less)
+        assert r8.input > r4.input + 10, r4.name
         # the error of the whole layer is no smaller than its input error alone (to rounding noise)
         assert r4.both <= r4.input + 0.5, r4.name
     # at W8 the folded weights cost far less than 4-bit inputs: the inputs decide
@@ -27,12 +30,18 @@ def test_minmax_ranges_clip_nothing_on_their_own_images(lite0, sample):
     assert all(r.clipped == 0 for r in rows)
 
 
-def test_bit_aware_ranges_beat_the_fixed_sigma_rule_at_4_bits(lite0, sample):
-    """n·σ fits one bit width at most; the expected-error range adapts to the bits in use."""
-    images = sample[0][::50][:6]
-    mse = layer_breakdown(lite0, spiq.quantize(lite0, spiq.QuantConfig(input_bits=4)), images)
-    for n in (4.0, 12.0):
-        naive = layer_breakdown(lite0, spiq.quantize(
-            lite0, spiq.QuantConfig(input_bits=4, range_rule="sigma", n_sigma=n)), images)
-        better = sum(a.input > b.input for a, b in zip(mse, naive))
-        assert better >= 0.8 * len(mse), f"n={n}: the bit-aware range wins on only {better} of {len(mse)} layers"
+def test_bit_aware_heavy_tailed_ranges_beat_the_losers_at_4_bits(lite0, sample):
+    """n·σ fits one bit width at most, and a Gaussian law clips the heavy-tailed channels: the
+    expected-error range under Student-t laws gives the best logits of the three."""
+    x = sample[0][::20]
+    with torch.no_grad():
+        y = lite0(x)
+
+        def logit_sqnr(**fields):
+            yq = spiq.quantize(lite0, spiq.QuantConfig(input_bits=4, fold="always", **fields))(x)
+            return sqnr_db(float((y ** 2).sum()), float(((yq - y) ** 2).sum()))
+
+        best = logit_sqnr()
+        for loser in (dict(range_rule="sigma", n_sigma=4.0), dict(range_rule="sigma", n_sigma=12.0),
+                      dict(tail="gauss", tail_depthwise="gauss", tail_sum="gauss")):
+            assert best > logit_sqnr(**loser) + 1.0, loser

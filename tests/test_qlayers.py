@@ -23,7 +23,7 @@ def _inputs(qmodel, names, x):
                                                 ("calib-minmax", 6, 5)])
 def test_simulation_equals_integer_arithmetic(lite0, sample, method, wbits, abits):
     images, _ = sample
-    q = spiq.quantize(lite0, spiq.QuantConfig(method=method, weight_bits=wbits, input_bits=abits),
+    q = spiq.quantize(lite0, spiq.QuantConfig(method=method, weight_bits=wbits, input_bits=abits, fold="always"),
                       calib_data=images[100:108])
     xs = _inputs(q, LAYERS, images[:4])
     for name in LAYERS:
@@ -52,3 +52,17 @@ def test_spiq_folds_per_channel_input_scales_into_weights(lite0):
     # integer weights times their per-output scale, divided by the input scales, is the simulated weight
     w_int = layer.weight_codes * layer.weight_scale.view(-1, 1, 1, 1)
     assert torch.allclose(w_int / s.view(1, -1, 1, 1), layer.layer.weight, rtol=1e-5, atol=1e-8)
+
+
+def test_auto_fold_keeps_per_channel_scales_where_they_pay(lite0):
+    """At 4-bit inputs every layer keeps per-channel scales; at 8-bit inputs and 4-bit weights the
+    fold costs more weight precision than the inputs gain, and many layers go per tensor."""
+    a4 = spiq.quantize(lite0, spiq.QuantConfig(method="spiq", weight_bits=8, input_bits=4))
+    w4 = spiq.quantize(lite0, spiq.QuantConfig(method="spiq", weight_bits=4, input_bits=8))
+    n_a4 = sum(r.input_per_channel for r in a4.spiq_report.layers.values())
+    n_w4 = sum(r.input_per_channel for r in w4.spiq_report.layers.values())
+    assert n_a4 >= 48 and n_w4 < 40
+    for q in (a4, w4):
+        for name, r in q.spiq_report.layers.items():
+            layer = q.get_submodule(name)
+            assert layer.folded == r.input_per_channel == layer.input_quant.per_channel
