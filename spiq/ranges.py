@@ -137,16 +137,15 @@ def _weight_bounds(mod: nn.Module, d: Dist) -> tuple[torch.Tensor, torch.Tensor]
     b = mod.bias.detach() if mod.bias is not None else torch.zeros(w.shape[0])
     lo, hi = d.lo.clamp_min(-1e6), d.hi.clamp_max(1e6)
     if isinstance(mod, nn.Conv2d):
+        if type(mod) is not nn.Conv2d or any(mod.padding if isinstance(mod.padding, tuple) else (1,)):
+            # zero padding (or timm's "same" padding) can put a 0 at any tap, inside [lo, hi] or not
+            lo, hi = lo.clamp_max(0), hi.clamp_min(0)
         g = mod.groups
         cg = w.shape[1]
         lo_g = lo.view(g, cg).repeat_interleave(w.shape[0] // g, 0)[:, :, None, None]
         hi_g = hi.view(g, cg).repeat_interleave(w.shape[0] // g, 0)[:, :, None, None]
         top = torch.maximum(w * lo_g, w * hi_g).sum((1, 2, 3))
         bot = torch.minimum(w * lo_g, w * hi_g).sum((1, 2, 3))
-        # zero padding can put 0 in any position, which may lie outside [lo, hi]
-        if any(p for p in (mod.padding if isinstance(mod.padding, tuple) else (1,))) or type(mod) is not nn.Conv2d:
-            top = top.clamp_min(0) if lo.min() > 0 else top
-            bot = bot.clamp_max(0) if hi.max() < 0 else bot
     else:
         top = torch.maximum(w * lo, w * hi).sum(1)
         bot = torch.minimum(w * lo, w * hi).sum(1)
