@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 from torch import nn
@@ -96,10 +96,3 @@ def evaluate(model_name: str, images: torch.Tensor, labels: torch.Tensor, config
         agreement=(pred == fp_pred).float().mean().item() if n else 0.0,
         seconds=time.perf_counter() - start,
     )
-
-
-def iter_configs(methods: Iterable[str], bit_pairs: Iterable[tuple[int, int]], base: QuantConfig | None = None):
-    base = base or QuantConfig()
-    for w, a in bit_pairs:
-        for m in methods:
-            yield base.replace(method=m, weight_bits=w, input_bits=a)

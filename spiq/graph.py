@@ -77,9 +77,6 @@ class ModelGraph:
     gm: fx.GraphModule
     layers: dict[str, LayerNode] = field(default_factory=dict)
 
-    def users(self, node: fx.Node) -> list[fx.Node]:
-        return list(node.users)
-
 
 def analyse(model: nn.Module) -> ModelGraph:
     gm = trace(model)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .ranges import Range
+from .ranges import Range, broadcast_input
 
 
 def weight_levels(bits: int) -> int:
@@ -94,11 +94,7 @@ def _per_out(scale: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def fold_input_scale(w: torch.Tensor, s: torch.Tensor, groups: int = 1) -> torch.Tensor:
     """W[:, c] * s_c for a linear (O, C) or a (grouped) conv (O, C/groups, kh, kw)."""
-    if w.dim() == 2:
-        return w * s[None, :]
-    cg = w.shape[1]
-    s_out = s.view(groups, cg).repeat_interleave(w.shape[0] // groups, 0)   # (O, C/groups)
-    return w * s_out[:, :, None, None]
+    return w * broadcast_input(s, w, groups)
 
 
 @dataclass(frozen=True)

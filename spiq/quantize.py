@@ -12,7 +12,7 @@ from .config import CALIBRATED, DATA_FREE, ConfigError, QuantConfig
 from .fold import fold_batchnorm
 from .graph import QUANTIZABLE, analyse
 from .qlayers import InputQuant, QuantLayer, input_scale_zero, make_weights
-from .ranges import (Dist, Propagation, Range, calibrated_range, clip_range, expected_value, observe, propagate,
+from .ranges import (Dist, Propagation, Range, broadcast_input, calibrated_range, clip_range, expected_value, observe, propagate,
                      quantized_samples, sigma_range)
 
 # ImageNet normalisation: the assumption when a model comes without its preprocessing.
@@ -63,12 +63,10 @@ def _in_channels(layer: nn.Module) -> int:
 
 def _output_mean(layer: nn.Module, weight: torch.Tensor, x_mean: torch.Tensor) -> torch.Tensor:
     """Per output channel, the layer's response (without bias) to a constant input x_mean."""
-    if isinstance(layer, nn.Conv2d):
-        g = layer.groups
-        cg = weight.shape[1]
-        m = x_mean.view(g, cg).repeat_interleave(weight.shape[0] // g, 0)
-        return (weight.sum((2, 3)) * m).sum(1)
-    return weight @ x_mean
+    if weight.dim() == 2:
+        return weight @ x_mean
+    # taps first, then channels: the summation order the benchmarks were run with
+    return (weight.sum((2, 3)) * broadcast_input(x_mean, weight, layer.groups)[:, :, 0, 0]).sum(1)
 
 
 def _plan(layer: nn.Module, rng: Range | None, input_bits: int, input_per_channel: bool, weight_bits: int,

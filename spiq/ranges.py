@@ -131,42 +131,38 @@ class Propagation:
     fallbacks: dict[str, str] = field(default_factory=dict)
 
 
+def broadcast_input(v: torch.Tensor, w: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """A per-input-channel vector (C,) laid out against a linear (O, C) or (grouped) conv weight."""
+    if w.dim() == 2:
+        return v[None, :]
+    cg = w.shape[1]
+    return v.view(groups, cg).repeat_interleave(w.shape[0] // groups, 0)[:, :, None, None]
+
+
 def _weight_bounds(mod: nn.Module, d: Dist) -> tuple[torch.Tensor, torch.Tensor]:
     """Interval arithmetic through a conv/linear: the widest output any input in bounds allows."""
     w = mod.weight.detach()
     b = mod.bias.detach() if mod.bias is not None else torch.zeros(w.shape[0])
     lo, hi = d.lo.clamp_min(-1e6), d.hi.clamp_max(1e6)
-    if isinstance(mod, nn.Conv2d):
-        if type(mod) is not nn.Conv2d or any(mod.padding if isinstance(mod.padding, tuple) else (1,)):
-            # zero padding (or timm's "same" padding) can put a 0 at any tap, inside [lo, hi] or not
-            lo, hi = lo.clamp_max(0), hi.clamp_min(0)
-        g = mod.groups
-        cg = w.shape[1]
-        lo_g = lo.view(g, cg).repeat_interleave(w.shape[0] // g, 0)[:, :, None, None]
-        hi_g = hi.view(g, cg).repeat_interleave(w.shape[0] // g, 0)[:, :, None, None]
-        top = torch.maximum(w * lo_g, w * hi_g).sum((1, 2, 3))
-        bot = torch.minimum(w * lo_g, w * hi_g).sum((1, 2, 3))
-    else:
-        top = torch.maximum(w * lo, w * hi).sum(1)
-        bot = torch.minimum(w * lo, w * hi).sum(1)
-    return bot + b, top + b
+    if isinstance(mod, nn.Conv2d) and (type(mod) is not nn.Conv2d or any(
+            mod.padding if isinstance(mod.padding, tuple) else (1,))):
+        # zero padding (or timm's "same" padding) can put a 0 at any tap, inside [lo, hi] or not
+        lo, hi = lo.clamp_max(0), hi.clamp_min(0)
+    g = getattr(mod, "groups", 1)
+    a, c = w * broadcast_input(lo, w, g), w * broadcast_input(hi, w, g)
+    return torch.minimum(a, c).flatten(1).sum(1) + b, torch.maximum(a, c).flatten(1).sum(1) + b
 
 
 def _moment_layer(mod: nn.Module, d: Dist) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std of a conv/linear output with no BN after it, inputs taken as independent."""
     m, s = d.moments()
-    weight = mod.weight.detach()
-    bias = mod.bias.detach() if mod.bias is not None else torch.zeros(weight.shape[0])
-    if isinstance(mod, nn.Conv2d):
-        g = mod.groups
-        cg = weight.shape[1]
-        m_g = m.view(g, cg).repeat_interleave(weight.shape[0] // g, 0)
-        v_g = (s ** 2).view(g, cg).repeat_interleave(weight.shape[0] // g, 0)
-        mean = (weight.sum((2, 3)) * m_g).sum(1) + bias
-        var = ((weight ** 2).sum((2, 3)) * v_g).sum(1)
-    else:
-        mean = weight @ m + bias
-        var = (weight ** 2) @ (s ** 2)
+    w = mod.weight.detach()
+    bias = mod.bias.detach() if mod.bias is not None else torch.zeros(w.shape[0])
+    g = getattr(mod, "groups", 1)
+    if w.dim() == 2:
+        return w @ m + bias, ((w ** 2) @ (s ** 2)).sqrt()
+    mean = (w.sum((2, 3)) * broadcast_input(m, w, g)[:, :, 0, 0]).sum(1) + bias
+    var = ((w ** 2).sum((2, 3)) * broadcast_input(s ** 2, w, g)[:, :, 0, 0]).sum(1)
     return mean, var.sqrt()
 
 
