@@ -16,6 +16,23 @@ from .hooks import run_with_hooks
 from .qlayers import QuantLayer, fake_quant_input
 
 
+def reference_of(model: nn.Module, qmodel: nn.Module) -> nn.Module:
+    """The BN-folded float model to compare `qmodel` with: the one quantize() kept, else a new fold."""
+    report = getattr(qmodel, "spiq_report", None)
+    return report.prepared.folded if report is not None and report.prepared is not None else folded_copy(model)
+
+
+def _data_free_range(qmodel: nn.Module, layer: str, bits: int, per_channel: bool):
+    """The range the data-free law gives `layer` at `bits`, from quantize()'s memo when it has one."""
+    from .ranges import clip_range
+
+    report = qmodel.spiq_report
+    dist = report.propagation.inputs[layer]
+    if report.prepared is not None:
+        return report.prepared.data_free_range(layer, dist, bits, per_channel, report.config)
+    return clip_range(dist, bits, per_channel, report.config.clip_penalty)
+
+
 def sqnr_db(signal_energy: float, noise_energy: float) -> float:
     """20·log10(‖y‖/‖y − ŷ‖) from the two squared norms."""
     if noise_energy <= 0:
@@ -43,7 +60,7 @@ def layer_breakdown(model: nn.Module, qmodel: nn.Module, images: torch.Tensor, b
     `qmodel` is `quantize(model, config)`. Dynamic layers have no static range: their `clip`
     is +inf and `clipped` 0.
     """
-    reference = folded_copy(model)
+    reference = reference_of(model, qmodel)
     names = [n for n, m in qmodel.named_modules() if isinstance(m, QuantLayer)]
     energy = {n: torch.zeros(5, dtype=torch.float64) for n in names}   # y, clip, input, weight, both
     count = {n: [0, 0] for n in names}
@@ -108,11 +125,15 @@ class LayerSQNR:
 
 
 @torch.no_grad()
-def layer_sqnr(model: nn.Module, qmodel: nn.Module, images: torch.Tensor, batch: int = 8) -> list[LayerSQNR]:
-    """Output SQNR of every quantized layer, isolated and propagated, in network order."""
-    iso = {r.name: r.both for r in layer_breakdown(model, qmodel, images, batch)}
+def layer_sqnr(model: nn.Module, qmodel: nn.Module, images: torch.Tensor, batch: int = 8,
+               breakdown: list[LayerBreakdown] | None = None) -> list[LayerSQNR]:
+    """Output SQNR of every quantized layer, isolated and propagated, in network order.
+
+    `breakdown`: `layer_breakdown` of the same images, if already computed (it holds the isolated SQNR).
+    """
+    iso = {r.name: r.both for r in (breakdown or layer_breakdown(model, qmodel, images, batch))}
     names = list(iso)
-    prop = _output_energies(folded_copy(model), qmodel, names, images, batch)
+    prop = _output_energies(reference_of(model, qmodel), qmodel, names, images, batch)
     return [LayerSQNR(n, iso[n], sqnr_db(*prop[n])) for n in names]
 
 
@@ -137,7 +158,7 @@ class ChannelRanges:
 @torch.no_grad()
 def channel_ranges(model: nn.Module, qmodel: nn.Module, layer: str, images: torch.Tensor) -> ChannelRanges:
     """Per-channel vs per-tensor input ranges of `layer` and how the images fill them."""
-    from .ranges import clip_range, observe
+    from .ranges import observe
 
     report = qmodel.spiq_report
     if layer not in report.layers:
@@ -146,10 +167,9 @@ def channel_ranges(model: nn.Module, qmodel: nn.Module, layer: str, images: torc
     dist = report.propagation.inputs.get(layer) if report.propagation else None
     if dist is None:
         raise ValueError(f"{layer}: no data-free law (its producer could not be analysed)")
-    penalty = report.config.clip_penalty
-    per_c = clip_range(dist, bits, True, penalty)
-    per_t = clip_range(dist, bits, False, penalty)
-    obs = observe(folded_copy(model), [layer], images)[layer]
+    per_c = _data_free_range(qmodel, layer, bits, True)
+    per_t = _data_free_range(qmodel, layer, bits, False)
+    obs = observe(reference_of(model, qmodel), [layer], images)[layer]
     levels = 2 ** bits - 1
     step = (per_c.hi - per_c.lo) / levels
     t_step = float((per_t.hi - per_t.lo) / levels)
@@ -179,9 +199,9 @@ class FoldCost:
 def fold_cost(model: nn.Module, qmodel: nn.Module) -> list[FoldCost]:
     """For every layer with folded per-channel input scales: weight error added vs input error removed."""
     from .qlayers import fold_input_scale, quantize_weight
-    from .ranges import clip_range
 
-    reference = folded_copy(model)
+
+    reference = reference_of(model, qmodel)
     report = qmodel.spiq_report
     cfg = report.config
     out = []
@@ -199,6 +219,10 @@ def fold_cost(model: nn.Module, qmodel: nn.Module) -> list[FoldCost]:
             return sqnr_db(float((target ** 2).sum()), float(((codes * scale.view(shape) - target) ** 2).sum()))
 
         folded = fold_input_scale(w, q.input_quant.scale, getattr(q.layer, "groups", 1))
+        shape = (-1,) + (1,) * (w.dim() - 1) if q.weight_scale.dim() == 1 else ()
+        # the folded weights as quantize() left them: their codes are the layer's own
+        folded_sqnr = sqnr_db(float((folded ** 2).sum()),
+                              float(((q.weight_codes * q.weight_scale.view(shape) - folded) ** 2).sum()))
         dist = report.propagation.inputs[name]
         x, p = dist.samples()
         signal = float((x ** 2 * p).sum())
@@ -209,9 +233,9 @@ def fold_cost(model: nn.Module, qmodel: nn.Module) -> list[FoldCost]:
             xq = torch.clamp(torch.round((x - lo[:, None]) / step), 0, 2 ** lr.input_bits - 1) * step + lo[:, None]
             return sqnr_db(signal, float(((xq - x) ** 2 * p).sum()))
 
-        out.append(FoldCost(name, wsqnr(w), wsqnr(folded),
-                            isqnr(clip_range(dist, lr.input_bits, False, cfg.clip_penalty)),
-                            isqnr(clip_range(dist, lr.input_bits, True, cfg.clip_penalty))))
+        out.append(FoldCost(name, wsqnr(w), folded_sqnr,
+                            isqnr(_data_free_range(qmodel, name, lr.input_bits, False)),
+                            isqnr(_data_free_range(qmodel, name, lr.input_bits, True))))
     return out
 
 
@@ -258,7 +282,7 @@ def error_maps(model: nn.Module, qmodel: nn.Module, x: torch.Tensor, layers: lis
     from torch.nn import functional as F
 
     x = x.unsqueeze(0) if x.dim() == 3 else x
-    reference = folded_copy(model)
+    reference = reference_of(model, qmodel)
     convs = [n for n, m in qmodel.named_modules() if isinstance(m, QuantLayer) and isinstance(m.layer, nn.Conv2d)]
     layers = layers or convs
     unknown = [n for n in layers if n not in convs]

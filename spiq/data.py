@@ -71,8 +71,8 @@ def open_image(source) -> Image.Image:
         raise
     except Image.DecompressionBombError as exc:
         raise ImageError(f"image is too large to decode safely (limit {MAX_PIXELS / 1e6:.0f} Mpx): {exc}") from None
-    except UnidentifiedImageError as exc:
-        raise ImageError(f"not a readable image: {exc}") from None
+    except UnidentifiedImageError:
+        raise ImageError("not an image in any format Pillow reads (JPEG, PNG, WebP, GIF, BMP, TIFF...)") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"corrupt or truncated image: {exc}") from None
     return to_rgb(img)
@@ -96,6 +96,11 @@ class Preprocess:
         img = F.center_crop(img, self.crop)
         x = F.pil_to_tensor(img).float().div_(255.0)
         return F.normalize(x, self.mean, self.std)
+
+    def to_image(self, x: torch.Tensor) -> np.ndarray:
+        """The picture a preprocessed tensor (3, H, W) shows, as (H, W, 3) uint8: what the model sees."""
+        mean, std = torch.tensor(self.mean).view(3, 1, 1), torch.tensor(self.std).view(3, 1, 1)
+        return (x.detach() * std + mean).clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()
 
     def input_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel (lo, hi) that a normalised pixel can take: the first layer's data-free range."""

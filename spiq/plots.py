@@ -109,3 +109,48 @@ def predictions(cmp) -> go.Figure:
     fig.update_layout(showlegend=False, title=f"Top-5 (logit SQNR {cmp.logit_sqnr:.1f} dB)")
     fig.update_xaxes(range=[0, 1], title_text="probability")
     return fig
+
+
+GOOD = "#54a24b"
+
+
+def methods(rows, float_top1: str, config) -> go.Figure:
+    """Every method at the same bits on one image: logit SQNR, green where top-1 matches the float model."""
+    fig = go.Figure(go.Bar(
+        x=[r["method"] for r in rows], y=[r["logit_sqnr"] for r in rows],
+        marker_color=[GOOD if r["agrees"] else BAD for r in rows],
+        text=[f'{r["top1"]} ({r["prob"]:.0%})' for r in rows], textposition="outside", cliponaxis=False))
+    fig.update_layout(title=f"All methods at W{config.weight_bits}A{config.input_bits} on this image "
+                            f"(float top-1: {float_top1}; red: top-1 flipped)",
+                      yaxis_title="logit SQNR (dB, higher is better)", showlegend=False)
+    return fig
+
+
+def story(picture, panels, config) -> go.Figure:
+    """Float vs SPIQ vs per-tensor on one screen: where the logit error sits, and the top-5 of each.
+
+    `panels`: [(method, Comparison, logit error map)] for SPIQ and per-tensor static.
+    """
+    names = {"spiq": "SPIQ (per-channel, data-free)", "static-tensor": "per-tensor static (BN)"}
+    titles = ["float: what the model sees"] + [
+        f"{names.get(m, m)}: {c.logit_sqnr:.1f} dB" + (" — FLIPPED" if c.flipped else "") for m, c, _ in panels]
+    fig = make_subplots(rows=2, cols=3, subplot_titles=titles + ["float top-5"] + [f"{names.get(m, m)} top-5"
+                                                                                 for m, _, _ in panels],
+                        vertical_spacing=0.12, horizontal_spacing=0.08, row_heights=[0.6, 0.4])
+    fig.add_trace(go.Image(z=np.asarray(picture)), row=1, col=1)
+    zmax = max(float(e.max()) for _, _, e in panels) or 1.0
+    for col, (_, _, emap) in enumerate(panels, 2):
+        fig.add_trace(go.Image(z=np.asarray(picture), opacity=0.5), row=1, col=col)
+        fig.add_trace(go.Heatmap(z=emap.numpy(), colorscale="Inferno", zmin=0, zmax=zmax, opacity=0.6,
+                                 showscale=col == 3, colorbar=dict(title="logit error", len=0.55, y=0.75)),
+                      row=1, col=col)
+    bars = [(panels[0][1].float, FLOAT)] + [(c.quant, BAD if c.flipped else QUANT) for _, c, _ in panels]
+    for col, (p, color) in enumerate(bars, 1):
+        fig.add_trace(go.Bar(x=p.probs[::-1], y=p.classes[::-1], orientation="h", marker_color=color), row=2, col=col)
+        fig.update_xaxes(range=[0, 1], row=2, col=col)
+    for col in (1, 2, 3):
+        fig.update_xaxes(visible=False, row=1, col=col)
+        fig.update_yaxes(visible=False, autorange="reversed", row=1, col=col)
+    fig.update_layout(title=f"W{config.weight_bits}A{config.input_bits}: float vs SPIQ vs per-tensor on this image",
+                      showlegend=False, height=640)
+    return fig

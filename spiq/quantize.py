@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -13,10 +14,12 @@ from .fold import fold_batchnorm
 from .graph import QUANTIZABLE, analyse
 from .qlayers import InputQuant, QuantLayer, input_scale_zero, make_weights
 from .ranges import (Dist, Propagation, Range, broadcast_input, calibrated_range, clip_range, expected_value, observe, propagate,
-                     quantized_samples, sigma_range)
+                     quantized_samples, sigma_range, sorted_samples)
 
 # ImageNet normalisation: the assumption when a model comes without its preprocessing.
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# About four whole-model weight sets of a mobile network: enough to flip between a few configs.
+_MAX_WEIGHT_PLANS = 200
 
 
 @dataclass
@@ -36,6 +39,70 @@ class QuantReport:
     layers: dict[str, LayerReport] = field(default_factory=dict)
     fallbacks: dict[str, str] = field(default_factory=dict)
     propagation: Propagation | None = None
+    # What the model was quantized from: its BN-folded float copy (the reference every analysis
+    # compares with) and the data-free ranges searched so far. Shared and read-only.
+    prepared: "Prepared | None" = field(default=None, repr=False)
+
+
+@dataclass
+class Prepared:
+    """What quantize() derives from the float model alone, reusable across configs.
+
+    The BN-folded copy, its data-free input laws (which depend only on the tail settings) and the
+    ranges chosen from them so far. Re-quantizing with other bits or methods then skips the
+    folding, the graph analysis and every range already searched. Shared read-only.
+    """
+    source: nn.Module
+    folded: nn.Module
+    propagation: Propagation
+    bounds_from: str
+    tails: tuple[str, str, str]
+    ranges: dict = field(default_factory=dict, repr=False)
+    weights: OrderedDict = field(default_factory=OrderedDict, repr=False)   # bounded: they are big
+
+    def cached_weights(self, key, make):
+        """Quantized weights of one layer for one setting, made once (methods share unfolded weights)."""
+        if key not in self.weights:
+            self.weights[key] = make()
+            while len(self.weights) > _MAX_WEIGHT_PLANS:
+                self.weights.popitem(last=False)
+        self.weights.move_to_end(key)
+        return self.weights[key]
+
+    def data_free_range(self, name: str, dist: Dist, bits: int, per_channel: bool, config: QuantConfig,
+                        sums=None) -> Range:
+        rule = (config.range_rule, config.clip_penalty if config.range_rule == "mse" else config.n_sigma)
+        key = (name, bits, per_channel, rule)
+        if key not in self.ranges:
+            self.ranges[key] = (clip_range(dist, bits, per_channel, config.clip_penalty, sums) if rule[0] == "mse"
+                                else sigma_range(dist, config.n_sigma, per_channel))
+        return self.ranges[key]
+
+    def warm(self, config: QuantConfig, bits=range(2, 17)) -> None:
+        """Search every layer's data-free ranges at these bit widths now, so quantize() finds them."""
+        for name, dist in self.propagation.inputs.items():
+            sums = sorted_samples(dist) if config.range_rule == "mse" and not dist.use_bounds else None
+            for b in bits:
+                for per_channel in (True, False):
+                    self.data_free_range(name, dist, b, per_channel, config, sums)
+
+
+def _tails(config: QuantConfig) -> tuple[str, str, str]:
+    return config.tail, config.tail_depthwise, config.tail_sum
+
+
+@torch.no_grad()
+def prepare(model: nn.Module, config: QuantConfig | None = None) -> Prepared:
+    """Fold BN into a copy of `model` and derive its data-free input laws (for `config`'s tails)."""
+    config = config or QuantConfig()
+    folded = copy.deepcopy(model).eval()
+    bn_stats = fold_batchnorm(folded, analyse(folded))
+    lo, hi, bounds_from = input_bounds_of(model)
+    prop = propagate(analyse(folded), bn_stats, lo, hi, tail=config.tail, tail_depthwise=config.tail_depthwise,
+                     tail_sum=config.tail_sum)
+    for p in folded.parameters():
+        p.requires_grad_(False)
+    return Prepared(model, folded, prop, bounds_from, _tails(config))
 
 
 def quantizable_layers(model: nn.Module) -> list[str]:
@@ -70,7 +137,7 @@ def _output_mean(layer: nn.Module, weight: torch.Tensor, x_mean: torch.Tensor) -
 
 
 def _plan(layer: nn.Module, rng: Range | None, input_bits: int, input_per_channel: bool, weight_bits: int,
-          weight_per_channel: bool, config: QuantConfig):
+          weight_per_channel: bool, config: QuantConfig, memo: Callable | None = None):
     """Input quantizer and weights of one layer: (InputQuant, weight codes, weight scale, float weight)."""
     if rng is not None:
         scale, zero = input_scale_zero(rng, input_bits)
@@ -78,8 +145,10 @@ def _plan(layer: nn.Module, rng: Range | None, input_bits: int, input_per_channe
     else:
         inq = InputQuant("dynamic", input_bits, input_per_channel)
     fold = inq.scale if inq.mode == "static" and inq.per_channel else None
-    codes, w_scale, w_sim = make_weights(layer, weight_bits, weight_per_channel, config.weight_clip, fold,
-                                         config.weight_rounding)
+    def make():
+        return make_weights(layer, weight_bits, weight_per_channel, config.weight_clip, fold, config.weight_rounding)
+
+    codes, w_scale, w_sim = memo(make) if memo is not None else make()
     return inq, codes, w_scale, w_sim
 
 
@@ -104,10 +173,11 @@ def _expected_output_error(layer: nn.Module, w_float: torch.Tensor, w_sim: torch
 
 @torch.no_grad()
 def quantize(model: nn.Module, config: QuantConfig, calib_data: torch.Tensor | None = None,
-             progress: Callable[[float, str], None] | None = None) -> nn.Module:
+             progress: Callable[[float, str], None] | None = None, prepared: Prepared | None = None) -> nn.Module:
     """Return a quantized copy of `model` (eval mode); `model` itself is left as it was.
 
-    `calib_data` (N, 3, H, W) preprocessed images are needed only by the calib-* methods. The
+    `calib_data` (N, 3, H, W) preprocessed images are needed only by the calib-* methods.
+    `prepared` is `prepare(model, config)` kept from an earlier call, to re-quantize fast. The
     returned model carries `spiq_report` (a QuantReport) and `spiq_config`.
     """
     if not isinstance(config, QuantConfig):
@@ -117,17 +187,16 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data: torch.Tensor | N
     settings = {n: config.for_layer(n) for n in names}
     if any(s.method in CALIBRATED and not s.skip for s in settings.values()) and calib_data is None:
         raise ConfigError(f"method {config.method!r} needs calibration images (calib_data)")
+    if prepared is not None and prepared.source is not model:
+        raise ValueError("`prepared` was made from another model")
+    if prepared is None or prepared.tails != _tails(config):
+        prepared = prepare(model, config)
 
-    q = copy.deepcopy(model).eval()
-    graph = analyse(q)
-    bn_stats = fold_batchnorm(q, graph)
-    graph = analyse(q)
-    lo, hi, bounds_from = input_bounds_of(model)
-    prop = propagate(graph, bn_stats, lo, hi, tail=config.tail, tail_depthwise=config.tail_depthwise,
-                     tail_sum=config.tail_sum)
-    report = QuantReport(config, fallbacks=dict(prop.fallbacks), propagation=prop)
-    if bounds_from != "preprocess":
-        report.fallbacks["<input>"] = bounds_from
+    q = copy.deepcopy(prepared.folded)
+    prop = prepared.propagation
+    report = QuantReport(config, fallbacks=dict(prop.fallbacks), propagation=prop, prepared=prepared)
+    if prepared.bounds_from != "preprocess":
+        report.fallbacks["<input>"] = prepared.bounds_from
 
     calib_layers = [n for n, s in settings.items() if s.method in CALIBRATED and not s.skip]
     observed = observe(q, calib_layers, calib_data[: config.calib_images]) if calib_layers else {}
@@ -142,20 +211,33 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data: torch.Tensor | N
         dist = prop.inputs.get(name) or _fallback_dist(_in_channels(layer), config.tail)
         rng: Range | None = None
         if s.method in DATA_FREE:
-            rng = (clip_range(dist, s.input_bits, s.input_per_channel, config.clip_penalty)
-                   if config.range_rule == "mse" else sigma_range(dist, config.n_sigma, s.input_per_channel))
+            rng = (prepared.data_free_range(name, dist, s.input_bits, s.input_per_channel, config)
+                   if name in prop.inputs else
+                   clip_range(dist, s.input_bits, s.input_per_channel, config.clip_penalty) if config.range_rule == "mse"
+                   else sigma_range(dist, config.n_sigma, s.input_per_channel))
         elif s.method in CALIBRATED:
             rule = s.method.split("-", 1)[1]
             rng = calibrated_range(observed[name], rule, s.input_bits, s.input_per_channel, config.percentile)
         w_float = layer.weight.detach().clone()
+
+        def memo(rng, per_channel, name=name, s=s):
+            folds = rng is not None and per_channel
+            if folds and not (s.method in DATA_FREE and name in prop.inputs):
+                return None  # scales from calibration images: not worth keeping
+            key = (name, s.weight_bits, s.weight_per_channel, config.weight_clip, config.weight_rounding,
+                   (s.input_bits, config.range_rule, config.clip_penalty, config.n_sigma) if folds else None)
+            return lambda make: prepared.cached_weights(key, make)
+
         inq, codes, w_scale, w_sim = _plan(layer, rng, s.input_bits, s.input_per_channel, s.weight_bits,
-                                           s.weight_per_channel, config)
+                                           s.weight_per_channel, config, memo(rng, s.input_per_channel))
         if s.method == "spiq" and inq.per_channel and config.fold == "auto":
             # Per-channel input scales cost weight precision once folded. Where the data-free law says
             # the input gain is smaller than that cost (high input bits, low weight bits), one range
             # per tensor is the better static quantizer for this layer.
-            rng_t = clip_range(dist, s.input_bits, False, config.clip_penalty)
-            alt = _plan(layer, rng_t, s.input_bits, False, s.weight_bits, s.weight_per_channel, config)
+            rng_t = (prepared.data_free_range(name, dist, s.input_bits, False, config) if name in prop.inputs
+                     else clip_range(dist, s.input_bits, False, config.clip_penalty))
+            alt = _plan(layer, rng_t, s.input_bits, False, s.weight_bits, s.weight_per_channel, config,
+                        memo(rng_t, False))
             if _expected_output_error(layer, w_float, alt[3], dist, rng_t, s.input_bits) < \
                     _expected_output_error(layer, w_float, w_sim, dist, rng, s.input_bits):
                 rng, (inq, codes, w_scale, w_sim) = rng_t, alt

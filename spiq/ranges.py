@@ -269,7 +269,10 @@ class _SortedSamples:
         return [c.gather(1, i) for c in self.c]
 
     def error(self, lo, hi, levels, clip_penalty):
-        """E[(q(x) - x)^2] for grids [lo, hi] (C, n): clipping on both sides plus rounding inside."""
+        """E[(q(x) - x)^2] for grids [lo, hi]: clipping on both sides plus rounding inside.
+
+        lo and hi are (C, n) or (C, 1): the side held fixed during a search is looked up once.
+        """
         lo, hi = lo.double().contiguous(), hi.double().contiguous()
         tot = [c[:, -1:] for c in self.c]
         b0, b1, b2 = self._below(lo, right=False)            # x < lo
@@ -277,18 +280,27 @@ class _SortedSamples:
         lower = b2 - 2 * lo * b1 + lo ** 2 * b0
         upper = a2 - 2 * hi * a1 + hi ** 2 * a0
         # Values exactly on the grid's ends (ReLU zeros, ReLU6 caps) are represented without error.
-        inside = self._below(hi, right=False)[0] - self._below(lo, right=True)[0]
+        inside = self._count_below(hi, right=False) - self._count_below(lo, right=True)
         step = (hi - lo) / levels
         return clip_penalty * (lower + upper) + inside * step ** 2 / 12
 
+    def _count_below(self, t, right):
+        return self.c[0].gather(1, torch.searchsorted(self.xs, t, right=right))
 
-def clip_range(d: Dist, bits: int, per_channel: bool, clip_penalty: float = 1.0) -> Range:
+
+def sorted_samples(d: Dist) -> _SortedSamples:
+    """The law's prefix sums: half the cost of a range search, the same for every bit width."""
+    return _SortedSamples(*d.samples())
+
+
+def clip_range(d: Dist, bits: int, per_channel: bool, clip_penalty: float = 1.0,
+               sums: _SortedSamples | None = None) -> Range:
     """The range minimising the expected quantization error of `d` at `bits` (per channel or tensor)."""
     if d.use_bounds:
         lo, hi = d.lo.clamp_max(0), d.hi.clamp_min(0)
         return Range(lo, hi) if per_channel else Range(lo.min(), hi.max())
     x, w = d.samples()
-    return clip_samples(x, w, bits, per_channel, clip_penalty)
+    return clip_samples(x, w, bits, per_channel, clip_penalty, sums=sums)
 
 
 def sigma_range(d: Dist, n: float, per_channel: bool) -> Range:
@@ -308,22 +320,25 @@ def sigma_range(d: Dist, n: float, per_channel: bool) -> Range:
 
 
 def clip_samples(x: torch.Tensor, w: torch.Tensor, bits: int, per_channel: bool,
-                 clip_penalty: float = 1.0, n_candidates: int = 96) -> Range:
-    """Range search over weighted samples x (C, K), weights w (K,)."""
+                 clip_penalty: float = 1.0, n_candidates: int = 96, sums: _SortedSamples | None = None) -> Range:
+    """Range search over weighted samples x (C, K), weights w (K,) (`sums`: their prefix sums, if known)."""
     levels = 2 ** bits - 1
     x_lo = x.min(1).values.clamp_max(0)
     x_hi = x.max(1).values.clamp_min(0)
     r = torch.logspace(-2.5, 0, n_candidates)
-    sums = _SortedSamples(x, w)
+    sums = sums or _SortedSamples(x, w)
     if not per_channel:
         x_lo, x_hi = x_lo.min().expand(1), x_hi.max().expand(1)
     lo, hi = x_lo.clone(), x_hi.clone()
-    for _ in range(2):  # coordinate descent: the two tails barely interact
+    one_sided = bool((x_lo == 0).all())
+    for rnd in range(2):  # coordinate descent: the two tails barely interact
+        if rnd and one_sided:
+            break  # lo never moves, so a second pass would repeat the first
         for side in ("hi", "lo"):
-            if side == "lo" and bool((x_lo == 0).all()):
+            if side == "lo" and one_sided:
                 continue
             cand = (x_hi if side == "hi" else x_lo)[:, None] * r[None, :]
-            other = (lo if side == "hi" else hi)[:, None].expand_as(cand)
+            other = (lo if side == "hi" else hi)[:, None]
             c_lo, c_hi = (other, cand) if side == "hi" else (cand, other)
             if per_channel:
                 err = sums.error(c_lo, c_hi, levels, clip_penalty)

@@ -1,0 +1,335 @@
+"""SPIQ Explorer, the Gradio app: layout and wiring only. Every number and figure comes from `spiq.views`.
+
+Run `python app.py` (offline, with the embedded EfficientNet-Lite0); the same file is the entry
+point of the Hugging Face Space.
+"""
+from __future__ import annotations
+
+import base64
+import functools
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+import gradio as gr
+
+from spiq import views
+from spiq.cache import ModelCache
+from spiq.config import METHODS, ConfigError, QuantConfig
+from spiq.data import ImageError, open_image
+from spiq.quantize import quantizable_layers
+from spiq.registry import ModelUnavailableError, availability, list_models
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+DEFAULT_MODEL = "efficientnet_lite0"
+# the cat first: at 4-bit inputs its top-1 flips under some methods and not others
+EXAMPLES = [str(ASSETS / f) for f in ("cat.jpg", "coffee.jpg", "rocket.jpg", "astronaut.jpg", "camera.jpg")]
+MAX_RECIPE_BYTES = 1_000_000
+MAX_UPLOAD = "25mb"   # a photo; spiq.data.open_image also refuses > 40 Mpx, whatever the file size
+ATTRIBUTIONS = ["grad-cam", "integrated-gradients"]
+
+CACHE = ModelCache(max_quantized=int(os.environ.get("SPIQ_CACHE_SIZE", "12")), calib_dir=ASSETS)
+
+
+class SafeImage(gr.Image):
+    """An image input decoded by spiq's own safe decoder, so a bad upload is a clear message."""
+
+    def get_block_name(self) -> str:
+        return "image"  # the browser side is Gradio's own image component
+
+    def preprocess(self, payload):
+        if payload is None:
+            return None
+        try:
+            if payload.url and payload.url.startswith("data:"):
+                return open_image(base64.b64decode(payload.url.split(",", 1)[1]))
+            return open_image(payload.path)
+        except ImageError as exc:
+            raise gr.Error(f"This image cannot be used: {exc}", title="Bad image") from None
+
+
+def user_errors(fn):
+    """Errors a user can cause become a gr.Error with the library's message; the session stays usable."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ConfigError, ImageError, ModelUnavailableError, KeyError, ValueError) as exc:
+            msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+            raise gr.Error(str(msg)) from None
+    return wrapper
+
+
+def _need_image(image):
+    if image is None:
+        raise gr.Error("Pick an example or upload an image first.")
+    return image
+
+
+def _progress(progress: gr.Progress):
+    return lambda fraction, message: progress(fraction, desc=message)
+
+
+# --- handlers -----------------------------------------------------------------------------------
+
+def model_choices():
+    out = []
+    for name in list_models():
+        problem = availability(name)
+        out.append((name if problem is None else f"{name} (unavailable offline)", name))
+    return out
+
+
+def unavailable_note() -> str:
+    lines = [f"- `{n}`: {p}" for n in list_models() if (p := availability(n)) is not None]
+    return "\n".join(lines) if lines else "Every registered model is available."
+
+
+def _controls(config: QuantConfig):
+    return (config.method, config.weight_bits, config.input_bits, config.weight_granularity,
+            config.input_granularity or "method default")
+
+
+def _config_from_controls(applied: str, method, wbits, abits, wgran, igran, rows) -> QuantConfig:
+    previous = QuantConfig.from_json(applied)
+    # Table rows show what the applied config gave each layer: rows that differ are the user's edits.
+    edits = views.config_from_rows(previous, rows).overrides if rows else previous.overrides
+    return QuantConfig(method=method, weight_bits=int(wbits), input_bits=int(abits), weight_granularity=wgran,
+                       input_granularity=None if igran == "method default" else igran,
+                       overrides={n: o for n, o in edits.items()})
+
+
+@user_errors
+def select_model(name, applied_model, progress=gr.Progress()):
+    problem = availability(name)
+    if problem is not None:
+        gr.Warning(f"{name} cannot be used here: {problem}")
+        return applied_model, applied_model, gr.update(), gr.update(), gr.update()
+    progress(0.1, desc=f"loading {name}")
+    loaded = CACHE.load(name)
+    config = QuantConfig()
+    return (name, gr.update(), views.layer_rows(loaded.model, config), config.to_json(),
+            f"Loaded **{name}**. Press Apply to quantize it.")
+
+
+@user_errors
+def apply(model_name, applied, method, wbits, abits, wgran, igran, rows, image, progress=gr.Progress()):
+    config = _config_from_controls(applied, method, wbits, abits, wgran, igran, rows)
+    loaded = CACHE.load(model_name)
+    progress(0, desc="quantizing")
+    CACHE.quantized(model_name, config, _progress(progress))
+    note = f"Applied `{config.to_json()}`"
+    fig, text = (None, "Pick an example or upload an image.")
+    if image is not None:
+        sc = views.scene(CACHE, model_name, config, image)
+        fig, text = views.predictions(CACHE, sc)
+    return (config.to_json(), views.layer_rows(loaded.model, config), config.to_json(indent=2), _recipe_file(config),
+            note, fig, text)
+
+
+@user_errors
+def predict(model_name, applied, image):
+    if image is None:
+        return None, "Pick an example or upload an image."
+    sc = views.scene(CACHE, model_name, QuantConfig.from_json(applied), image)
+    return views.predictions(CACHE, sc)
+
+
+@user_errors
+def refresh(model_name, applied, image, range_layer, map_layer, channel, attr_method, progress=gr.Progress()):
+    """Every analysis view for the current image and recipe."""
+    if image is None:  # a cleared image: keep the last views
+        return [gr.update()] * 13
+    config = QuantConfig.from_json(applied)
+    progress(0.0, desc="quantizing")
+    sc = views.scene(CACHE, model_name, config, image)
+    ranges_layers, map_layers = sc.range_layers, ["logits", *sc.conv_layers]
+    range_layer = range_layer if range_layer in ranges_layers else _default_range_layer(ranges_layers)
+    map_layer = map_layer if map_layer in map_layers else "logits"
+    progress(0.1, desc="story")
+    story = views.story(CACHE, model_name, config, image)
+    progress(0.2, desc="channel ranges")
+    ranges = views.channel_ranges(CACHE, sc, range_layer) if range_layer else None
+    progress(0.3, desc="layer error")
+    sqnr, breakdown, fold, table = views.layer_error(CACHE, sc)
+    progress(0.5, desc="error map")
+    emap = views.error_map(CACHE, sc, map_layer, _channel(channel))
+    progress(0.6, desc="attribution")
+    attr = views.attribution(CACHE, sc, attr_method)
+    progress(0.8, desc="all methods")
+    mfig, mrows = views.methods(CACHE, model_name, config, image)
+    return (story, gr.update(choices=ranges_layers, value=range_layer), ranges, sqnr, breakdown, fold, table,
+            gr.update(choices=map_layers, value=map_layer), emap, attr, mfig, views.methods_table(mrows),
+            f"Views show `{config.to_json()}` on `{model_name}`.")
+
+
+def _default_range_layer(layers):
+    # a wide pointwise projection in the middle of the network shows the per-channel spread best
+    return "blocks.5.0.conv_pwl" if "blocks.5.0.conv_pwl" in layers else (layers[len(layers) // 2] if layers else None)
+
+
+def _channel(channel):
+    if channel is None or channel == "":
+        return None
+    if float(channel) != int(channel):
+        raise ValueError(f"channel must be a whole number, got {channel}")
+    return int(channel)
+
+
+@user_errors
+def show_ranges(model_name, applied, image, layer):
+    sc = views.scene(CACHE, model_name, QuantConfig.from_json(applied), _need_image(image))
+    return views.channel_ranges(CACHE, sc, layer)
+
+
+@user_errors
+def show_error_map(model_name, applied, image, layer, channel):
+    sc = views.scene(CACHE, model_name, QuantConfig.from_json(applied), _need_image(image))
+    return views.error_map(CACHE, sc, layer, _channel(channel) if layer != "logits" else None)
+
+
+@user_errors
+def show_attribution(model_name, applied, image, method, progress=gr.Progress()):
+    progress(0.1, desc=f"{method} on both models")
+    sc = views.scene(CACHE, model_name, QuantConfig.from_json(applied), _need_image(image))
+    return views.attribution(CACHE, sc, method)
+
+
+def _recipe_file(config: QuantConfig) -> str:
+    path = Path(tempfile.mkdtemp(prefix="spiq-recipe-")) / "spiq_recipe.json"
+    path.write_text(config.to_json(indent=2) + "\n")
+    return str(path)
+
+
+@user_errors
+def load_recipe(file, model_name):
+    if file is None:
+        raise gr.Error("Choose a recipe JSON file first.")
+    path = Path(file)
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise ConfigError(f"a recipe is a small JSON file; this one has {path.stat().st_size} bytes")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError("the recipe is not a UTF-8 text file") from None
+    config = QuantConfig.from_json(text)
+    loaded = CACHE.load(model_name)
+    config.check_layers(quantizable_layers(loaded.model))
+    return (*_controls(config), views.layer_rows(loaded.model, config), config.to_json())
+
+
+def warm_up():
+    """Load the default model and search its data-free ranges in the background after start."""
+    CACHE.warm(DEFAULT_MODEL)
+
+
+# --- layout -------------------------------------------------------------------------------------
+
+INTRO = """# SPIQ Explorer
+Post-training quantization of an ImageNet classifier, live: **SPIQ** (Yvinec et al., WACV 2023) quantizes
+each conv/linear input *per input channel* with ranges derived from BatchNorm statistics (no data) and folds
+the per-channel scales into the weights. Compare it with per-tensor, calibrated and dynamic ranges, and see
+*why* a setting works: channel ranges, per-layer error, error maps, attribution drift."""
+
+
+def build() -> gr.Blocks:
+    default = QuantConfig()
+    loaded = CACHE.load(DEFAULT_MODEL)
+    with gr.Blocks(title="SPIQ Explorer") as demo:
+        applied = gr.State(default.to_json())          # this user's recipe, as last applied
+        applied_model = gr.State(DEFAULT_MODEL)
+        gr.Markdown(INTRO)
+        with gr.Row():
+            with gr.Column(scale=2):
+                model = gr.Dropdown(model_choices(), value=DEFAULT_MODEL, label="Model", elem_id="model")
+                with gr.Accordion("Models not available here, and why", open=False):
+                    gr.Markdown(unavailable_note())
+                method = gr.Dropdown(list(METHODS), value=default.method, label="Method", elem_id="method",
+                                     info="spiq: data-free per-channel static; calib-*: calibrated on the example images")
+                with gr.Row():
+                    wbits = gr.Slider(2, 16, value=default.weight_bits, step=1, label="Weight bits", elem_id="wbits")
+                    abits = gr.Slider(2, 16, value=default.input_bits, step=1, label="Input bits", elem_id="abits")
+                with gr.Row():
+                    wgran = gr.Radio(["channel", "tensor"], value="channel", label="Weight granularity")
+                    igran = gr.Radio(["method default", "channel", "tensor"], value="method default",
+                                     label="Input granularity")
+                apply_btn = gr.Button("Apply", variant="primary", elem_id="apply")
+                status = gr.Markdown(elem_id="status")
+            with gr.Column(scale=3):
+                image = SafeImage(value=EXAMPLES[0] if EXAMPLES else None, type="pil", image_mode=None,
+                                  sources=["upload", "webcam", "clipboard"], label="Image", height=300,
+                                  elem_id="image")
+                gr.Examples(EXAMPLES, inputs=image, label="Examples (freely licensed, see assets/LICENSES.md)")
+        with gr.Accordion("Per-layer settings (edit, then Apply)", open=False):
+            table = gr.Dataframe(views.layer_rows(loaded.model, default), headers=views.LAYER_TABLE_HEADERS,
+                                 datatype=["str", "str", "number", "str", "number", "number", "str", "bool"],
+                                 type="array", interactive=True, static_columns=[0, 1, 2], elem_id="layer-table")
+        views_note = gr.Markdown(elem_id="views-note")
+        with gr.Tabs():
+            with gr.Tab("Predictions", id="predictions"):
+                pred_text = gr.Markdown(elem_id="pred-text")
+                pred_plot = gr.Plot(label="Top-5, float vs quantized", elem_id="pred-plot")
+            with gr.Tab("Story", id="story"):
+                gr.Markdown("Float vs SPIQ vs per-tensor static at the applied bits, on one screen.")
+                story_plot = gr.Plot(label="Story", elem_id="story-plot")
+            with gr.Tab("Channel ranges", id="ranges"):
+                range_layer = gr.Dropdown([], label="Layer", elem_id="range-layer")
+                ranges_plot = gr.Plot(label="Channel ranges", elem_id="ranges-plot")
+            with gr.Tab("Layer error", id="layer-error"):
+                sqnr_plot = gr.Plot(label="SQNR per layer", elem_id="sqnr-plot")
+                breakdown_plot = gr.Plot(label="Error sources", elem_id="breakdown-plot")
+                fold_plot = gr.Plot(label="Fold cost (SPIQ layers)", elem_id="fold-plot")
+                error_table = gr.Dataframe(headers=views.LAYER_ERROR_HEADERS, type="array", interactive=False)
+            with gr.Tab("Error map", id="error-map"):
+                with gr.Row():
+                    map_layer = gr.Dropdown(["logits"], value="logits", label="Layer", elem_id="map-layer")
+                    channel = gr.Number(None, precision=0, label="Channel (empty: mean over channels)")
+                emap_plot = gr.Plot(label="Error map", elem_id="emap-plot")
+            with gr.Tab("Attribution", id="attribution"):
+                attr_method = gr.Radio(ATTRIBUTIONS, value="grad-cam", label="Attribution (captum)")
+                attr_plot = gr.Plot(label="Attribution drift", elem_id="attr-plot")
+            with gr.Tab("Methods", id="methods"):
+                methods_plot = gr.Plot(label="All methods on this image", elem_id="methods-plot")
+                methods_table = gr.Dataframe(headers=views.METHODS_HEADERS, type="array", interactive=False)
+            with gr.Tab("Recipe", id="recipe"):
+                recipe = gr.Code(default.to_json(indent=2), language="json", label="Applied recipe", interactive=False)
+                with gr.Row():
+                    download = gr.DownloadButton("Download recipe JSON", value=_recipe_file(default),
+                                                 elem_id="download-recipe")
+                    upload = gr.File(file_types=[".json"], type="filepath", label="Upload a recipe JSON")
+
+        views_out = [story_plot, range_layer, ranges_plot, sqnr_plot, breakdown_plot, fold_plot, error_table,
+                     map_layer, emap_plot, attr_plot, methods_plot, methods_table, views_note]
+        refresh_in = [applied_model, applied, image, range_layer, map_layer, channel, attr_method]
+
+        model.change(select_model, [model, applied_model], [applied_model, model, table, applied, status],
+                     api_name="select_model")
+        apply_btn.click(apply, [applied_model, applied, method, wbits, abits, wgran, igran, table, image],
+                        [applied, table, recipe, download, status, pred_plot, pred_text], api_name="apply"
+                        ).success(refresh, refresh_in, views_out, api_name="refresh")
+        image.change(predict, [applied_model, applied, image], [pred_plot, pred_text], api_name="predict"
+                     ).success(refresh, refresh_in, views_out, api_name=False)
+        range_layer.input(show_ranges, [applied_model, applied, image, range_layer], ranges_plot, api_name="ranges")
+        map_layer.input(show_error_map, [applied_model, applied, image, map_layer, channel], emap_plot,
+                        api_name="error_map")
+        channel.submit(show_error_map, [applied_model, applied, image, map_layer, channel], emap_plot, api_name=False)
+        attr_method.input(show_attribution, [applied_model, applied, image, attr_method], attr_plot,
+                          api_name="attribution")
+        # An uploaded recipe replaces the controls and the table, then is applied like a click on Apply.
+        upload.upload(load_recipe, [upload, applied_model], [method, wbits, abits, wgran, igran, table, applied],
+                      api_name="load_recipe"
+                      ).success(apply, [applied_model, applied, method, wbits, abits, wgran, igran, table, image],
+                                [applied, table, recipe, download, status, pred_plot, pred_text], api_name=False
+                                ).success(refresh, refresh_in, views_out, api_name=False)
+        demo.load(predict, [applied_model, applied, image], [pred_plot, pred_text], api_name=False
+                  ).success(refresh, refresh_in, views_out, api_name=False)
+    return demo
+
+
+demo = build()
+
+if __name__ == "__main__":
+    threading.Thread(target=warm_up, daemon=True).start()
+    demo.queue(default_concurrency_limit=4).launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                                                   max_file_size=MAX_UPLOAD)

@@ -1,0 +1,123 @@
+"""Models kept in memory for many users at once: each float model loaded once and shared read-only,
+its prepared data-free analysis, and a bounded LRU of quantized copies keyed by (model, config).
+
+Every computation that runs a shared model holds `ModelCache.lock`: the analyses attach forward
+hooks for a moment, and a hook left on a shared module by one user would see another user's
+activations. On a 2-core machine nothing is lost by running one computation at a time.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .config import CALIBRATED, QuantConfig
+from .data import IMAGE_EXTENSIONS, Preprocess, load_batch
+from .quantize import Prepared, prepare, quantize
+from .registry import load_model
+
+
+@dataclass(frozen=True)
+class Loaded:
+    name: str
+    model: nn.Module
+    preprocess: Preprocess
+    classes: list[str]
+
+
+def config_key(config: QuantConfig) -> str:
+    return json.dumps(config.to_dict(), sort_keys=True)
+
+
+def parameter_checksum(model: nn.Module) -> str:
+    """SHA-256 over every parameter and buffer: proof that a shared model was never changed."""
+    h = hashlib.sha256()
+    for name, t in list(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class ModelCache:
+    def __init__(self, max_quantized: int = 4, calib_dir: str | Path | None = None, calib_images: int = 32):
+        self.lock = threading.RLock()
+        self.max_quantized = max_quantized
+        self.calib_dir = Path(calib_dir) if calib_dir else None
+        self.calib_images = calib_images
+        self._loaded: dict[str, Loaded] = {}
+        self._prepared: dict[tuple, Prepared] = {}
+        self._quantized: OrderedDict[tuple[str, str], nn.Module] = OrderedDict()
+        self._calib: dict[str, torch.Tensor] = {}
+
+    def load(self, name: str) -> Loaded:
+        with self.lock:
+            if name not in self._loaded:
+                model, preprocess, classes = load_model(name)
+                for p in model.parameters():
+                    p.requires_grad_(False)  # shared read-only; attributions need input gradients only
+                self._loaded[name] = Loaded(name, model, preprocess, classes)
+            return self._loaded[name]
+
+    def prepared(self, name: str, config: QuantConfig) -> Prepared:
+        key = (name, config.tail, config.tail_depthwise, config.tail_sum)
+        with self.lock:
+            if key not in self._prepared:
+                self._prepared[key] = prepare(self.load(name).model, config)
+            return self._prepared[key]
+
+    def warm(self, name: str, config: QuantConfig | None = None) -> None:
+        """Search the data-free ranges of every bit width ahead of the first request (seconds of CPU).
+
+        Runs without the lock: it touches only the data-free laws, never a model.
+        """
+        config = config or QuantConfig()
+        self.prepared(name, config).warm(config)
+
+    def calibration(self, name: str) -> torch.Tensor:
+        """The calib-* methods' images: every image of `calib_dir`, preprocessed for this model."""
+        if self.calib_dir is None:
+            raise ValueError("this cache has no calibration images (calib_dir)")
+        with self.lock:
+            if name not in self._calib:
+                files = sorted(p for p in self.calib_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+                if not files:
+                    raise ValueError(f"no calibration images in {self.calib_dir}")
+                self._calib[name] = load_batch(files[: self.calib_images], self.load(name).preprocess)
+            return self._calib[name]
+
+    def quantized(self, name: str, config: QuantConfig, progress: Callable[[float, str], None] | None = None,
+                  keep: bool = True) -> nn.Module:
+        """The quantized copy of model `name` for `config`, shared by everyone who asks for it.
+
+        `keep=False` for one-off comparisons: a cached copy is still used, but a new one does not
+        push the users' own models out of the LRU.
+        """
+        key = (name, config_key(config))
+        with self.lock:
+            if key in self._quantized:
+                self._quantized.move_to_end(key)
+                return self._quantized[key]
+            loaded = self.load(name)
+            needs_calib = config.method in CALIBRATED or any(o.method in CALIBRATED for o in config.overrides.values())
+            calib = self.calibration(name) if needs_calib else None
+            q = quantize(loaded.model, config, calib_data=calib, progress=progress,
+                         prepared=self.prepared(name, config))
+            for p in q.parameters():
+                p.requires_grad_(False)
+            if not keep:
+                return q
+            self._quantized[key] = q
+            while len(self._quantized) > self.max_quantized:
+                self._quantized.popitem(last=False)
+            return q
+
+    def cached_configs(self) -> list[tuple[str, str]]:
+        with self.lock:
+            return list(self._quantized)

@@ -1,0 +1,239 @@
+"""What each view of the explorer shows, computed from the library: no Gradio here.
+
+Every function takes the shared `ModelCache` and one user's request (model, config, image) and
+returns plotly figures and plain rows, so the app only lays them out and a notebook can call the
+same functions. Every model run holds the cache's lock (see `spiq.cache`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from . import analysis, plots
+from .attribution import attribution_drift
+from .cache import Loaded, ModelCache
+from .config import CALIBRATED, GRANULARITIES, METHODS, ConfigError, QuantConfig
+from .qlayers import QuantLayer
+from .quantize import quantizable_layers
+
+
+@dataclass
+class Scene:
+    """One user's request made concrete: the shared models and the image as the model sees it."""
+    loaded: Loaded
+    config: QuantConfig
+    qmodel: nn.Module
+    x: torch.Tensor              # (3, H, W) preprocessed
+    picture: np.ndarray          # (H, W, 3) uint8: the crop the model sees
+
+    @property
+    def layers(self) -> list[str]:
+        return [n for n, m in self.qmodel.named_modules() if isinstance(m, QuantLayer)]
+
+    @property
+    def conv_layers(self) -> list[str]:
+        return [n for n, m in self.qmodel.named_modules() if isinstance(m, QuantLayer) and isinstance(m.layer, nn.Conv2d)]
+
+    @property
+    def range_layers(self) -> list[str]:
+        """Layers whose input has a data-free law: those the channel-range view can explain."""
+        prop = self.qmodel.spiq_report.propagation
+        return [n for n in self.layers if prop is not None and n in prop.inputs]
+
+
+def scene(cache: ModelCache, name: str, config: QuantConfig, image: Image.Image, progress=None) -> Scene:
+    loaded = cache.load(name)
+    qmodel = cache.quantized(name, config, progress)
+    x = loaded.preprocess(image)
+    return Scene(loaded, config, qmodel, x, loaded.preprocess.to_image(x))
+
+
+def _describe(cmp: analysis.Comparison) -> str:
+    f, q = cmp.float, cmp.quant
+    verdict = "**top-1 flipped**" if cmp.flipped else "top-1 kept"
+    return (f"Float: **{f.classes[0]}** ({f.probs[0]:.0%}) · quantized: **{q.classes[0]}** ({q.probs[0]:.0%}) — "
+            f"{verdict}; logit SQNR {cmp.logit_sqnr:.1f} dB")
+
+
+def predictions(cache: ModelCache, sc: Scene):
+    """Top-5 of both models side by side, and one line that says what happened."""
+    with cache.lock:
+        cmp = analysis.compare_predictions(sc.loaded.model, sc.qmodel, sc.x, sc.loaded.classes)
+    return plots.predictions(cmp), _describe(cmp)
+
+
+def channel_ranges(cache: ModelCache, sc: Scene, layer: str):
+    with cache.lock:
+        cr = analysis.channel_ranges(sc.loaded.model, sc.qmodel, layer, sc.x[None])
+    return plots.channel_ranges(cr)
+
+
+def layer_error(cache: ModelCache, sc: Scene):
+    """Per-layer SQNR (isolated and propagated), the split by error source, and the fold cost."""
+    with cache.lock:
+        breakdown = analysis.layer_breakdown(sc.loaded.model, sc.qmodel, sc.x[None])
+        rows = analysis.layer_sqnr(sc.loaded.model, sc.qmodel, sc.x[None], breakdown=breakdown)
+        folds = analysis.fold_cost(sc.loaded.model, sc.qmodel)
+    table = [[r.name, round(r.isolated, 2), round(r.propagated, 2), round(b.clip, 2), round(b.input, 2),
+              round(b.weight, 2), round(100 * b.clipped, 3)] for r, b in zip(rows, breakdown)]
+    return plots.layer_sqnr(rows), plots.layer_breakdown(breakdown), plots.fold_cost(folds) if folds else None, table
+
+
+LAYER_ERROR_HEADERS = ["layer", "isolated dB", "propagated dB", "clip-only dB", "input-only dB", "weight-only dB",
+                       "clipped %"]
+
+
+def error_map(cache: ModelCache, sc: Scene, layer: str, channel: int | None = None):
+    """|y − ŷ| of one conv layer (or "logits") over the image the model sees."""
+    convs = sc.conv_layers
+    target = [layer] if layer != "logits" else [convs[-1]]
+    if channel is not None:
+        c = sc.qmodel.get_submodule(target[0]).layer.out_channels
+        if not 0 <= channel < c:
+            raise ValueError(f"{target[0]} has channels 0 to {c - 1}; got {channel}")
+    with cache.lock:
+        maps = analysis.error_maps(sc.loaded.model, sc.qmodel, sc.x, target, channel)
+    m = maps["logits" if layer == "logits" else layer]
+    title = ("error of the float top-1 class's evidence (last feature map × classifier row)" if layer == "logits"
+             else f"{layer}: |y − ŷ|, " + (f"channel {channel}" if channel is not None else "mean over channels"))
+    return plots.error_map(sc.picture, m, title)
+
+
+def attribution(cache: ModelCache, sc: Scene, method: str = "grad-cam"):
+    with cache.lock:
+        drift = attribution_drift(sc.loaded.model, sc.qmodel, sc.x, method)
+    return plots.attribution(sc.picture, drift)
+
+
+def method_config(config: QuantConfig, method: str) -> QuantConfig:
+    """`config` with another method, the method's own input granularity, and no per-layer overrides."""
+    return config.replace(method=method, input_granularity=None, overrides={})
+
+
+@torch.no_grad()
+def methods(cache: ModelCache, name: str, config: QuantConfig, image: Image.Image, progress=None):
+    """Every method at the chosen bits on this image: does top-1 agree, and how close are the logits."""
+    loaded = cache.load(name)
+    x = loaded.preprocess(image)[None]
+    rows = []
+    with cache.lock:
+        yf = loaded.model(x)[0]
+        for i, m in enumerate(METHODS):
+            if progress is not None:
+                progress(i / len(METHODS), f"quantizing with {m}")
+            q = cache.quantized(name, method_config(config, m), keep=False)
+            yq = q(x)[0]
+            p = yq.softmax(0)
+            rows.append(dict(
+                method=m, top1=loaded.classes[int(yq.argmax())], prob=float(p.max()),
+                agrees=bool(yq.argmax() == yf.argmax()),
+                logit_sqnr=analysis.sqnr_db(float((yf.double() ** 2).sum()), float(((yq - yf).double() ** 2).sum())),
+                calibrated_on=(f"{len(cache.calibration(name))} example images" if m in CALIBRATED else "")))
+    return plots.methods(rows, loaded.classes[int(yf.argmax())], config), rows
+
+
+METHODS_HEADERS = ["method", "top-1", "probability", "agrees with float", "logit SQNR dB", "calibration"]
+
+
+def methods_table(rows) -> list[list]:
+    return [[r["method"], r["top1"], round(r["prob"], 3), "yes" if r["agrees"] else "NO", round(r["logit_sqnr"], 2),
+             r["calibrated_on"]] for r in rows]
+
+
+@torch.no_grad()
+def story(cache: ModelCache, name: str, config: QuantConfig, image: Image.Image):
+    """Float vs SPIQ vs per-tensor static on one screen: top-5 and where the logit error comes from."""
+    loaded = cache.load(name)
+    x = loaded.preprocess(image)
+    picture = loaded.preprocess.to_image(x)
+    panels = []
+    with cache.lock:
+        for m in ("spiq", "static-tensor"):
+            q = cache.quantized(name, method_config(config, m), keep=m == config.method)
+            cmp = analysis.compare_predictions(loaded.model, q, x, loaded.classes)
+            emap = analysis.error_maps(loaded.model, q, x, [n for n, mod in q.named_modules()
+                                                          if isinstance(mod, QuantLayer)
+                                                          and isinstance(mod.layer, nn.Conv2d)][-1:])["logits"]
+            panels.append((m, cmp, emap))
+    return plots.story(picture, panels, config)
+
+
+# --- the per-layer table ------------------------------------------------------------------------
+
+LAYER_TABLE_HEADERS = ["layer", "kind", "in channels", "method", "weight bits", "input bits", "input granularity",
+                       "skip"]
+
+
+def _kind(m: nn.Module) -> str:
+    if isinstance(m, nn.Linear):
+        return "linear"
+    if m.groups > 1 and m.groups == m.in_channels:
+        return "depthwise conv"
+    return f"conv {m.kernel_size[0]}x{m.kernel_size[1]}"
+
+
+def layer_rows(model: nn.Module, config: QuantConfig) -> list[list]:
+    """What every quantizable layer gets under `config`: the editable per-layer table."""
+    rows = []
+    for name in quantizable_layers(model):
+        m = model.get_submodule(name)
+        s = config.for_layer(name)
+        rows.append([name, _kind(m), m.in_channels if isinstance(m, nn.Conv2d) else m.in_features, s.method,
+                     s.weight_bits, s.input_bits, "channel" if s.input_per_channel else "tensor", s.skip])
+    return rows
+
+
+def _cell_bits(layer: str, field: str, value) -> int:
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"layer {layer}: {field} must be an integer from 2 to 16, got {value!r}") from None
+    if not f.is_integer():
+        raise ConfigError(f"layer {layer}: {field} must be an integer from 2 to 16, got {value!r}")
+    return int(f)
+
+
+def _cell_bool(layer: str, value) -> bool:
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no", ""):
+        return False
+    raise ConfigError(f"layer {layer}: skip must be true or false, got {value!r}")
+
+
+def config_from_rows(config: QuantConfig, rows) -> QuantConfig:
+    """`config` with per-layer overrides wherever a table row differs from the model-wide settings."""
+    base = config.replace(overrides={})
+    overrides = {}
+    for row in rows:
+        if len(row) != len(LAYER_TABLE_HEADERS):
+            raise ConfigError(f"the layer table needs {len(LAYER_TABLE_HEADERS)} columns "
+                              f"({', '.join(LAYER_TABLE_HEADERS)}), got a row of {len(row)}")
+        name, _, _, method, wbits, ibits, gran, skip = row
+        d = base.for_layer(name)
+        ov = {}
+        if method != d.method:
+            if method not in METHODS:
+                raise ConfigError(f"layer {name}: unknown method {method!r}; choose one of {', '.join(METHODS)}")
+            ov["method"] = method
+        if (w := _cell_bits(name, "weight bits", wbits)) != d.weight_bits:
+            ov["weight_bits"] = w
+        if (b := _cell_bits(name, "input bits", ibits)) != d.input_bits:
+            ov["input_bits"] = b
+        own = QuantConfig(method=method).for_layer(name).input_per_channel if "method" in ov else d.input_per_channel
+        if gran not in GRANULARITIES:
+            raise ConfigError(f"layer {name}: input granularity must be channel or tensor, got {gran!r}")
+        if (gran == "channel") != own:
+            ov["input_granularity"] = gran
+        if _cell_bool(name, skip):
+            ov["skip"] = True
+        if ov:
+            overrides[name] = ov
+    return base.replace(overrides=overrides)

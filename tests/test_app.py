@@ -1,0 +1,211 @@
+"""The app through its real HTTP API (gradio_client): many users at once, bad input, shared models untouched."""
+import io
+import json
+import struct
+import sys
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+
+EMPTY_TABLE = {"headers": [], "data": []}
+
+
+@pytest.fixture(scope="module")
+def app():
+    sys.path.insert(0, str(ROOT))
+    import app as app_module
+
+    app_module.demo.queue(default_concurrency_limit=8)
+    _, url, _ = app_module.demo.launch(prevent_thread_lock=True, quiet=True, max_file_size=app_module.MAX_UPLOAD)
+    yield app_module, url
+    app_module.demo.close()
+
+
+def _apply(client, method, wbits, abits, image):
+    return client.predict(method, wbits, abits, "channel", "method default", EMPTY_TABLE, handle_file(image),
+                          api_name="/apply")
+
+
+def test_concurrent_users_each_get_their_own_config(app, tmp_path):
+    from spiq import views
+    from spiq.cache import parameter_checksum
+    from spiq.config import QuantConfig
+    from spiq.data import open_image
+
+    module, url = app
+    float_model = module.CACHE.load(module.DEFAULT_MODEL).model
+    before = parameter_checksum(float_model)
+    jobs = [("spiq", 8, 4, "cat.jpg"), ("static-tensor", 8, 4, "cat.jpg"), ("dynamic-channel", 8, 4, "coffee.jpg"),
+            ("spiq", 4, 8, "rocket.jpg"), ("calib-mse", 8, 5, "cat.jpg"), ("dynamic-tensor", 6, 6, "astronaut.jpg"),
+            ("spiq", 8, 3, "camera.jpg"), ("static-tensor", 5, 5, "coffee.jpg"), ("spiq", 8, 8, "rocket.jpg")]
+
+    def user(job):
+        method, w, a, img = job
+        client = Client(url, verbose=False)
+        out = _apply(client, method, w, a, str(ROOT / "assets" / img))
+        # a second request in the same session sees that session's recipe
+        again = client.predict(handle_file(str(ROOT / "assets" / img)), api_name="/predict")
+        return out, again
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(user, jobs))
+
+    for (method, w, a, img), (out, again) in zip(jobs, results):
+        applied = json.loads(out[1])   # outputs: table, recipe, download, status, plot, text
+        assert applied == {"method": method, "weight_bits": w, "input_bits": a}
+        config = QuantConfig.from_dict(applied)
+        # what the library computes for this very config, on this very image
+        sc = views.scene(module.CACHE, module.DEFAULT_MODEL, config, open_image(ROOT / "assets" / img))
+        _, expected = views.predictions(module.CACHE, sc)
+        assert out[-1] == expected, (method, w, a, img)
+        assert again[-1] == expected
+    assert parameter_checksum(float_model) == before
+
+
+def test_views_leave_the_shared_float_model_untouched(app):
+    from spiq.cache import parameter_checksum
+
+    module, url = app
+    model = module.CACHE.load(module.DEFAULT_MODEL).model
+    before = parameter_checksum(model)
+    client = Client(url, verbose=False)
+    _apply(client, "spiq", 8, 4, str(ROOT / "assets" / "cat.jpg"))
+    out = client.predict(handle_file(str(ROOT / "assets" / "cat.jpg")), None, None, None, "integrated-gradients",
+                         api_name="/refresh")
+    assert "input_bits\": 4" in out[-1]
+    assert client.predict(handle_file(str(ROOT / "assets" / "cat.jpg")), "grad-cam", api_name="/attribution")
+    assert parameter_checksum(model) == before
+
+
+def _bomb_png(width=30000, height=30000) -> bytes:
+    """A tiny PNG whose header claims 30000x30000 pixels: decoding it would take ~900 MB."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 1000))
+            + chunk(b"IEND", b""))
+
+
+BAD_FILES = {
+    "corrupt.jpg": (ROOT / "assets" / "cat.jpg").read_bytes()[:400],
+    "empty.png": b"",
+    "notes.png": b"this is plain text, not an image\n" * 10,
+    "bomb.png": _bomb_png(),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_FILES))
+def test_bad_uploads_are_clear_errors_and_the_session_survives(app, tmp_path, name):
+    from gradio_client.exceptions import AppError
+
+    _, url = app
+    path = tmp_path / name
+    path.write_bytes(BAD_FILES[name])
+    client = Client(url, verbose=False)
+    with pytest.raises(AppError) as err:
+        client.predict(handle_file(str(path)), api_name="/predict")
+    msg = str(err.value)
+    assert "cannot be used" in msg
+    expected = {"corrupt.jpg": "corrupt or truncated", "empty.png": "empty", "notes.png": "not an image",
+                "bomb.png": "too large"}[name]
+    assert expected in msg
+    # the same session goes on working
+    ok = client.predict(handle_file(str(ROOT / "assets" / "coffee.jpg")), api_name="/predict")
+    assert "espresso" in ok[-1]
+
+
+def _odd_images(tmp_path) -> dict[str, Path]:
+    rgb = Image.open(ROOT / "assets" / "coffee.jpg").convert("RGB").resize((300, 200))
+    out = {}
+
+    def save(name, img, **kw):
+        out[name] = tmp_path / name
+        img.save(out[name], **kw)
+
+    save("grey.png", rgb.convert("L"))
+    rgba = rgb.convert("RGBA")
+    rgba.putalpha(128)
+    save("rgba.png", rgba)
+    save("palette.gif", rgb.convert("P", palette=Image.Palette.ADAPTIVE))
+    save("cmyk.jpg", rgb.convert("CMYK"))
+    save("sixteen.png", Image.fromarray((np.asarray(rgb.convert("L"), dtype=np.uint16) * 257)))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: the viewer must turn it 90 degrees
+    save("rotated.jpg", rgb.rotate(90, expand=True), exif=exif.tobytes())
+    save("tiny.png", Image.new("RGB", (1, 1), (200, 30, 30)))
+    return out
+
+
+def test_odd_but_valid_images_are_converted(app, tmp_path):
+    _, url = app
+    client = Client(url, verbose=False)
+    for name, path in _odd_images(tmp_path).items():
+        fig, text = client.predict(handle_file(str(path)), api_name="/predict")
+        assert "Float: **" in text and "logit SQNR" in text, name
+    # the EXIF-rotated coffee cup is turned upright before the model sees it
+    _, text = client.predict(handle_file(str(tmp_path / "rotated.jpg")), api_name="/predict")
+    assert "espresso" in text
+
+
+@pytest.mark.parametrize("recipe, field", [
+    ("{not json", "not valid JSON"),
+    ('{"method": "spiq", "weight_bits": 40, "input_bits": 4}', "weight_bits"),
+    ('{"method": "spik"}', "method"),
+    ('{"method": "spiq", "wbits": 8}', "wbits"),
+    ('{"overrides": {"blocks.9.9.conv_pw": {"skip": true}}}', "blocks.9.9.conv_pw"),
+    ('{"overrides": {"conv_head": {"input_bits": 1}}}', "input_bits"),
+    ('[1, 2, 3]', "JSON object"),
+])
+def test_bad_recipes_name_the_field(app, tmp_path, recipe, field):
+    from gradio_client.exceptions import AppError
+
+    _, url = app
+    path = tmp_path / "recipe.json"
+    path.write_text(recipe)
+    client = Client(url, verbose=False)
+    with pytest.raises(AppError, match=field):
+        client.predict(handle_file(str(path)), api_name="/load_recipe")
+
+
+def test_recipe_round_trip_with_per_layer_table(app, tmp_path):
+    module, url = app
+    client = Client(url, verbose=False)
+    out = _apply(client, "spiq", 8, 4, str(ROOT / "assets" / "cat.jpg"))
+    table = out[0]
+    rows = table["data"]
+    names = [r[0] for r in rows]
+    rows[names.index("conv_head")][5] = 8              # input bits of one layer
+    rows[names.index("classifier")][7] = True          # keep the classifier float
+    out = client.predict("spiq", 8, 4, "channel", "method default", {"headers": table["headers"], "data": rows},
+                         handle_file(str(ROOT / "assets" / "cat.jpg")), api_name="/apply")
+    applied = json.loads(out[1])
+    assert applied["overrides"] == {"conv_head": {"input_bits": 8}, "classifier": {"skip": True}}
+    # the downloadable recipe is that config, and uploading it restores it
+    downloaded = Path(out[2])
+    assert json.loads(downloaded.read_text()) == applied
+    restored = Client(url, verbose=False).predict(handle_file(str(downloaded)), api_name="/load_recipe")
+    assert tuple(restored[:5]) == ("spiq", 8, 4, "channel", "method default")
+    rows = {r[0]: r for r in restored[5]["data"]}
+    assert rows["conv_head"][5] == 8 and rows["classifier"][7] is True and rows["blocks.0.0.conv_pw"][5] == 4
+
+
+def test_unavailable_model_is_refused_and_the_session_keeps_its_model(app):
+    module, url = app
+    from spiq.registry import availability
+
+    offline = [n for n in ("resnet18", "mobilenet_v2") if availability(n) is not None]
+    if not offline:
+        pytest.skip("torchvision weights are cached here: nothing is unavailable")
+    client = Client(url, verbose=False)
+    out = client.predict(offline[0], api_name="/select_model")
+    assert out[0] == module.DEFAULT_MODEL  # the dropdown goes back to the model in use
+    fig, text = client.predict(handle_file(str(ROOT / "assets" / "coffee.jpg")), api_name="/predict")
+    assert "espresso" in text

@@ -1,0 +1,103 @@
+"""The app in a real browser: Debian's Chromium driven by Playwright (no browser download needed)."""
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = os.environ.get("SPIQ_CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
+PLOTS = {"Predictions": ["pred-plot"], "Story": ["story-plot"], "Channel ranges": ["ranges-plot"],
+         "Layer error": ["sqnr-plot", "breakdown-plot", "fold-plot"], "Error map": ["emap-plot"],
+         "Attribution": ["attr-plot"], "Methods": ["methods-plot"], "Recipe": []}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url():
+    port = _free_port()
+    env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False"}
+    proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"app.py exited: {proc.stdout.read()}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("app.py did not start serving within 90 s")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def _plot_traces(page, elem_id: str) -> int:
+    sel = f"#{elem_id} .js-plotly-plot"
+    page.wait_for_selector(sel, state="attached", timeout=60_000)
+    # traces plotly actually drew: bars and lines (.trace), heatmaps (.hm) and images (<image>)
+    return page.eval_on_selector(sel, "el => ((el._fullData || []).length > 0) * "
+                                      "el.querySelectorAll('.trace, .hm, image').length")
+
+
+def test_app_in_chromium(app_url, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"Chromium not found at {CHROMIUM}: apt-get install chromium (or set SPIQ_CHROMIUM)")
+    problems = []
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM,
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+        page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+        page.goto(app_url, wait_until="domcontentloaded")
+        page.wait_for_selector("#pred-plot .js-plotly-plot", timeout=90_000)
+
+        # pick an example: the coffee cup
+        page.locator("img[src*='coffee']").first.click()
+        page.wait_for_function("document.querySelector('#pred-text').innerText.includes('espresso')", timeout=60_000)
+        before = page.inner_text("#pred-text")
+        assert "top-1 kept" in before  # 8-bit inputs
+
+        # input bits to 4, Apply: the recipe and the predictions change
+        box = page.locator("#abits input[type=number]")
+        box.fill("4")
+        box.press("Enter")
+        page.click("#apply")
+        page.wait_for_function("document.querySelector('#status').innerText.includes('\"input_bits\": 4')",
+                               timeout=60_000)
+        page.wait_for_function(f"document.querySelector('#pred-text').innerText !== {before!r}", timeout=60_000)
+        after = page.inner_text("#pred-text")
+        assert after != before and "logit SQNR" in after
+        # the refresh after Apply fills every view; wait for the last one it writes
+        page.wait_for_function("document.querySelector('#views-note').innerText.includes('\"input_bits\": 4')",
+                               timeout=120_000)
+
+        for tab, plots in PLOTS.items():
+            page.get_by_role("tab", name=tab).click()
+            for elem_id in plots:
+                assert _plot_traces(page, elem_id) > 0, f"{tab}: {elem_id} has no data"
+                # presenters download figures as PNG from plotly's mode bar
+                page.hover(f"#{elem_id} .js-plotly-plot")
+                assert page.locator(f"#{elem_id} [data-title='Download plot as a PNG' i]").count() == 1
+        page.get_by_role("tab", name="Story").click()
+        shot = Path(os.environ.get("SPIQ_SCREENSHOT_DIR", tmp_path)) / "app.png"
+        page.screenshot(path=str(shot), full_page=True)
+        assert shot.stat().st_size > 10_000
+        browser.close()
+    assert not problems, "\n".join(problems)

@@ -1,0 +1,115 @@
+"""Re-quantizing fast for many users: prepared analyses, the model cache, the per-layer table, the views."""
+from pathlib import Path
+
+import pytest
+import torch
+
+import spiq
+from spiq import views
+from spiq.cache import ModelCache, parameter_checksum
+from spiq.config import METHODS, ConfigError, QuantConfig
+from spiq.data import open_image
+from spiq.quantize import prepare
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+
+
+def _same_model(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+@pytest.fixture(scope="module")
+def prepared(lite0):
+    return prepare(lite0)
+
+
+@pytest.mark.parametrize("kw", [dict(weight_bits=8, input_bits=4), dict(weight_bits=4, input_bits=8, fold="always"),
+                                dict(method="static-tensor", weight_bits=6, input_bits=5),
+                                dict(method="dynamic-channel", weight_bits=8, input_bits=4, weight_rounding="nearest"),
+                                dict(method="spiq", weight_bits=8, input_bits=5,
+                                     overrides={"conv_head": {"input_bits": 8}, "classifier": {"skip": True}})])
+def test_prepared_requantization_is_identical(lite0, prepared, sample, kw):
+    config = QuantConfig(**kw)
+    fresh = spiq.quantize(lite0, config)
+    fast = spiq.quantize(lite0, config, prepared=prepared)
+    _same_model(fresh, fast)
+    x = sample[0][:4]
+    with torch.no_grad():
+        assert torch.equal(fresh(x), fast(x))
+    # a second request for the same config reuses the searched ranges and weights
+    again = spiq.quantize(lite0, config, prepared=prepared)
+    _same_model(fresh, again)
+
+
+def test_prepared_from_another_model_is_refused(lite0, prepared):
+    other, _, _ = spiq.load_model("efficientnet_lite0")
+    with pytest.raises(ValueError, match="another model"):
+        spiq.quantize(other, QuantConfig(), prepared=prepared)
+
+
+def test_cache_shares_models_bounds_the_lru_and_never_touches_the_float_model():
+    cache = ModelCache(max_quantized=2, calib_dir=ASSETS)
+    model = cache.load("efficientnet_lite0").model
+    before = parameter_checksum(model)
+    a = cache.quantized("efficientnet_lite0", QuantConfig(input_bits=4))
+    assert cache.quantized("efficientnet_lite0", QuantConfig(input_bits=4)) is a
+    # key order in a recipe does not make another model
+    same = QuantConfig.from_json('{"input_bits": 4, "method": "spiq", "weight_bits": 8}')
+    assert cache.quantized("efficientnet_lite0", same) is a
+    cache.quantized("efficientnet_lite0", QuantConfig(input_bits=5))
+    cache.quantized("efficientnet_lite0", QuantConfig(method="calib-mse", input_bits=6))  # calibrates on assets/
+    assert len(cache.cached_configs()) == 2
+    assert cache.quantized("efficientnet_lite0", QuantConfig(input_bits=4)) is not a  # evicted, made again
+    once = cache.quantized("efficientnet_lite0", QuantConfig(input_bits=7), keep=False)
+    assert cache.quantized("efficientnet_lite0", QuantConfig(input_bits=7), keep=False) is not once
+    img = open_image(ASSETS / "cat.jpg")
+    sc = views.scene(cache, "efficientnet_lite0", QuantConfig(input_bits=4), img)
+    views.layer_error(cache, sc)
+    views.attribution(cache, sc, "grad-cam")
+    assert parameter_checksum(model) == before
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_layer_table_round_trip_and_cell_errors(lite0):
+    config = QuantConfig(weight_bits=8, input_bits=4, overrides={"conv_head": {"input_bits": 8}})
+    rows = views.layer_rows(lite0, config)
+    assert len(rows) == 50 and rows[0][:3] == ["conv_stem", "conv 3x3", 3]
+    assert {r[0]: r for r in rows}["conv_head"][5] == 8
+    assert {r[0]: r for r in rows}["blocks.0.0.conv_dw"][1] == "depthwise conv"
+    assert views.config_from_rows(config, rows) == config           # unchanged table, same recipe
+    rows[1][4], rows[2][6], rows[3][7] = "6", "tensor", "true"      # what a browser table sends back
+    edited = views.config_from_rows(config, rows)
+    assert edited.overrides[rows[1][0]].weight_bits == 6
+    assert edited.overrides[rows[2][0]].input_granularity == "tensor"
+    assert edited.overrides[rows[3][0]].skip
+    for col, value, msg in ((5, "4.5", "input bits"), (5, "x", "input bits"), (4, 1, "from 2 to 16"),
+                            (6, "row", "granularity"), (7, "maybe", "skip"), (3, "spik", "unknown method")):
+        bad = [list(r) for r in views.layer_rows(lite0, config)]
+        bad[10][col] = value
+        with pytest.raises(ConfigError, match=msg):
+            views.config_from_rows(config, bad)
+
+
+def test_views_on_a_real_image():
+    cache = ModelCache(calib_dir=ASSETS)
+    img = open_image(ASSETS / "cat.jpg")
+    config = QuantConfig(weight_bits=8, input_bits=4)
+    sc = views.scene(cache, "efficientnet_lite0", config, img)
+    assert sc.picture.shape == (224, 224, 3) and sc.picture.dtype.name == "uint8"
+    fig, text = views.predictions(cache, sc)
+    assert "Float: **tiger cat**" in text and len(fig.data) == 2
+    fig, rows = views.methods(cache, "efficientnet_lite0", config, img)
+    assert [r["method"] for r in rows] == list(METHODS)
+    dyn = {r["method"]: r for r in rows}
+    # per-channel dynamic ranges are the ceiling of static ones: its logits are the closest here
+    assert dyn["dynamic-channel"]["logit_sqnr"] >= max(r["logit_sqnr"] for r in rows) - 1e-6
+    assert all(r["calibrated_on"] for r in rows if r["method"].startswith("calib"))
+    story = views.story(cache, "efficientnet_lite0", config, img)
+    assert "SPIQ" in story.layout.annotations[1].text and len(story.data) == 8
+    emap = views.error_map(cache, sc, "blocks.2.0.conv_dw", channel=3)
+    assert emap.data[1].z.shape == (224, 224)
+    with pytest.raises(ValueError, match="channels 0 to"):
+        views.error_map(cache, sc, "blocks.2.0.conv_dw", channel=10_000)
