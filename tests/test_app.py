@@ -1,5 +1,4 @@
 """The app through its real HTTP API (gradio_client): many users at once, bad input, shared models untouched."""
-import io
 import json
 import struct
 import sys
@@ -9,11 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gradio_client import Client, handle_file
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-gradio_client = pytest.importorskip("gradio_client")
-from gradio_client import Client, handle_file  # noqa: E402
 
 EMPTY_TABLE = {"headers": [], "data": []}
 

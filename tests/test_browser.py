@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from playwright import sync_api
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("SPIQ_CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
@@ -55,7 +56,6 @@ def _plot_traces(page, elem_id: str) -> int:
 
 
 def test_app_in_chromium(app_url, tmp_path):
-    sync_api = pytest.importorskip("playwright.sync_api")
     if not Path(CHROMIUM).exists():
         pytest.fail(f"Chromium not found at {CHROMIUM}: apt-get install chromium (or set SPIQ_CHROMIUM)")
     problems = []
