@@ -97,20 +97,21 @@ def _config_from_controls(applied: str, method, wbits, abits, wgran, igran, rows
     edits = views.config_from_rows(previous, rows).overrides if rows else previous.overrides
     return QuantConfig(method=method, weight_bits=int(wbits), input_bits=int(abits), weight_granularity=wgran,
                        input_granularity=None if igran == "method default" else igran,
-                       overrides={n: o for n, o in edits.items()})
+                       overrides=dict(edits))
 
 
 @user_errors
-def select_model(name, applied_model, progress=gr.Progress()):
+def select_model(name, applied_model, method, wbits, abits, wgran, igran, progress=gr.Progress()):
     problem = availability(name)
     if problem is not None:
         gr.Warning(f"{name} cannot be used here: {problem}")
         return applied_model, applied_model, gr.update(), gr.update(), gr.update()
     progress(0.1, desc=f"loading {name}")
     loaded = CACHE.load(name)
-    config = QuantConfig()
-    return (name, gr.update(), views.layer_rows(loaded.model, config), config.to_json(),
-            f"Loaded **{name}**. Press Apply to quantize it.")
+    # the controls carry over; per-layer overrides belong to the previous model's layers
+    config = _config_from_controls(QuantConfig().to_json(), method, wbits, abits, wgran, igran, None)
+    return (name, name, views.layer_rows(loaded.model, config), config.to_json(),
+            f"Loaded **{name}** with `{config.to_json()}`.")
 
 
 @user_errors
@@ -303,8 +304,10 @@ def build() -> gr.Blocks:
                      map_layer, emap_plot, attr_plot, methods_plot, methods_table, views_note]
         refresh_in = [applied_model, applied, image, range_layer, map_layer, channel, attr_method]
 
-        model.change(select_model, [model, applied_model], [applied_model, model, table, applied, status],
-                     api_name="select_model")
+        model.change(select_model, [model, applied_model, method, wbits, abits, wgran, igran],
+                     [applied_model, model, table, applied, status], api_name="select_model"
+                     ).success(predict, [applied_model, applied, image], [pred_plot, pred_text], api_name=False
+                               ).success(refresh, refresh_in, views_out, api_name=False)
         apply_btn.click(apply, [applied_model, applied, method, wbits, abits, wgran, igran, table, image],
                         [applied, table, recipe, download, status, pred_plot, pred_text], api_name="apply"
                         ).success(refresh, refresh_in, views_out, api_name="refresh")

@@ -203,7 +203,7 @@ def test_unavailable_model_is_refused_and_the_session_keeps_its_model(app):
     if not offline:
         pytest.skip("torchvision weights are cached here: nothing is unavailable")
     client = Client(url, verbose=False)
-    out = client.predict(offline[0], api_name="/select_model")
+    out = client.predict(offline[0], "spiq", 8, 4, "channel", "method default", api_name="/select_model")
     assert out[0] == module.DEFAULT_MODEL  # the dropdown goes back to the model in use
     fig, text = client.predict(handle_file(str(ROOT / "assets" / "coffee.jpg")), api_name="/predict")
     assert "espresso" in text
