@@ -54,6 +54,7 @@ class ModelCache:
         self._loaded: dict[str, Loaded] = {}
         self._prepared: dict[tuple, Prepared] = {}
         self._quantized: OrderedDict[tuple[str, str], nn.Module] = OrderedDict()
+        self._derived: dict[tuple, object] = {}   # image-independent analyses of the cached models
         self._calib: dict[str, torch.Tensor] = {}
 
     def load(self, name: str) -> Loaded:
@@ -92,12 +93,11 @@ class ModelCache:
                 self._calib[name] = load_batch(files[: self.calib_images], self.load(name).preprocess)
             return self._calib[name]
 
-    def quantized(self, name: str, config: QuantConfig, progress: Callable[[float, str], None] | None = None,
-                  keep: bool = True) -> nn.Module:
+    def quantized(self, name: str, config: QuantConfig,
+                  progress: Callable[[float, str], None] | None = None) -> nn.Module:
         """The quantized copy of model `name` for `config`, shared by everyone who asks for it.
 
-        `keep=False` for one-off comparisons: a cached copy is still used, but a new one does not
-        push the users' own models out of the LRU.
+        Cheap to keep: copies made from one prepared model share its weight tensors.
         """
         key = (name, config_key(config))
         with self.lock:
@@ -111,12 +111,19 @@ class ModelCache:
                          prepared=self.prepared(name, config))
             for p in q.parameters():
                 p.requires_grad_(False)
-            if not keep:
-                return q
             self._quantized[key] = q
             while len(self._quantized) > self.max_quantized:
-                self._quantized.popitem(last=False)
+                gone, _ = self._quantized.popitem(last=False)
+                self._derived = {k: v for k, v in self._derived.items() if k[:2] != gone}
             return q
+
+    def derived(self, name: str, config: QuantConfig, what: str, compute: Callable[[], object]):
+        """A result that depends only on (model, config), computed once while that model is cached."""
+        key = (name, config_key(config), what)
+        with self.lock:
+            if key not in self._derived:
+                self._derived[key] = compute()
+            return self._derived[key]
 
     def cached_configs(self) -> list[tuple[str, str]]:
         with self.lock:

@@ -1,4 +1,4 @@
-"""The `spiq` command: list models, evaluate a method on labelled images."""
+"""The `spiq` command: list models, evaluate a method on labelled images, export int8 ONNX."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .config import CALIBRATED, METHODS, ConfigError, QuantConfig
 from .data import DatasetError
+from .export import ExportError
 from .registry import ModelUnavailableError, get_spec, list_models
 
 
@@ -82,6 +83,56 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from tqdm import tqdm
+
+    from .evaluate import calibration_subset, load_images
+    from .export import export_onnx, optimized_op_counts, parity
+    from .quantize import quantize
+    from .registry import load_model
+
+    config = _build_config(args)
+    model, preprocess, _ = load_model(args.model)
+    calib = None
+    if config is not None and config.method in CALIBRATED:
+        if not args.calib:
+            raise ConfigError(f"method {config.method} calibrates on images: give --calib DIR")
+        with tqdm(desc="calibration images", unit="img", file=sys.stderr) as bar:
+            pool, _, _ = load_images(args.calib, preprocess, progress=bar.update)
+        calib = calibration_subset(pool, config.calib_images)
+    qmodel = model
+    if config is not None:
+        with tqdm(total=100, desc=f"quantizing {args.model} {config.method}", unit="%", file=sys.stderr) as bar:
+            def progress(frac, _msg):
+                bar.update(round(frac * 100) - bar.n)
+            qmodel = quantize(model, config, calib_data=calib, progress=progress)
+    report = export_onnx(qmodel, args.out, batch=args.batch)
+    print(report.summary())
+    ops = optimized_op_counts(args.out)
+    print("ONNX Runtime runs: " + ", ".join(f"{n} {c}" for n, c in sorted(ops.items(), key=lambda kv: -kv[1])))
+    for note in report.notes:
+        print(f"note: {note}", file=sys.stderr)
+    result = {"model": args.model, "config": None if config is None else config.to_dict(), "out": args.out,
+              "int8_layers": len(report.int8_layers), "mul_layers": report.mul_layers,
+              "requantized": report.requantized, "extra_quantizers": report.extra_quantizers,
+              "onnx_ops": report.op_counts, "ort_ops": ops}
+    if args.check:
+        if config is None:
+            raise ConfigError("--check compares the int8 model with its simulation: give a quantization method")
+        from .data import find_images
+
+        n = len(find_images(args.check)[: args.limit])
+        with tqdm(total=n, desc="loading images", unit="img", file=sys.stderr) as bar:
+            images, labels, _ = load_images(args.check, preprocess, args.limit, progress=bar.update)
+        par = parity(qmodel, args.out, images, labels)
+        print(par.summary())
+        result["parity"] = vars(par)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
 def _bits(text: str) -> int:
     try:
         return int(text)
@@ -107,6 +158,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--calib-n", type=int, help="number of calibration images")
     e.add_argument("--json", help="write the result as JSON here")
     e.set_defaults(func=_cmd_evaluate)
+
+    x = sub.add_parser("export", help="write the quantized model as an int8 ONNX graph for ONNX Runtime")
+    x.add_argument("--model", required=True, help="a name from `spiq models`")
+    x.add_argument("--method", choices=["fp", *METHODS], help="fp (a float graph) or a static quantization method")
+    x.add_argument("--wbits", type=_bits, help="weight bits (2-8)")
+    x.add_argument("--abits", type=_bits, help="input (activation) bits (8: the int8 kernels take uint8)")
+    x.add_argument("--config", help="QuantConfig JSON; --method/--wbits/--abits override its fields")
+    x.add_argument("--calib", help="calibration image folder (calib-* methods)")
+    x.add_argument("--calib-n", type=int, help="number of calibration images")
+    x.add_argument("--out", required=True, help="the .onnx file to write (written whole or not at all)")
+    x.add_argument("--batch", type=int, help="fix the batch size (default: symbolic)")
+    x.add_argument("--check", help="labelled image folder: compare ONNX Runtime with the simulation on it")
+    x.add_argument("--limit", type=int, help="with --check: only the first N images")
+    x.add_argument("--json", help="write what was exported (and the check) as JSON here")
+    x.set_defaults(func=_cmd_export)
     return p
 
 
@@ -114,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DatasetError, ModelUnavailableError, KeyError) as exc:
+    except (ConfigError, DatasetError, ModelUnavailableError, ExportError, KeyError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"spiq: error: {msg}", file=sys.stderr)
         return 2

@@ -77,7 +77,8 @@ def layer_error(cache: ModelCache, sc: Scene):
     with cache.lock:
         breakdown = analysis.layer_breakdown(sc.loaded.model, sc.qmodel, sc.x[None])
         rows = analysis.layer_sqnr(sc.loaded.model, sc.qmodel, sc.x[None], breakdown=breakdown)
-        folds = analysis.fold_cost(sc.loaded.model, sc.qmodel)
+        folds = cache.derived(sc.loaded.name, sc.config, "fold_cost",
+                              lambda: analysis.fold_cost(sc.loaded.model, sc.qmodel))
     table = [[r.name, round(r.isolated, 2), round(r.propagated, 2), round(b.clip, 2), round(b.input, 2),
               round(b.weight, 2), round(100 * b.clipped, 3)] for r, b in zip(rows, breakdown)]
     return plots.layer_sqnr(rows), plots.layer_breakdown(breakdown), plots.fold_cost(folds) if folds else None, table
@@ -125,7 +126,7 @@ def methods(cache: ModelCache, name: str, config: QuantConfig, image: Image.Imag
         for i, m in enumerate(METHODS):
             if progress is not None:
                 progress(i / len(METHODS), f"quantizing with {m}")
-            q = cache.quantized(name, method_config(config, m), keep=False)
+            q = cache.quantized(name, method_config(config, m))
             yq = q(x)[0]
             p = yq.softmax(0)
             rows.append(dict(
@@ -153,7 +154,7 @@ def story(cache: ModelCache, name: str, config: QuantConfig, image: Image.Image)
     panels = []
     with cache.lock:
         for m in ("spiq", "static-tensor"):
-            q = cache.quantized(name, method_config(config, m), keep=m == config.method)
+            q = cache.quantized(name, method_config(config, m))
             cmp = analysis.compare_predictions(loaded.model, q, x, loaded.classes)
             emap = analysis.error_maps(loaded.model, q, x, [n for n, mod in q.named_modules()
                                                           if isinstance(mod, QuantLayer)
