@@ -18,6 +18,7 @@ from spiq import views
 from spiq.cache import ModelCache
 from spiq.config import METHODS, ConfigError, QuantConfig
 from spiq.data import ImageError, open_image
+from spiq.export import ExportError
 from spiq.quantize import quantizable_layers
 from spiq.registry import ModelUnavailableError, availability, list_models
 
@@ -28,6 +29,8 @@ EXAMPLES = [str(ASSETS / f) for f in ("cat.jpg", "coffee.jpg", "rocket.jpg", "as
 MAX_RECIPE_BYTES = 1_000_000
 MAX_UPLOAD = "25mb"   # a photo; spiq.data.open_image also refuses > 40 Mpx, whatever the file size
 ATTRIBUTIONS = ["grad-cam", "integrated-gradients"]
+
+EXPORTS = Path(tempfile.mkdtemp(prefix="spiq-onnx-"))   # this process's exported models
 
 CACHE = ModelCache(max_quantized=int(os.environ.get("SPIQ_CACHE_SIZE", "12")), calib_dir=ASSETS)
 
@@ -220,6 +223,15 @@ def load_recipe(file, model_name):
     return (*_controls(config), views.layer_rows(loaded.model, config), config.to_json())
 
 
+@user_errors
+def show_deploy(model_name, applied, image, progress=gr.Progress()):
+    config = QuantConfig.from_json(applied)
+    try:
+        return views.deploy(CACHE, model_name, config, _need_image(image), EXPORTS, _progress(progress))
+    except ExportError as exc:
+        raise gr.Error(f"This recipe cannot be exported to int8: {exc}") from None
+
+
 def warm_up():
     """Load the default model and search its data-free ranges in the background after start."""
     CACHE.warm(DEFAULT_MODEL)
@@ -293,6 +305,17 @@ def build() -> gr.Blocks:
             with gr.Tab("Methods", id="methods"):
                 methods_plot = gr.Plot(label="All methods on this image", elem_id="methods-plot")
                 methods_table = gr.Dataframe(headers=views.METHODS_HEADERS, type="array", interactive=False)
+            with gr.Tab("Deploy", id="deploy"):
+                gr.Markdown("Export the applied recipe as an ONNX int8 model (per-tensor activation quantizers: "
+                            "SPIQ's per-channel grids are folded into the weights), run it with ONNX Runtime on this "
+                            "image and time it against FP32, ONNX Runtime's static int8 (calibrated on the example "
+                            "images) and dynamic int8. Needs 8-bit inputs and a static method.")
+                deploy_btn = gr.Button("Export and run int8", elem_id="deploy")
+                deploy_text = gr.Markdown(elem_id="deploy-text")
+                with gr.Row():
+                    latency_plot = gr.Plot(label="Latency", elem_id="latency-plot")
+                    parity_plot = gr.Plot(label="Real int8 vs simulation", elem_id="parity-plot")
+                onnx_file = gr.File(label="The exported .onnx", interactive=False)
             with gr.Tab("Recipe", id="recipe"):
                 recipe = gr.Code(default.to_json(indent=2), language="json", label="Applied recipe", interactive=False)
                 with gr.Row():
@@ -319,6 +342,8 @@ def build() -> gr.Blocks:
         channel.submit(show_error_map, [applied_model, applied, image, map_layer, channel], emap_plot, api_name=False)
         attr_method.input(show_attribution, [applied_model, applied, image, attr_method], attr_plot,
                           api_name="attribution")
+        deploy_btn.click(show_deploy, [applied_model, applied, image], [latency_plot, parity_plot, deploy_text, onnx_file],
+                         api_name="deploy")
         # An uploaded recipe replaces the controls and the table, then is applied like a click on Apply.
         upload.upload(load_recipe, [upload, applied_model], [method, wbits, abits, wgran, igran, table, applied],
                       api_name="load_recipe"

@@ -1424,3 +1424,18 @@ def ort_dynamic_int8(float_path: str | os.PathLike, out_path: str | os.PathLike)
 
     quantize_dynamic(str(float_path), str(out_path), weight_type=QuantType.QUInt8)
     return str(out_path)
+
+
+def cpu_int8_features() -> str:
+    """What this CPU offers integer kernels (VNNI, AVX-512, AMX), for reading latencies right."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0].split())
+    except (OSError, IndexError):
+        import platform
+
+        return f"{platform.machine()}: int8 features unknown"
+    wanted = [("avx512_vnni", "AVX-512 VNNI"), ("avx_vnni", "AVX-VNNI"), ("amx_int8", "AMX-INT8"),
+              ("avx512f", "AVX-512"), ("avx2", "AVX2")]
+    have = [label for flag, label in wanted if flag in flags]
+    vnni = any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    return (", ".join(have) or "no AVX2") + ("" if vnni else " (no VNNI/AMX: int8 dot products take more instructions)")

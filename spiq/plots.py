@@ -154,3 +154,29 @@ def story(picture, panels, config) -> go.Figure:
     fig.update_layout(title=f"W{config.weight_bits}A{config.input_bits}: float vs SPIQ vs per-tensor on this image",
                       showlegend=False, height=640)
     return fig
+
+
+def deploy_latency(rows, cpu: str) -> go.Figure:
+    """Measured batch-1 latency of each runtime variant, SPIQ int8 highlighted."""
+    fig = go.Figure(go.Bar(
+        x=[r["variant"] for r in rows], y=[r["ms"] for r in rows],
+        error_y={"type": "data", "symmetric": False, "array": [r["p90"] - r["ms"] for r in rows],
+                 "arrayminus": [r["ms"] - r["p10"] for r in rows]},
+        marker_color=[QUANT if r["variant"].startswith("SPIQ") else TENSOR for r in rows],
+        text=[f'{r["ms"]:.2f} ms' for r in rows], textposition="outside", cliponaxis=False))
+    fig.update_layout(title=f"Batch-1 latency, ONNX Runtime, median and p10–p90 ({cpu})", yaxis_title="ms",
+                      showlegend=False)
+    return fig
+
+
+def deploy_parity(rows) -> go.Figure:
+    """Per int8 layer: how close ONNX Runtime's quantized input is to the simulation's (SQNR)."""
+    names = [r["layer"] for r in rows]
+    fig = go.Figure(go.Bar(
+        x=names, y=[min(r["sqnr_db"], 200.0) for r in rows],
+        marker_color=[BAD if r["requantized"] or r["mul"] else QUANT for r in rows],
+        hovertext=["re-quantized for the shared residual-stream grid" if r["requantized"] else
+                   "explicit per-channel Mul" if r["mul"] else "exact fold" for r in rows]))
+    fig.update_layout(title="Real int8 vs simulation: SQNR of each layer's quantized input (red: re-quantized)",
+                      yaxis_title="dB", xaxis_tickangle=-60)
+    return fig

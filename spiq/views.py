@@ -6,7 +6,9 @@ same functions. Every model run holds the cache's lock (see `spiq.cache`).
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,7 +17,7 @@ from torch import nn
 
 from . import analysis, plots
 from .attribution import attribution_drift
-from .cache import Loaded, ModelCache
+from .cache import Loaded, ModelCache, config_key
 from .config import CALIBRATED, GRANULARITIES, METHODS, ConfigError, QuantConfig
 from .qlayers import QuantLayer
 from .quantize import quantizable_layers
@@ -238,3 +240,64 @@ def config_from_rows(config: QuantConfig, rows) -> QuantConfig:
         if ov:
             overrides[name] = ov
     return base.replace(overrides=overrides)
+
+
+# --- deploy: the recipe as a real int8 model -------------------------------------------------------
+
+def _baselines(cache: ModelCache, name: str, folder: Path) -> dict[str, str]:
+    """ONNX files of the float model and of ONNX Runtime's own static and dynamic int8 (once per model)."""
+    from . import export
+
+    def make():
+        fp = export.export_onnx(cache.load(name).model, folder / f"{name}_fp32.onnx", quantized=False, batch=1).path
+        return {"ORT FP32": fp,
+                "ORT static int8": export.ort_static_int8(fp, folder / f"{name}_ort_static.onnx", cache.calibration(name)),
+                "ORT dynamic int8": export.ort_dynamic_int8(fp, folder / f"{name}_ort_dynamic.onnx")}
+    return cache.derived(name, QuantConfig(), "onnx_baselines", make)
+
+
+@torch.no_grad()
+def deploy(cache: ModelCache, name: str, config: QuantConfig, image: Image.Image, folder: Path, progress=None):
+    """Export the recipe to ONNX int8, run it on this image, time it against FP32 / static / dynamic int8.
+
+    Returns (latency figure, parity figure, markdown, path of the .onnx)."""
+    from . import export
+
+    def step(fraction, text):
+        if progress is not None:
+            progress(fraction, text)
+
+    loaded = cache.load(name)
+    x = loaded.preprocess(image)[None]
+    with cache.lock:   # nothing else runs while latencies are measured
+        qmodel = cache.quantized(name, config)
+        step(0.05, "exporting the recipe to ONNX")
+        digest = hashlib.sha1(config_key(config).encode()).hexdigest()[:8]
+        tag = f"{name}_{config.method}_W{config.weight_bits}A{config.input_bits}_{digest}"
+        report = cache.derived(name, config, "onnx", lambda: export.export_onnx(qmodel, folder / f"{tag}.onnx", batch=1))
+        step(0.2, "ONNX Runtime baselines (float export, quantize_static, quantize_dynamic)")
+        paths = {**_baselines(cache, name, folder), "SPIQ int8" if config.method == "spiq" else
+                 f"{config.method} int8 (spiq export)": report.path}
+        rows = []
+        for i, (variant, path) in enumerate(paths.items()):
+            step(0.4 + 0.1 * i, f"timing {variant}")
+            lat = export.session_latency(path, 1, tuple(x.shape[1:]), images=x)
+            rows.append({"variant": variant, "ms": lat.median_ms, "p10": lat.p10_ms, "p90": lat.p90_ms})
+        step(0.85, "int8 vs simulation, layer by layer")
+        session = export.ort_session(report.path)
+        real = export.run_onnx(session, x)[0]
+        sim = qmodel(x)[0]
+        layers = export.layer_sqnr(qmodel, report, x)
+    cpu = export.cpu_int8_features()
+    fp = next(r["ms"] for r in rows if r["variant"] == "ORT FP32")
+    static = next(r["ms"] for r in rows if r["variant"] == "ORT static int8")
+    mine = rows[-1]["ms"]
+    classes = loaded.classes
+    logit_sqnr = analysis.sqnr_db(float((sim.double() ** 2).sum()), float(((real - sim).double() ** 2).sum()))
+    text = (f"**{rows[-1]['variant']}**: {mine:.2f} ms per image = {mine / static:.2f}× ORT static int8, "
+            f"{mine / fp:.2f}× ORT FP32 (CPU: {cpu}).  \n"
+            f"Top-1 on this image: real int8 **{classes[int(real.argmax())]}**, simulation "
+            f"**{classes[int(sim.argmax())]}**, float **{classes[int(loaded.model(x)[0].argmax())]}**; "
+            f"logits SQNR real vs simulation {logit_sqnr:.1f} dB.  \n"
+            f"{report.summary()}")
+    return plots.deploy_latency(rows, cpu), plots.deploy_parity(layers), text, report.path

@@ -207,3 +207,24 @@ def test_unavailable_model_is_refused_and_the_session_keeps_its_model(app):
     assert out[0] == module.DEFAULT_MODEL  # the dropdown goes back to the model in use
     fig, text = client.predict(handle_file(str(ROOT / "assets" / "coffee.jpg")), api_name="/predict")
     assert "espresso" in text
+
+
+def test_deploy_exports_runs_and_times_the_recipe(app):
+    from gradio_client.exceptions import AppError
+
+    _, url = app
+    client = Client(url, verbose=False)
+    cat = str(ROOT / "assets" / "cat.jpg")
+    _apply(client, "spiq", 8, 8, cat)
+    latency, parity, text, onnx_file = client.predict(handle_file(cat), api_name="/deploy")
+    assert "SPIQ int8" in text and "ORT static int8" in text and "CPU:" in text
+    assert "real int8 **" in text and Path(onnx_file).stat().st_size > 1_000_000
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(onnx_file).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
+    # 4-bit inputs have no uint8 kernel: a clear refusal, and the session goes on
+    _apply(client, "spiq", 8, 4, cat)
+    with pytest.raises(AppError, match="cannot be exported to int8.*8-bit inputs"):
+        client.predict(handle_file(cat), api_name="/deploy")
+    assert "logit SQNR" in client.predict(handle_file(cat), api_name="/predict")[-1]

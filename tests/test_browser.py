@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("SPIQ_CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
 PLOTS = {"Predictions": ["pred-plot"], "Story": ["story-plot"], "Channel ranges": ["ranges-plot"],
          "Layer error": ["sqnr-plot", "breakdown-plot", "fold-plot"], "Error map": ["emap-plot"],
-         "Attribution": ["attr-plot"], "Methods": ["methods-plot"], "Recipe": []}
+         "Attribution": ["attr-plot"], "Methods": ["methods-plot"], "Deploy": [], "Recipe": []}
 
 
 def _free_port() -> int:
