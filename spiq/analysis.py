@@ -42,6 +42,12 @@ def sqnr_db(signal_energy: float, noise_energy: float) -> float:
     return 10.0 * math.log10(signal_energy / noise_energy)
 
 
+def tensor_sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
+    """sqnr_db of `test` against `reference` (the signal), in float64."""
+    ref = reference.double()
+    return sqnr_db(float((ref ** 2).sum()), float(((test.double() - ref) ** 2).sum()))
+
+
 @dataclass
 class LayerBreakdown:
     """Output SQNR (dB) of one layer with one source of error at a time, isolated on float inputs."""
@@ -266,8 +272,7 @@ def compare_predictions(model: nn.Module, qmodel: nn.Module, x: torch.Tensor, cl
         v, i = p.topk(k)
         return Prediction([classes[j] for j in i.tolist()], v.tolist())
 
-    return Comparison(top(yf), top(yq), bool(yf.argmax() != yq.argmax()),
-                      sqnr_db(float((yf.double() ** 2).sum()), float(((yq - yf).double() ** 2).sum())))
+    return Comparison(top(yf), top(yq), bool(yf.argmax() != yq.argmax()), tensor_sqnr_db(yf, yq))
 
 
 @torch.no_grad()

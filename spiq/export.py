@@ -62,6 +62,7 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
+from .analysis import tensor_sqnr_db
 from .config import CALIBRATED
 from .graph import _LeafTracer
 from .qlayers import InputQuant, QuantLayer, fake_quant_input
@@ -1290,12 +1291,6 @@ def session_latency(session, batch: int, input_shape: tuple[int, int, int] = (3,
     return measure_latency(lambda: session.run(None, {name: x}), batch, runs, warmup)
 
 
-def _sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
-    noise = float(((ref.double() - test.double()) ** 2).sum())
-    signal = float((ref.double() ** 2).sum())
-    return math.inf if noise == 0 else 10 * math.log10(max(signal, 1e-300) / noise)
-
-
 @dataclass
 class Parity:
     """ONNX Runtime int8 against the simulation of the same config, on the same images."""
@@ -1324,7 +1319,7 @@ def parity(qmodel: nn.Module, session, images: torch.Tensor, labels: torch.Tenso
     return Parity(n, float((pr == ps).float().mean()) if n else 0.0,
                   None if labels is None else float((pr == labels).float().mean()),
                   None if labels is None else float((ps == labels).float().mean()),
-                  _sqnr_db(sim_logits, real))
+                  tensor_sqnr_db(sim_logits, real))
 
 
 @torch.no_grad()

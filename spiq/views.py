@@ -134,7 +134,7 @@ def methods(cache: ModelCache, name: str, config: QuantConfig, image: Image.Imag
             rows.append(dict(
                 method=m, top1=loaded.classes[int(yq.argmax())], prob=float(p.max()),
                 agrees=bool(yq.argmax() == yf.argmax()),
-                logit_sqnr=analysis.sqnr_db(float((yf.double() ** 2).sum()), float(((yq - yf).double() ** 2).sum())),
+                logit_sqnr=analysis.tensor_sqnr_db(yf, yq),
                 calibrated_on=(f"{len(cache.calibration(name))} example images" if m in CALIBRATED else "")))
     return plots.methods(rows, loaded.classes[int(yf.argmax())], config), rows
 
@@ -293,7 +293,7 @@ def deploy(cache: ModelCache, name: str, config: QuantConfig, image: Image.Image
     static = next(r["ms"] for r in rows if r["variant"] == "ORT static int8")
     mine = rows[-1]["ms"]
     classes = loaded.classes
-    logit_sqnr = analysis.sqnr_db(float((sim.double() ** 2).sum()), float(((real - sim).double() ** 2).sum()))
+    logit_sqnr = analysis.tensor_sqnr_db(sim, real)
     text = (f"**{rows[-1]['variant']}**: {mine:.2f} ms per image = {mine / static:.2f}× ORT static int8, "
             f"{mine / fp:.2f}× ORT FP32 (CPU: {cpu}).  \n"
             f"Top-1 on this image: real int8 **{classes[int(real.argmax())]}**, simulation "
