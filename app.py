@@ -71,7 +71,15 @@ def _need_image(image):
 
 
 def _progress(progress: gr.Progress):
-    return lambda fraction, message: progress(fraction, desc=message)
+    """The library's progress callback as a Gradio progress bar, at most ten updates per task
+    (every update is a message to the browser; fifty of them cost a quarter of a second)."""
+    last = [-1.0]
+
+    def report(fraction, message):
+        if fraction - last[0] >= 0.1 or fraction >= 1.0:
+            last[0] = fraction
+            progress(fraction, desc=message)
+    return report
 
 
 # --- handlers -----------------------------------------------------------------------------------
