@@ -29,11 +29,18 @@ def input_scale_zero(rng: Range, bits: int) -> tuple[torch.Tensor, torch.Tensor]
 
 def _flip_largest(e: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     """Per row of e (R, J), -1/+1 on the |count| entries whose rounding error e points the way of count."""
-    sign = torch.sign(count).unsqueeze(-1)
-    order = torch.argsort(e * sign, dim=-1, descending=True)
+    flips = torch.zeros_like(e)
+    rows = count != 0
+    if not bool(rows.any()):  # e.g. every 1x1 kernel: one tap never rounds by more than half a step
+        return flips
+    # sort only the rows that flip anything: most rows of a big layer do not
+    er, cr = e[rows], count[rows]
+    sign = torch.sign(cr).unsqueeze(-1)
+    order = torch.argsort(er * sign, dim=-1, descending=True)
     rank = torch.empty_like(order)
-    rank.scatter_(-1, order, torch.arange(e.shape[-1]).expand_as(order))
-    return -(rank < count.abs().unsqueeze(-1)).float() * sign
+    rank.scatter_(-1, order, torch.arange(er.shape[-1]).expand_as(order))
+    flips[rows] = -(rank < cr.abs().unsqueeze(-1)).float() * sign
+    return flips
 
 
 def squant_round(x: torch.Tensor, n: int) -> torch.Tensor:
