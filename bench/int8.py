@@ -31,6 +31,7 @@ from common import SAMPLE_DIR, machine, save
 
 import spiq
 from spiq import export as ex
+from spiq import runtime as rt
 from spiq.evaluate import calibration_subset, load_images, predict
 
 TARGET_VS_STATIC, TARGET_VS_FP32 = 1.10, 0.60
@@ -42,7 +43,7 @@ def interleaved_latency(runners: dict, batch: int, runs: int, rounds: int = 6, w
     per_round = -(-runs // rounds)
     for _ in range(rounds):
         for name, run in runners.items():
-            lat = ex.measure_latency(run, batch, per_round, warmup)
+            lat = rt.measure_latency(run, batch, per_round, warmup)
             times[name] += lat.times
     out = {}
     for name, t in times.items():
@@ -86,8 +87,8 @@ def run(argv, tmp: Path) -> int:
         d.mkdir()
         paths = {"ORT FP32": d / "fp32.onnx", "ORT static int8": d / "static.onnx", "ORT dynamic int8": d / "dynamic.onnx"}
         ex.export_onnx(model, paths["ORT FP32"], batch=batch)
-        ex.ort_static_int8(paths["ORT FP32"], paths["ORT static int8"], calib, batch=batch or 1)
-        ex.ort_dynamic_int8(paths["ORT FP32"], paths["ORT dynamic int8"])
+        rt.ort_static_int8(paths["ORT FP32"], paths["ORT static int8"], calib, batch=batch or 1)
+        rt.ort_dynamic_int8(paths["ORT FP32"], paths["ORT dynamic int8"])
         for i, name in enumerate(configs):
             paths[name] = d / f"spiq{i}.onnx"
             ex.export_onnx(qmodels[name], paths[name], batch=batch)
@@ -100,7 +101,7 @@ def run(argv, tmp: Path) -> int:
         qmodel = qmodels[name]
         report = ex.export_onnx(qmodel, paths[name])
         sim = torch.cat([qmodel(images[i:i + 25]) for i in range(0, len(images), 25)])
-        par = ex.parity(qmodel, paths[name], images, labels, sim_logits=sim)
+        par = rt.parity(qmodel, paths[name], images, labels, sim_logits=sim)
         rows = ex.layer_sqnr(qmodel, report, images[: args.sqnr_images])
         sqnr = [r["sqnr_db"] for r in rows]
         spiq_info[name] = {
@@ -113,13 +114,13 @@ def run(argv, tmp: Path) -> int:
         }
         print(f"{name}: {par.summary()}", file=sys.stderr)
 
-    sessions = {name: ex.ort_session(path, args.threads) for name, path in paths.items()}
-    ort_ops = {name: ex.optimized_op_counts(path, args.threads) for name, path in paths.items()}
+    sessions = {name: rt.ort_session(path, args.threads) for name, path in paths.items()}
+    ort_ops = {name: rt.optimized_op_counts(path, args.threads) for name, path in paths.items()}
     top1 = {}
     with torch.no_grad():
         top1["PyTorch FP32"] = float((predict(model, images) == labels).float().mean())
     for name, s in sessions.items():
-        top1[name] = float((ex.run_onnx(s, images).argmax(1) == labels).float().mean())
+        top1[name] = float((rt.run_onnx(s, images).argmax(1) == labels).float().mean())
     for name in configs:
         top1[f"{name} (simulation)"] = spiq_info[name]["parity"]["top1_sim"]
 
@@ -128,7 +129,7 @@ def run(argv, tmp: Path) -> int:
         x = images[:batch]
         fixed = build(batch)   # static shapes throughout: what a deployment would run
         runners = {"PyTorch FP32": (lambda x=x: model(x))}
-        runners.update({name: session_runner(ex.ort_session(path, args.threads), x) for name, path in fixed.items()})
+        runners.update({name: session_runner(rt.ort_session(path, args.threads), x) for name, path in fixed.items()})
         with torch.no_grad():
             latency[batch] = interleaved_latency(runners, batch, args.runs)
 

@@ -87,7 +87,8 @@ def _cmd_export(args) -> int:
     from tqdm import tqdm
 
     from .evaluate import calibration_subset, load_images
-    from .export import export_onnx, optimized_op_counts, parity
+    from .export import export_onnx
+    from .runtime import optimized_op_counts, parity
     from .quantize import quantize
     from .registry import load_model
 

@@ -246,13 +246,13 @@ def config_from_rows(config: QuantConfig, rows) -> QuantConfig:
 
 def _baselines(cache: ModelCache, name: str, folder: Path) -> dict[str, str]:
     """ONNX files of the float model and of ONNX Runtime's own static and dynamic int8 (once per model)."""
-    from . import export
+    from . import export, runtime
 
     def make():
         fp = export.export_onnx(cache.load(name).model, folder / f"{name}_fp32.onnx", quantized=False, batch=1).path
         return {"ORT FP32": fp,
-                "ORT static int8": export.ort_static_int8(fp, folder / f"{name}_ort_static.onnx", cache.calibration(name)),
-                "ORT dynamic int8": export.ort_dynamic_int8(fp, folder / f"{name}_ort_dynamic.onnx")}
+                "ORT static int8": runtime.ort_static_int8(fp, folder / f"{name}_ort_static.onnx", cache.calibration(name)),
+                "ORT dynamic int8": runtime.ort_dynamic_int8(fp, folder / f"{name}_ort_dynamic.onnx")}
     return cache.derived(name, QuantConfig(), "onnx_baselines", make)
 
 
@@ -261,7 +261,7 @@ def deploy(cache: ModelCache, name: str, config: QuantConfig, image: Image.Image
     """Export the recipe to ONNX int8, run it on this image, time it against FP32 / static / dynamic int8.
 
     Returns (latency figure, parity figure, markdown, path of the .onnx)."""
-    from . import export
+    from . import export, runtime
 
     def step(fraction, text):
         if progress is not None:
@@ -281,14 +281,14 @@ def deploy(cache: ModelCache, name: str, config: QuantConfig, image: Image.Image
         rows = []
         for i, (variant, path) in enumerate(paths.items()):
             step(0.4 + 0.1 * i, f"timing {variant}")
-            lat = export.session_latency(path, 1, tuple(x.shape[1:]), images=x)
+            lat = runtime.session_latency(path, 1, tuple(x.shape[1:]), images=x)
             rows.append({"variant": variant, "ms": lat.median_ms, "p10": lat.p10_ms, "p90": lat.p90_ms})
         step(0.85, "int8 vs simulation, layer by layer")
-        session = export.ort_session(report.path)
-        real = export.run_onnx(session, x)[0]
+        session = runtime.ort_session(report.path)
+        real = runtime.run_onnx(session, x)[0]
         sim = qmodel(x)[0]
         layers = export.layer_sqnr(qmodel, report, x)
-    cpu = export.cpu_int8_features()
+    cpu = runtime.cpu_int8_features()
     fp = next(r["ms"] for r in rows if r["variant"] == "ORT FP32")
     static = next(r["ms"] for r in rows if r["variant"] == "ORT static int8")
     mine = rows[-1]["ms"]

@@ -9,6 +9,7 @@ from torch import nn
 
 import spiq
 from spiq import export as ex
+from spiq import runtime as rt
 from spiq.cli import main
 from spiq.export import ExportError
 
@@ -47,7 +48,7 @@ def test_every_activation_quantizer_is_per_tensor_uint8(exported):
 
 
 def test_onnx_runtime_fuses_it_into_integer_kernels(exported):
-    ops = ex.optimized_op_counts(exported.path)
+    ops = rt.optimized_op_counts(exported.path)
     assert ops.get("QLinearConv") == 49
     assert ops.get("QLinearAdd") == 9
     assert ops.get("QGemm") == 1 and ops.get("QLinearGlobalAveragePool") == 1
@@ -72,7 +73,7 @@ def test_float_fold_is_exact(spiq_w8a8, images, tmp_path):
     twin = ex.float_twin(spiq_w8a8, report)
     with torch.no_grad():
         expect = twin(x)
-    got = ex.run_onnx(report.path, x)
+    got = rt.run_onnx(report.path, x)
     assert (got - expect).abs().max() <= 1e-5 * expect.abs().max()
     # the twin is the simulation's own network where no grid had to change
     for name in report.int8_layers:
@@ -92,7 +93,7 @@ def test_int8_graph_computes_its_simulation(spiq_w8a8, exported, images):
 
 def test_parity_with_the_simulation_of_the_config(spiq_w8a8, exported, images):
     x, y = images
-    par = ex.parity(spiq_w8a8, exported.path, x, y)
+    par = rt.parity(spiq_w8a8, exported.path, x, y)
     assert par.n_images == 64
     assert par.agreement >= 0.9, par.summary()
     assert par.logits_sqnr_db >= 18, par.summary()
@@ -144,10 +145,10 @@ def test_per_channel_mul_where_the_fold_is_not_legal(tmp_path):
     assert set(report.mul_layers) == {"conv1", "conv2"}
     assert "SiLU" in report.mul_layers["conv2"] or "silu" in report.mul_layers["conv2"]
     assert report.op_counts["Mul"] >= 3 and report.op_counts["Pad"] == 2   # padded in original units
-    ops = ex.optimized_op_counts(report.path)
+    ops = rt.optimized_op_counts(report.path)
     assert ops.get("QLinearConv") == 1 and ops.get("QGemm") == 1   # conv1 feeds the SiLU: it stays float
     x = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    par = ex.parity(q, report.path, x)
+    par = rt.parity(q, report.path, x)
     assert par.logits_sqnr_db > 30 and par.agreement >= 0.95, par.summary()
 
 
@@ -156,10 +157,10 @@ def test_per_channel_pooled_grid_keeps_the_pool_path_in_float(tmp_path):
     q = spiq.quantize(_SiluNet(), spiq.QuantConfig(method="spiq", weight_bits=8, input_bits=8, fold="always"))
     report = ex.export_onnx(q, tmp_path / "silu.onnx", input_size=32)
     assert any("before the global pool" in n for n in report.notes)
-    ops = ex.optimized_op_counts(report.path)
+    ops = rt.optimized_op_counts(report.path)
     assert "QLinearConv" not in ops and ops.get("QGemm") == 1
     x = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    assert ex.parity(q, report.path, x).logits_sqnr_db > 30
+    assert rt.parity(q, report.path, x).logits_sqnr_db > 30
 
 
 class _SinNet(nn.Module):
