@@ -11,26 +11,19 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .fold import folded_copy
 from .hooks import run_with_hooks
 from .qlayers import QuantLayer, fake_quant_input
 
 
 def reference_of(model: nn.Module, qmodel: nn.Module) -> nn.Module:
-    """The BN-folded float model to compare `qmodel` with: the one quantize() kept, else a new fold."""
-    report = getattr(qmodel, "spiq_report", None)
-    return report.prepared.folded if report is not None and report.prepared is not None else folded_copy(model)
+    """The BN-folded float model to compare `qmodel` with: the one quantize() started from."""
+    return qmodel.spiq_report.reference
 
 
 def _data_free_range(qmodel: nn.Module, layer: str, bits: int, per_channel: bool):
-    """The range the data-free law gives `layer` at `bits`, from quantize()'s memo when it has one."""
-    from .ranges import clip_range
-
+    """The range the data-free law gives `layer` at `bits`, from quantize()'s memo."""
     report = qmodel.spiq_report
-    dist = report.propagation.inputs[layer]
-    if report.prepared is not None:
-        return report.prepared.data_free_range(layer, dist, bits, per_channel, report.config)
-    return clip_range(dist, bits, per_channel, report.config.clip_penalty)
+    return report.prepared.data_free_range(layer, report.propagation.inputs[layer], bits, per_channel, report.config)
 
 
 def sqnr_db(signal_energy: float, noise_energy: float) -> float:
@@ -205,7 +198,6 @@ class FoldCost:
 def fold_cost(model: nn.Module, qmodel: nn.Module) -> list[FoldCost]:
     """For every layer with folded per-channel input scales: weight error added vs input error removed."""
     from .qlayers import fold_input_scale, quantize_weight
-
 
     reference = reference_of(model, qmodel)
     report = qmodel.spiq_report

@@ -389,21 +389,13 @@ def _out_view(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return v.view((-1,) + (1,) * (w.dim() - 1))
 
 
-def _float_reference(report) -> nn.Module | None:
-    """The BN-folded float model quantize() started from, which it keeps in its report."""
-    prepared = getattr(report, "prepared", None)
-    if prepared is not None:
-        return prepared.folded
-    return getattr(report, "reference", None)
-
-
 def _requantize(qmodel: nn.Module, lp: _LayerPlan, grid: _Grid) -> None:
     """Quantize layer `lp` again, by the recipe quantize() used, for the input grid it really gets."""
     from .quantize import _fallback_dist, _output_mean, _plan
     from .ranges import expected_value
 
     report, config = getattr(qmodel, "spiq_report", None), getattr(qmodel, "spiq_config", None)
-    reference = _float_reference(report)
+    reference = report.reference if report is not None and report.prepared is not None else None
     if reference is None or config is None:
         raise ExportError(f"layer {lp.name}: its input grid must change for the int8 graph and the model "
                           "carries no float reference to re-quantize it from (quantize it with spiq.quantize)")

@@ -43,6 +43,10 @@ class QuantReport:
     # compares with) and the data-free ranges searched so far. Shared and read-only.
     prepared: "Prepared | None" = field(default=None, repr=False)
 
+    @property
+    def reference(self) -> nn.Module:
+        return self.prepared.folded
+
 
 @dataclass
 class Prepared:
@@ -211,10 +215,7 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data: torch.Tensor | N
         dist = prop.inputs.get(name) or _fallback_dist(_in_channels(layer), config.tail)
         rng: Range | None = None
         if s.method in DATA_FREE:
-            rng = (prepared.data_free_range(name, dist, s.input_bits, s.input_per_channel, config)
-                   if name in prop.inputs else
-                   clip_range(dist, s.input_bits, s.input_per_channel, config.clip_penalty) if config.range_rule == "mse"
-                   else sigma_range(dist, config.n_sigma, s.input_per_channel))
+            rng = prepared.data_free_range(name, dist, s.input_bits, s.input_per_channel, config)
         elif s.method in CALIBRATED:
             rule = s.method.split("-", 1)[1]
             rng = calibrated_range(observed[name], rule, s.input_bits, s.input_per_channel, config.percentile)
@@ -222,7 +223,7 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data: torch.Tensor | N
 
         def memo(rng, per_channel, name=name, s=s):
             folds = rng is not None and per_channel
-            if folds and not (s.method in DATA_FREE and name in prop.inputs):
+            if folds and s.method not in DATA_FREE:
                 return None  # scales from calibration images: not worth keeping
             key = (name, s.weight_bits, s.weight_per_channel, config.weight_clip, config.weight_rounding,
                    (s.input_bits, config.range_rule, config.clip_penalty, config.n_sigma) if folds else None)
@@ -234,8 +235,7 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data: torch.Tensor | N
             # Per-channel input scales cost weight precision once folded. Where the data-free law says
             # the input gain is smaller than that cost (high input bits, low weight bits), one range
             # per tensor is the better static quantizer for this layer.
-            rng_t = (prepared.data_free_range(name, dist, s.input_bits, False, config) if name in prop.inputs
-                     else clip_range(dist, s.input_bits, False, config.clip_penalty))
+            rng_t = prepared.data_free_range(name, dist, s.input_bits, False, config)
             alt = _plan(layer, rng_t, s.input_bits, False, s.weight_bits, s.weight_per_channel, config,
                         memo(rng_t, False))
             if _expected_output_error(layer, w_float, alt[3], dist, rng_t, s.input_bits) < \

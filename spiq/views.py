@@ -38,13 +38,17 @@ class Scene:
 
     @property
     def conv_layers(self) -> list[str]:
-        return [n for n, m in self.qmodel.named_modules() if isinstance(m, QuantLayer) and isinstance(m.layer, nn.Conv2d)]
+        return _conv_layers(self.qmodel)
 
     @property
     def range_layers(self) -> list[str]:
         """Layers whose input has a data-free law: those the channel-range view can explain."""
         prop = self.qmodel.spiq_report.propagation
         return [n for n in self.layers if prop is not None and n in prop.inputs]
+
+
+def _conv_layers(qmodel: nn.Module) -> list[str]:
+    return [n for n, m in qmodel.named_modules() if isinstance(m, QuantLayer) and isinstance(m.layer, nn.Conv2d)]
 
 
 def scene(cache: ModelCache, name: str, config: QuantConfig, image: Image.Image, progress=None) -> Scene:
@@ -158,9 +162,7 @@ def story(cache: ModelCache, name: str, config: QuantConfig, image: Image.Image)
         for m in ("spiq", "static-tensor"):
             q = cache.quantized(name, method_config(config, m))
             cmp = analysis.compare_predictions(loaded.model, q, x, loaded.classes)
-            emap = analysis.error_maps(loaded.model, q, x, [n for n, mod in q.named_modules()
-                                                          if isinstance(mod, QuantLayer)
-                                                          and isinstance(mod.layer, nn.Conv2d)][-1:])["logits"]
+            emap = analysis.error_maps(loaded.model, q, x, _conv_layers(q)[-1:])["logits"]
             panels.append((m, cmp, emap))
     return plots.story(picture, panels, config)
 
