@@ -19,7 +19,7 @@ from spiq.cache import ModelCache
 from spiq.config import METHODS, ConfigError, QuantConfig
 from spiq.data import ImageError, open_image
 from spiq.export import ExportError
-from spiq.quantize import quantizable_layers
+from spiq.quantize import methods_for, quantizable_layers
 from spiq.registry import ModelUnavailableError, availability, list_models
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -29,6 +29,8 @@ EXAMPLES = [str(ASSETS / f) for f in ("cat.jpg", "coffee.jpg", "rocket.jpg", "as
 MAX_RECIPE_BYTES = 1_000_000
 MAX_UPLOAD = "25mb"   # a photo; spiq.data.open_image also refuses > 40 Mpx, whatever the file size
 ATTRIBUTIONS = ["grad-cam", "integrated-gradients"]
+NO_ATTENTION = "Attention maps are for vision transformers; pick a DeiT or ViT model to see them."
+VIEW_OUTPUTS = 17   # what `refresh` fills: the components of `views_out` in build()
 
 EXPORTS = Path(tempfile.mkdtemp(prefix="spiq-onnx-"))   # this process's exported models
 
@@ -116,13 +118,15 @@ def select_model(name, applied_model, method, wbits, abits, wgran, igran, progre
     problem = availability(name)
     if problem is not None:
         gr.Warning(f"{name} cannot be used here: {problem}")
-        return applied_model, applied_model, gr.update(), gr.update(), gr.update()
+        return applied_model, applied_model, gr.update(), gr.update(), gr.update(), gr.update()
     progress(0.1, desc=f"loading {name}")
     loaded = CACHE.load(name)
-    # the controls carry over; per-layer overrides belong to the previous model's layers
+    # the controls carry over (but a method the model cannot take); per-layer overrides belong to
+    # the previous model's layers
+    method = method if method in methods_for(loaded.model) else QuantConfig().method
     config = _config_from_controls(QuantConfig().to_json(), method, wbits, abits, wgran, igran, None)
     return (name, name, views.layer_rows(loaded.model, config), config.to_json(),
-            f"Loaded **{name}** with `{config.to_json()}`.")
+            f"Loaded **{name}** with `{config.to_json()}`.", method)
 
 
 @user_errors
@@ -149,14 +153,15 @@ def predict(model_name, applied, image):
 
 
 @user_errors
-def refresh(model_name, applied, image, range_layer, map_layer, channel, attr_method, progress=gr.Progress()):
+def refresh(model_name, applied, image, range_layer, map_layer, channel, attr_method, block,
+            progress=gr.Progress()):
     """Every analysis view for the current image and recipe."""
     if image is None:  # a cleared image: keep the last views
-        return [gr.update()] * 13
+        return [gr.update()] * VIEW_OUTPUTS
     config = QuantConfig.from_json(applied)
     progress(0.0, desc="quantizing")
     sc = views.scene(CACHE, model_name, config, image)
-    ranges_layers, map_layers = sc.range_layers, ["logits", *sc.conv_layers]
+    ranges_layers, map_layers = sc.range_layers, ["logits", *sc.map_layers]
     range_layer = range_layer if range_layer in ranges_layers else _default_range_layer(ranges_layers)
     map_layer = map_layer if map_layer in map_layers else "logits"
     progress(0.1, desc="story")
@@ -169,11 +174,23 @@ def refresh(model_name, applied, image, range_layer, map_layer, channel, attr_me
     emap = views.error_map(CACHE, sc, map_layer, _channel(channel))
     progress(0.6, desc="attribution")
     attr = views.attribution(CACHE, sc, attr_method)
+    progress(0.7, desc="attention")
+    attention = _attention(sc, block)
     progress(0.8, desc="all methods")
     mfig, mrows = views.methods(CACHE, model_name, config, image)
     return (story, gr.update(choices=ranges_layers, value=range_layer), ranges, sqnr, breakdown, fold, table,
             gr.update(choices=map_layers, value=map_layer), emap, attr, mfig, views.methods_table(mrows),
-            f"Views show `{config.to_json()}` on `{model_name}`.")
+            *attention, f"Views show `{config.to_json()}` on `{model_name}`.")
+
+
+def _attention(sc, block):
+    blocks = getattr(sc.qmodel, "blocks", None)
+    if not views.is_transformer(sc.qmodel):
+        return gr.update(visible=False), None, None, NO_ATTENTION
+    last = len(blocks) - 1
+    block = min(int(block), last) if block is not None else last
+    maps, inversions, text = views.attention(CACHE, sc, block)
+    return gr.update(visible=True, maximum=last, value=block), maps, inversions, text
 
 
 def _default_range_layer(layers):
@@ -199,6 +216,14 @@ def show_ranges(model_name, applied, image, layer):
 def show_error_map(model_name, applied, image, layer, channel):
     sc = views.scene(CACHE, model_name, QuantConfig.from_json(applied), _need_image(image))
     return views.error_map(CACHE, sc, layer, _channel(channel) if layer != "logits" else None)
+
+
+@user_errors
+def show_attention(model_name, applied, image, block):
+    sc = views.scene(CACHE, model_name, QuantConfig.from_json(applied), _need_image(image))
+    if not views.is_transformer(sc.qmodel):
+        raise gr.Error(NO_ATTENTION)
+    return views.attention(CACHE, sc, int(block))
 
 
 @user_errors
@@ -267,7 +292,8 @@ def build() -> gr.Blocks:
                 with gr.Accordion("Models not available here, and why", open=False):
                     gr.Markdown(unavailable_note())
                 method = gr.Dropdown(list(METHODS), value=default.method, label="Method", elem_id="method",
-                                     info="spiq: data-free per-channel static; calib-*: calibrated on the example images")
+                                     info="spiq: data-free per-channel static; calib-* and liu-ptq (transformers "
+                                          "only): calibrated on the example images")
                 with gr.Row():
                     wbits = gr.Slider(2, 16, value=default.weight_bits, step=1, label="Weight bits", elem_id="wbits")
                     abits = gr.Slider(2, 16, value=default.input_bits, step=1, label="Input bits", elem_id="abits")
@@ -310,6 +336,11 @@ def build() -> gr.Blocks:
             with gr.Tab("Attribution", id="attribution"):
                 attr_method = gr.Radio(ATTRIBUTIONS, value="grad-cam", label="Attribution (captum)")
                 attr_plot = gr.Plot(label="Attribution drift", elem_id="attr-plot")
+            with gr.Tab("Attention", id="attention"):
+                block = gr.Slider(0, 11, value=11, step=1, label="Block", visible=False, elem_id="block")
+                attention_text = gr.Markdown(NO_ATTENTION, elem_id="attention-text")
+                attention_plot = gr.Plot(label="Attention maps per head", elem_id="attention-plot")
+                inversions_plot = gr.Plot(label="Rank inversions per block", elem_id="inversions-plot")
             with gr.Tab("Methods", id="methods"):
                 methods_plot = gr.Plot(label="All methods on this image", elem_id="methods-plot")
                 methods_table = gr.Dataframe(headers=views.METHODS_HEADERS, type="array", interactive=False)
@@ -332,11 +363,13 @@ def build() -> gr.Blocks:
                     upload = gr.File(file_types=[".json"], type="filepath", label="Upload a recipe JSON")
 
         views_out = [story_plot, range_layer, ranges_plot, sqnr_plot, breakdown_plot, fold_plot, error_table,
-                     map_layer, emap_plot, attr_plot, methods_plot, methods_table, views_note]
-        refresh_in = [applied_model, applied, image, range_layer, map_layer, channel, attr_method]
+                     map_layer, emap_plot, attr_plot, methods_plot, methods_table,
+                     block, attention_plot, inversions_plot, attention_text, views_note]
+        assert len(views_out) == VIEW_OUTPUTS
+        refresh_in = [applied_model, applied, image, range_layer, map_layer, channel, attr_method, block]
 
         model.change(select_model, [model, applied_model, method, wbits, abits, wgran, igran],
-                     [applied_model, model, table, applied, status], api_name="select_model"
+                     [applied_model, model, table, applied, status, method], api_name="select_model"
                      ).success(predict, [applied_model, applied, image], [pred_plot, pred_text], api_name=False
                                ).success(refresh, refresh_in, views_out, api_name=False)
         apply_btn.click(apply, [applied_model, applied, method, wbits, abits, wgran, igran, table, image],
@@ -350,6 +383,8 @@ def build() -> gr.Blocks:
         channel.submit(show_error_map, [applied_model, applied, image, map_layer, channel], emap_plot, api_name=False)
         attr_method.input(show_attribution, [applied_model, applied, image, attr_method], attr_plot,
                           api_name="attribution")
+        block.release(show_attention, [applied_model, applied, image, block],
+                      [attention_plot, inversions_plot, attention_text], api_name="attention")
         deploy_btn.click(show_deploy, [applied_model, applied, image], [latency_plot, parity_plot, deploy_text, onnx_file],
                          api_name="deploy")
         # An uploaded recipe replaces the controls and the table, then is applied like a click on Apply.

@@ -72,7 +72,7 @@ def layer_breakdown(model: nn.Module, qmodel: nn.Module, images: torch.Tensor, b
             iq = q.input_quant
             rng = qmodel.spiq_report.layers[name].range
             if rng is not None:
-                shape = (1, -1) + (1,) * (x.dim() - 2) if rng.per_channel else ()
+                shape = ((1, -1, 1, 1) if isinstance(layer, nn.Conv2d) else (-1,)) if rng.per_channel else ()
                 lo, hi = rng.lo.view(shape), rng.hi.view(shape)
                 x_clip = torch.minimum(torch.maximum(x, lo), hi)
                 count[name][0] += int((x_clip != x).sum())
@@ -267,24 +267,48 @@ def compare_predictions(model: nn.Module, qmodel: nn.Module, x: torch.Tensor, cl
     return Comparison(top(yf), top(yq), bool(yf.argmax() != yq.argmax()), tensor_sqnr_db(yf, yq))
 
 
+def token_grid(y: torch.Tensor) -> torch.Tensor:
+    """One sample's output as a (C, h, w) map: a conv's as it is, a ViT layer's patch tokens on their grid."""
+    if y.dim() == 3:                                   # (C, H, W)
+        return y
+    tokens = y.shape[0]                                # (N, C): prefix tokens (class, ...) then h·w patches
+    side = math.isqrt(tokens)
+    while side > 0 and tokens - side * side > 8:
+        side -= 1
+    if side == 0:
+        raise ValueError(f"{tokens} tokens do not hold a square grid of patches")
+    return y[tokens - side * side:].t().reshape(y.shape[1], side, side)
+
+
+def spatial_layers(qmodel: nn.Module) -> list[str]:
+    """Quantized layers whose outputs have a place in the image: convs, and a transformer's token layers."""
+    from .vit import is_transformer
+
+    if is_transformer(qmodel):
+        return [n for n, m in qmodel.named_modules() if isinstance(m, QuantLayer) and n != "head"]
+    return [n for n, m in qmodel.named_modules() if isinstance(m, QuantLayer) and isinstance(m.layer, nn.Conv2d)]
+
+
 @torch.no_grad()
 def error_maps(model: nn.Module, qmodel: nn.Module, x: torch.Tensor, layers: list[str] | None = None,
                channel: int | None = None) -> dict[str, torch.Tensor]:
     """Spatial maps of |y - ŷ| (mean over channels, or one channel), upsampled to the image size.
 
-    Maps are for conv layers with the whole model quantized (errors propagated). The "logits" map
-    projects the error of the last feature map onto the float top-1 class's classifier row: where
-    in the image the quantized model's evidence for that class went wrong.
+    Maps are for conv layers (a transformer's token layers, patch tokens on their grid) with the
+    whole model quantized (errors propagated). The "logits" map projects the error of the last
+    feature map onto the float top-1 class's classifier row: where in the image the quantized
+    model's evidence for that class went wrong. A transformer's classifier reads the class token
+    alone, so it has no such map.
     """
     from torch.nn import functional as F
 
     x = x.unsqueeze(0) if x.dim() == 3 else x
     reference = reference_of(model, qmodel)
-    convs = [n for n, m in qmodel.named_modules() if isinstance(m, QuantLayer) and isinstance(m.layer, nn.Conv2d)]
+    convs = spatial_layers(qmodel)
     layers = layers or convs
     unknown = [n for n in layers if n not in convs]
     if unknown:
-        raise KeyError(f"not quantized conv layers: {', '.join(unknown)}")
+        raise KeyError(f"not quantized layers with a spatial output: {', '.join(unknown)}")
     last = convs[-1]
     wanted = set(layers) | {last}
     ref_out, q_out = _capture(reference, wanted, x), _capture(qmodel, wanted, x)
@@ -292,14 +316,57 @@ def error_maps(model: nn.Module, qmodel: nn.Module, x: torch.Tensor, layers: lis
     size = x.shape[-2:]
     maps = {}
     for n in layers:
-        diff = (q_out[n] - ref_out[n]).abs()[0]
+        diff = token_grid((q_out[n] - ref_out[n]).abs()[0])
         m = diff[channel] if channel is not None else diff.mean(0)
         maps[n] = F.interpolate(m[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
     # logit error map: classifier row of the float top-1 applied to the last feature map's error
     head = [m for m in qmodel.modules() if isinstance(m, QuantLayer) and isinstance(m.layer, nn.Linear)]
     feat_err = (q_out[last] - ref_out[last])[0]
-    if head and head[-1].layer.in_features == feat_err.shape[0]:
+    if head and feat_err.dim() == 3 and head[-1].layer.in_features == feat_err.shape[0]:
         w = reference.get_submodule(head[-1].name).weight[top]
         m = (w[:, None, None] * feat_err).sum(0).abs()
         maps["logits"] = F.interpolate(m[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
     return maps
+
+
+@dataclass
+class AttentionMaps:
+    """Where one transformer block looks, float vs quantized, and how its score order held up."""
+    block: int
+    float_maps: torch.Tensor    # (heads, h, w): the class token's attention to every patch
+    quant_maps: torch.Tensor    # ... in the quantized model (the attention map its matmul receives)
+    inversions: list[tuple[int, int]]   # per block: (reversed pairs, key pairs compared)
+    pairs_per_row: int
+
+
+@torch.no_grad()
+def attention_maps(model: nn.Module, qmodel: nn.Module, x: torch.Tensor, block: int = -1,
+                   pairs: int = 64) -> AttentionMaps:
+    """Per head attention maps of one block, float vs quantized, and rank inversions of every block.
+
+    An inversion is a pair of keys whose pre-softmax score order the quantized model reverses in
+    some query row; `pairs` random key pairs (fixed seed) are compared in every row of every head.
+    """
+    from .liu import RankPairs
+    from .vit import vit_graph
+
+    graph = vit_graph(qmodel)
+    if graph is None:
+        raise ValueError("attention maps are for vision transformers; this model has no attention")
+    x = x.unsqueeze(0) if x.dim() == 3 else x
+    blocks = graph.blocks
+    if not -len(blocks) <= block < len(blocks):
+        raise ValueError(f"the model has blocks 0 to {len(blocks) - 1}; got {block}")
+    chosen = blocks[block].attn
+    taps = [f"{b.attn}.scores" for b in blocks] + [f"{chosen}.p_in"]
+    ref, quant = _capture(reference_of(model, qmodel), taps, x), _capture(qmodel, taps, x)
+    inv = []
+    for b in blocks:
+        s_ref, s_q = ref[f"{b.attn}.scores"], quant[f"{b.attn}.scores"]
+        inv.append(RankPairs.sample(s_ref.shape[-1], pairs).inversions(s_ref, s_q))
+
+    def maps(p):                                       # (1, H, N, N) -> (H, h, w), class token's row
+        row = p[0, :, 0] if getattr(qmodel, "cls_token", None) is not None else p[0].mean(1)
+        return token_grid(row.t()).clone()
+
+    return AttentionMaps(block % len(blocks), maps(ref[f"{chosen}.p_in"]), maps(quant[f"{chosen}.p_in"]), inv, pairs)

@@ -16,7 +16,13 @@ METHODS = ("integrated-gradients", "grad-cam")
 
 
 def last_stage(model: nn.Module) -> str:
-    """Name of the module whose output the global pooling reads: the last conv stage (for Grad-CAM)."""
+    """Name of the module whose output the global pooling reads: the last conv stage (for Grad-CAM).
+
+    For a vision transformer: its last block, whose patch tokens are laid out on their grid."""
+    from .vit import is_transformer
+
+    if is_transformer(model):
+        return f"blocks.{len(model.blocks) - 1}"
     gm = trace(model)
     for node in gm.graph.nodes:
         pooled = (node.op == "call_module" and type(gm.get_submodule(node.target)).__name__ in
@@ -42,10 +48,42 @@ def attribute(model: nn.Module, x: torch.Tensor, target: int, method: str = "int
         a = IntegratedGradients(model).attribute(x, target=target, n_steps=steps, internal_batch_size=steps)
         return a[0].abs().sum(0).detach()
     if method == "grad-cam":
+        from .vit import is_transformer
+
+        if is_transformer(model):
+            return _token_grad_cam(model, x, target, layer or last_stage(model))
         module = model.get_submodule(layer or last_stage(model))
         a = LayerGradCam(model, module).attribute(x, target=target, relu_attributions=True)
         return LayerAttribution.interpolate(a, tuple(x.shape[-2:]), "bilinear")[0, 0].detach()
     raise ValueError(f"unknown attribution method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+def _token_grad_cam(model: nn.Module, x: torch.Tensor, target: int, layer: str) -> torch.Tensor:
+    """Grad-CAM on a transformer block's patch tokens: captum's arithmetic, tokens put on their grid.
+
+    captum's LayerGradCam averages gradients over every dimension after the second, which for
+    (B, tokens, channels) would average over channels; here the channel weights are the mean
+    gradient over the patch tokens, as Grad-CAM means them.
+    """
+    from torch.nn import functional as F
+
+    from .analysis import token_grid
+
+    seen = {}
+
+    def keep(_mod, _args, y):
+        y.retain_grad()
+        seen["y"] = y
+
+    handle = model.get_submodule(layer).register_forward_hook(keep)
+    try:
+        with torch.enable_grad():
+            model(x)[0, target].backward()
+    finally:
+        handle.remove()
+    acts, grads = token_grid(seen["y"][0].detach()), token_grid(seen["y"].grad[0])
+    cam = torch.relu((grads.mean((1, 2), keepdim=True) * acts).sum(0))
+    return F.interpolate(cam[None, None], size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)[0, 0]
 
 
 def rank_correlation(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .config import CALIBRATED, QuantConfig
+from .config import QuantConfig
 from .data import IMAGE_EXTENSIONS, Preprocess, load_batch
 from .quantize import Prepared, prepare, quantize
 from .registry import load_model
@@ -105,8 +105,7 @@ class ModelCache:
                 self._quantized.move_to_end(key)
                 return self._quantized[key]
             loaded = self.load(name)
-            needs_calib = config.method in CALIBRATED or any(o.method in CALIBRATED for o in config.overrides.values())
-            calib = self.calibration(name) if needs_calib else None
+            calib = self.calibration(name) if config.needs_calibration else None
             q = quantize(loaded.model, config, calib_data=calib, progress=progress,
                          prepared=self.prepared(name, config))
             for p in q.parameters():

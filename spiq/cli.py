@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from .config import CALIBRATED, METHODS, ConfigError, QuantConfig
+from .config import METHODS, ConfigError, QuantConfig
 from .data import DatasetError
 from .export import ExportError
 from .registry import ModelUnavailableError, get_spec, list_models
@@ -45,6 +45,8 @@ def _build_config(args) -> QuantConfig | None:
         changes["input_bits"] = args.abits
     if args.calib_n is not None:
         changes["calib_images"] = args.calib_n
+    if getattr(args, "mixed_precision", None) is not None:
+        changes["mixed_precision"] = args.mixed_precision
     return base.replace(**changes)
 
 
@@ -52,28 +54,31 @@ def _cmd_evaluate(args) -> int:
     from tqdm import tqdm
 
     from .data import find_images
-    from .evaluate import calibration_subset, evaluate, load_images
+    from .evaluate import evaluate, load_calibration, load_images
     from .registry import load_model
 
     config = _build_config(args)
     model, preprocess, _ = load_model(args.model)
     n = len(find_images(args.images)[: args.limit])
     calib = None
-    if config is not None and config.method in CALIBRATED:
+    if config is not None and config.needs_calibration:
         src = args.calib or args.images
         if not args.calib:
             print(f"note: calibrating on {config.calib_images} images drawn from {src} "
                   "(pass --calib DIR for images kept apart from the evaluation)", file=sys.stderr)
-        with tqdm(desc="calibration images", unit="img", file=sys.stderr) as bar:
-            pool, _, _ = load_images(src, preprocess, progress=bar.update)
-        calib = calibration_subset(pool, config.calib_images)
+        with tqdm(total=config.calib_images, desc="calibration images", unit="img", file=sys.stderr) as bar:
+            calib = load_calibration(src, preprocess, config.calib_images, progress=bar.update)
     with tqdm(total=n, desc="loading images", unit="img", file=sys.stderr) as bar:
         images, labels, _ = load_images(args.images, preprocess, args.limit, progress=bar.update)
     passes = 1 if config is None else 2
     with tqdm(total=n * passes, desc=f"evaluating {args.model} {args.method or config.method}", unit="img",
-              file=sys.stderr) as bar:
+              file=sys.stderr) as bar, \
+            tqdm(total=100, desc="quantizing", unit="%", file=sys.stderr, disable=config is None) as qbar:
+        def quantizing(frac, _msg):
+            qbar.update(round(frac * 100) - qbar.n)
+
         result = evaluate(args.model, images, labels, config, calib=calib, float_model=model,
-                          progress=bar.update)
+                          progress=bar.update, quantize_progress=quantizing)
     if config is None:
         result.wbits = result.abits = None
     print(result.summary())
@@ -86,7 +91,7 @@ def _cmd_evaluate(args) -> int:
 def _cmd_export(args) -> int:
     from tqdm import tqdm
 
-    from .evaluate import calibration_subset, load_images
+    from .evaluate import load_calibration, load_images
     from .export import export_onnx
     from .runtime import optimized_op_counts, parity
     from .quantize import quantize
@@ -95,12 +100,11 @@ def _cmd_export(args) -> int:
     config = _build_config(args)
     model, preprocess, _ = load_model(args.model)
     calib = None
-    if config is not None and config.method in CALIBRATED:
+    if config is not None and config.needs_calibration:
         if not args.calib:
             raise ConfigError(f"method {config.method} calibrates on images: give --calib DIR")
-        with tqdm(desc="calibration images", unit="img", file=sys.stderr) as bar:
-            pool, _, _ = load_images(args.calib, preprocess, progress=bar.update)
-        calib = calibration_subset(pool, config.calib_images)
+        with tqdm(total=config.calib_images, desc="calibration images", unit="img", file=sys.stderr) as bar:
+            calib = load_calibration(args.calib, preprocess, config.calib_images, progress=bar.update)
     qmodel = model
     if config is not None:
         with tqdm(total=100, desc=f"quantizing {args.model} {config.method}", unit="%", file=sys.stderr) as bar:
@@ -155,8 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--abits", type=_bits, help="input (activation) bits (2-16)")
     e.add_argument("--limit", type=int, help="evaluate only the first N images")
     e.add_argument("--config", help="QuantConfig JSON; --method/--wbits/--abits override its fields")
-    e.add_argument("--calib", help="calibration image folder for calib-* methods (default: --images)")
+    e.add_argument("--calib", help="calibration image folder for calib-* and liu-ptq (default: --images)")
     e.add_argument("--calib-n", type=int, help="number of calibration images")
+    e.add_argument("--mixed-precision", type=float, metavar="BITS",
+                   help="liu-ptq: average bits over the attention and MLP modules, one width per module")
     e.add_argument("--json", help="write the result as JSON here")
     e.set_defaults(func=_cmd_evaluate)
 

@@ -13,9 +13,13 @@ METHODS = {
     "calib-mse": "static ranges from calibration images: MSE-optimal clipping",
     "dynamic-tensor": "per-sample per-tensor ranges computed at run time",
     "dynamic-channel": "per-sample per-channel ranges computed at run time",
+    "liu-ptq": "vision transformers (Liu et al. 2021): per-tensor intervals searched for output similarity "
+               "on calibration images, ranking loss on attention, bias correction",
 }
 DATA_FREE = ("spiq", "static-tensor")
 CALIBRATED = ("calib-minmax", "calib-percentile", "calib-mse")
+NEEDS_CALIBRATION = CALIBRATED + ("liu-ptq",)
+TRANSFORMER_ONLY = ("liu-ptq",)
 DYNAMIC = ("dynamic-tensor", "dynamic-channel")
 GRANULARITIES = ("channel", "tensor")
 MIN_BITS, MAX_BITS = 2, 16
@@ -89,6 +93,18 @@ class QuantConfig:
     bias_correction: bool = True
     percentile: float = 99.99
     calib_images: int = 32
+    # liu-ptq: candidates per interval search and alternating rounds (the paper's), tokens per image
+    # the search runs on, and the ranking term on attention scores (weight γ, margin θ, key pairs
+    # compared per query row).
+    search_points: int = 100
+    search_rounds: int = 20
+    search_tokens: int = 64
+    rank_weight: float = 0.1
+    rank_margin: float = 0.2
+    rank_pairs: int = 64
+    # liu-ptq on transformers: average bits over the attention and MLP modules' weights, one width
+    # per module (weights and inputs) chosen by nuclear norm × output error; None: uniform bits.
+    mixed_precision: float | None = None
     overrides: dict[str, LayerOverride] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -119,6 +135,20 @@ class QuantConfig:
             raise ConfigError(f"percentile must be in (50, 100], got {self.percentile!r}")
         if isinstance(self.calib_images, bool) or not isinstance(self.calib_images, int) or self.calib_images < 1:
             raise ConfigError(f"calib_images must be a positive integer, got {self.calib_images!r}")
+        for name in ("search_points", "search_rounds", "search_tokens", "rank_pairs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100_000:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name, top in (("rank_weight", 100.0), ("rank_margin", 1000.0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= top:
+                raise ConfigError(f"{name} must be a number from 0 to {top:g}, got {value!r}")
+        if self.mixed_precision is not None:
+            mp = self.mixed_precision
+            if isinstance(mp, bool) or not isinstance(mp, (int, float)) or not MIN_BITS <= mp <= MAX_BITS:
+                raise ConfigError(f"mixed_precision must be average bits from {MIN_BITS} to {MAX_BITS}, got {mp!r}")
+            if self.method != "liu-ptq":
+                raise ConfigError(f"mixed_precision is part of method 'liu-ptq', not {self.method!r}")
         if not isinstance(self.overrides, dict):
             raise ConfigError("overrides must map layer names to settings")
         clean = {}
@@ -145,6 +175,11 @@ class QuantConfig:
             input_per_channel=gran == "channel",
             weight_per_channel=(ov.weight_granularity or self.weight_granularity) == "channel",
         )
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether some layer's method reads calibration images."""
+        return self.method in NEEDS_CALIBRATION or any(o.method in NEEDS_CALIBRATION for o in self.overrides.values())
 
     def check_layers(self, layer_names) -> None:
         """Raise if an override names a layer the model does not have."""

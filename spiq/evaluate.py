@@ -70,9 +70,24 @@ def calibration_subset(images: torch.Tensor, n: int, seed: int = 0) -> torch.Ten
     return images[torch.randperm(len(images), generator=g)[:n]]
 
 
+def load_calibration(root: str | Path, preprocess: Preprocess, n: int, seed: int = 0,
+                     progress: Callable[[int], None] | None = None) -> torch.Tensor:
+    """`calibration_subset` of a folder's images, decoding only the n it picks."""
+    items = find_images(root)
+    g = torch.Generator().manual_seed(seed)
+    picked = [items[i][0] for i in torch.randperm(len(items), generator=g)[:n].tolist()]
+    xs = []
+    for i in range(0, len(picked), 50):
+        xs.append(load_batch(picked[i:i + 50], preprocess))
+        if progress is not None:
+            progress(len(picked[i:i + 50]))
+    return torch.cat(xs)
+
+
 def evaluate(model_name: str, images: torch.Tensor, labels: torch.Tensor, config: QuantConfig | None,
              calib: torch.Tensor | None = None, float_model: nn.Module | None = None,
-             fp_pred: torch.Tensor | None = None, progress: Callable[[int], None] | None = None) -> EvalResult:
+             fp_pred: torch.Tensor | None = None, progress: Callable[[int], None] | None = None,
+             quantize_progress: Callable[[float, str], None] | None = None) -> EvalResult:
     """Quantize `model_name` with `config` (None: float only) and score it against the float model."""
     start = time.perf_counter()
     if float_model is None:
@@ -82,7 +97,7 @@ def evaluate(model_name: str, images: torch.Tensor, labels: torch.Tensor, config
     if config is None:
         pred = fp_pred
     else:
-        qmodel = quantize(float_model, config, calib_data=calib)
+        qmodel = quantize(float_model, config, calib_data=calib, progress=quantize_progress)
         pred = predict(qmodel, images, progress=progress)
     n = len(labels)
     return EvalResult(

@@ -1081,6 +1081,10 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, *, quantized: bool =
     """
     import onnx
 
+    from .vit import is_transformer
+
+    if is_transformer(qmodel) or getattr(getattr(qmodel, "spiq_report", None), "liu", None) is not None:
+        raise ExportError("int8 ONNX export handles convolutional networks; vision transformers are not exported yet")
     path = Path(path)
     model = prepare_for_export(qmodel)
     shape = _input_shape_of(model, input_size)

@@ -180,3 +180,40 @@ def deploy_parity(rows) -> go.Figure:
     fig.update_layout(title="Real int8 vs simulation: SQNR of each layer's quantized input (red: re-quantized)",
                       yaxis_title="dB", xaxis_tickangle=-60)
     return fig
+
+
+def attention(image, am) -> go.Figure:
+    """Per head, where the class token looks: float (top row) vs quantized (bottom), over the image."""
+    from PIL import Image
+
+    heads = am.float_maps.shape[0]
+    h, w = am.float_maps.shape[1:]
+    img = np.asarray(Image.fromarray(_image_array(image)).resize((w, h)))
+    fig = make_subplots(rows=2, cols=heads, horizontal_spacing=0.01, vertical_spacing=0.06,
+                        subplot_titles=[f"head {i}" for i in range(heads)] + [""] * heads)
+    top = float(max(am.float_maps.max(), am.quant_maps.max()))
+    for row, maps in enumerate((am.float_maps, am.quant_maps), 1):
+        for col in range(heads):
+            fig.add_trace(go.Image(z=img, opacity=0.4), row=row, col=col + 1)
+            fig.add_trace(go.Heatmap(z=maps[col].numpy(), colorscale="Viridis", opacity=0.75, zmin=0, zmax=top,
+                                     showscale=row == 1 and col == heads - 1, colorbar_title="attention"),
+                          row=row, col=col + 1)
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False, autorange="reversed")
+    fig.update_yaxes(visible=True, showticklabels=False, title_text="float", row=1, col=1)
+    fig.update_yaxes(visible=True, showticklabels=False, title_text="quantized", row=2, col=1)
+    fig.update_layout(title=f"Block {am.block}: the class token's attention to each patch, per head",
+                      height=260 + 40 * min(heads, 6))
+    return fig
+
+
+def rank_inversions(am) -> go.Figure:
+    """Share of compared key pairs whose attention-score order the quantized model reverses, per block."""
+    blocks = [str(i) for i in range(len(am.inversions))]
+    share = [100.0 * r / max(n, 1) for r, n in am.inversions]
+    colours = [BAD if i == am.block else QUANT for i in range(len(blocks))]
+    fig = go.Figure(go.Bar(x=blocks, y=share, marker_color=colours,
+                           text=[f"{r:,}" for r, _ in am.inversions], textposition="outside"))
+    fig.update_layout(title=f"Attention rank inversions per block ({am.pairs_per_row} random key pairs per query row)",
+                      xaxis_title="block", yaxis_title="% of pairs reversed")
+    return fig

@@ -112,16 +112,23 @@ class InputQuant:
     per_channel: bool
     scale: torch.Tensor | None = None
     zero: torch.Tensor | None = None
+    # Where the channels are: 1 for a conv's (N, C, H, W), -1 (last) for a linear's (..., C) tokens.
+    axis: int = 1
+
+
+def channel_axis(layer: nn.Module) -> int:
+    return 1 if isinstance(layer, nn.Conv2d) else -1
 
 
 def fake_quant_input(x: torch.Tensor, q: InputQuant) -> torch.Tensor:
     qmax = 2 ** q.bits - 1
+    axis = q.axis % x.dim()
     if q.mode == "static":
         if q.per_channel:
-            return torch.fake_quantize_per_channel_affine(x, q.scale, q.zero, 1, 0, qmax)
+            return torch.fake_quantize_per_channel_affine(x, q.scale, q.zero, axis, 0, qmax)
         return torch.fake_quantize_per_tensor_affine(x, q.scale, q.zero, 0, qmax)
     # dynamic: each sample's own min/max, per tensor or per channel
-    dims = tuple(d for d in range(1, x.dim()) if not (q.per_channel and d == 1))
+    dims = tuple(d for d in range(1, x.dim()) if not (q.per_channel and d == axis))
     lo = x.amin(dim=dims, keepdim=True).clamp_max(0)
     hi = x.amax(dim=dims, keepdim=True).clamp_min(0)
     scale = ((hi - lo) / qmax).clamp_min(1e-12)
@@ -162,7 +169,8 @@ class QuantLayer(nn.Module):
             raise ValueError("integer arithmetic needs a static input quantizer")
         # Codes from the very kernel the simulation uses: at ties (normalised 8-bit pixels sit
         # exactly on half-steps) any other rounding expression may land on the other side.
-        shape = (1, -1) + (1,) * (x.dim() - 2) if q.per_channel else ()
+        conv = isinstance(self.layer, nn.Conv2d)
+        shape = ((1, -1, 1, 1) if conv else (-1,)) if q.per_channel else ()
         codes = torch.round(fake_quant_input(x, q) / q.scale.view(shape)).double()
         w = self.weight_codes.double()
         layer = self.layer
@@ -177,7 +185,7 @@ class QuantLayer(nn.Module):
             acc = F.linear(codes, w)
         # float64 holds these integer sums exactly (|acc| < 2^53)
         acc = acc.round().to(torch.int64)
-        shape = (1, -1) + (1,) * (acc.dim() - 2)
+        shape = (1, -1, 1, 1) if conv else (-1,)
         scale = self.weight_scale.double().view(shape) if self.weight_scale.dim() == 1 else self.weight_scale.double()
         if not self.folded:  # a per-tensor input scale multiplies the result instead
             scale = scale * q.scale.double()
@@ -188,7 +196,7 @@ class QuantLayer(nn.Module):
         acc, scale = self.integer_accumulator(x)
         y = acc.double() * scale
         if self.layer.bias is not None:
-            y = y + self.layer.bias.double().view((1, -1) + (1,) * (acc.dim() - 2))
+            y = y + self.layer.bias.double().view((1, -1, 1, 1) if isinstance(self.layer, nn.Conv2d) else (-1,))
         return y.float()
 
     def extra_repr(self) -> str:
@@ -198,6 +206,23 @@ class QuantLayer(nn.Module):
             return f"input=float, weight~{w_bits}b"
         return (f"input={q.mode}/{'channel' if q.per_channel else 'tensor'}/{q.bits}b, "
                 f"folded={self.folded}")
+
+
+class ActQuant(nn.Module):
+    """Fake quantization of an activation that feeds no weight (an attention matmul's operand).
+
+    With no quantizer it is the identity, so a float model can carry it as an observation point."""
+
+    def __init__(self, quant: InputQuant | None = None):
+        super().__init__()
+        self.quant = quant
+
+    def forward(self, x):
+        return x if self.quant is None else fake_quant_input(x, self.quant)
+
+    def extra_repr(self) -> str:
+        q = self.quant
+        return "float" if q is None else f"{q.mode}/{'channel' if q.per_channel else 'tensor'}/{q.bits}b"
 
 
 def make_weights(layer: nn.Module, bits: int, per_channel: bool, clip: str,

@@ -9,12 +9,14 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .config import CALIBRATED, DATA_FREE, ConfigError, QuantConfig
+from . import liu
+from .config import CALIBRATED, DATA_FREE, METHODS, NEEDS_CALIBRATION, TRANSFORMER_ONLY, ConfigError, QuantConfig
 from .fold import fold_batchnorm
 from .graph import QUANTIZABLE, analyse
-from .qlayers import InputQuant, QuantLayer, input_scale_zero, make_weights
+from .qlayers import InputQuant, QuantLayer, channel_axis, input_scale_zero, make_weights
 from .ranges import (Dist, Propagation, Range, broadcast_input, calibrated_range, clip_range, expected_value, observe, propagate,
                      quantized_samples, sigma_range, sorted_samples)
+from .vit import VitGraph, matmul_sites, tap_attention, vit_graph, vit_laws
 
 # ImageNet normalisation: the assumption when a model comes without its preprocessing.
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -42,6 +44,8 @@ class QuantReport:
     # What the model was quantized from: its BN-folded float copy (the reference every analysis
     # compares with) and the data-free ranges searched so far. Shared and read-only.
     prepared: "Prepared | None" = field(default=None, repr=False)
+    # liu-ptq: the searched intervals, the bits mixed precision chose and the attention rank inversions.
+    liu: liu.LiuPlan | None = None
 
     @property
     def reference(self) -> nn.Module:
@@ -55,12 +59,17 @@ class Prepared:
     The BN-folded copy, its data-free input laws (which depend only on the tail settings) and the
     ranges chosen from them so far. Re-quantizing with other bits or methods then skips the
     folding, the graph analysis and every range already searched. Shared read-only.
+
+    For a transformer, `folded` is the float copy with its attention written out (TapAttention),
+    `vit` its structure and `matmul_laws` the data-free laws of the attention matmuls' operands.
     """
     source: nn.Module
     folded: nn.Module
     propagation: Propagation
     bounds_from: str
     tails: tuple[str, str, str]
+    vit: VitGraph | None = None
+    matmul_laws: dict[str, Dist] = field(default_factory=dict, repr=False)
     ranges: dict = field(default_factory=dict, repr=False)
     weights: OrderedDict = field(default_factory=OrderedDict, repr=False)   # bounded: they are big
 
@@ -99,14 +108,25 @@ def _tails(config: QuantConfig) -> tuple[str, str, str]:
 def prepare(model: nn.Module, config: QuantConfig | None = None) -> Prepared:
     """Fold BN into a copy of `model` and derive its data-free input laws (for `config`'s tails)."""
     config = config or QuantConfig()
-    folded = copy.deepcopy(model).eval()
-    bn_stats = fold_batchnorm(folded, analyse(folded))
     lo, hi, bounds_from = input_bounds_of(model)
-    prop = propagate(analyse(folded), bn_stats, lo, hi, tail=config.tail, tail_depthwise=config.tail_depthwise,
-                     tail_sum=config.tail_sum)
+    vit = vit_graph(model)
+    if vit is not None:  # a transformer has no BatchNorm: its laws start at the LayerNorms
+        folded = tap_attention(model)
+        prop, matmul_laws = vit_laws(folded, vit, lo, hi, config.tail)
+    else:
+        folded = copy.deepcopy(model).eval()
+        bn_stats = fold_batchnorm(folded, analyse(folded))
+        prop = propagate(analyse(folded), bn_stats, lo, hi, tail=config.tail, tail_depthwise=config.tail_depthwise,
+                         tail_sum=config.tail_sum)
+        matmul_laws = {}
     for p in folded.parameters():
         p.requires_grad_(False)
-    return Prepared(model, folded, prop, bounds_from, _tails(config))
+    return Prepared(model, folded, prop, bounds_from, _tails(config), vit, matmul_laws)
+
+
+def methods_for(model: nn.Module) -> list[str]:
+    """The methods that apply to `model` (liu-ptq only to vision transformers)."""
+    return [m for m in METHODS if m not in TRANSFORMER_ONLY or vit_graph(model) is not None]
 
 
 def quantizable_layers(model: nn.Module) -> list[str]:
@@ -145,9 +165,9 @@ def _plan(layer: nn.Module, rng: Range | None, input_bits: int, input_per_channe
     """Input quantizer and weights of one layer: (InputQuant, weight codes, weight scale, float weight)."""
     if rng is not None:
         scale, zero = input_scale_zero(rng, input_bits)
-        inq = InputQuant("static", input_bits, input_per_channel, scale, zero)
+        inq = InputQuant("static", input_bits, input_per_channel, scale, zero, channel_axis(layer))
     else:
-        inq = InputQuant("dynamic", input_bits, input_per_channel)
+        inq = InputQuant("dynamic", input_bits, input_per_channel, axis=channel_axis(layer))
     fold = inq.scale if inq.mode == "static" and inq.per_channel else None
     def make():
         return make_weights(layer, weight_bits, weight_per_channel, config.weight_clip, fold, config.weight_rounding)
@@ -180,7 +200,7 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data: torch.Tensor | N
              progress: Callable[[float, str], None] | None = None, prepared: Prepared | None = None) -> nn.Module:
     """Return a quantized copy of `model` (eval mode); `model` itself is left as it was.
 
-    `calib_data` (N, 3, H, W) preprocessed images are needed only by the calib-* methods.
+    `calib_data` (N, 3, H, W) preprocessed images are needed only by the calib-* methods and liu-ptq.
     `prepared` is `prepare(model, config)` kept from an earlier call, to re-quantize fast. The
     returned model carries `spiq_report` (a QuantReport) and `spiq_config`.
     """
@@ -189,12 +209,17 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data: torch.Tensor | N
     names = quantizable_layers(model)
     config.check_layers(names)
     settings = {n: config.for_layer(n) for n in names}
-    if any(s.method in CALIBRATED and not s.skip for s in settings.values()) and calib_data is None:
-        raise ConfigError(f"method {config.method!r} needs calibration images (calib_data)")
+    used = {s.method for s in settings.values() if not s.skip}
+    if used & set(NEEDS_CALIBRATION) and calib_data is None:
+        raise ConfigError(f"method {sorted(used & set(NEEDS_CALIBRATION))[0]!r} needs calibration images (calib_data)")
     if prepared is not None and prepared.source is not model:
         raise ValueError("`prepared` was made from another model")
+    if used & set(TRANSFORMER_ONLY) and vit_graph(model) is None:
+        raise ConfigError(f"method {sorted(used & set(TRANSFORMER_ONLY))[0]!r} is for vision transformers; "
+                          f"{type(model).__name__} is not one")
     if prepared is None or prepared.tails != _tails(config):
         prepared = prepare(model, config)
+    vit = prepared.vit
 
     q = copy.deepcopy(prepared.folded)
     prop = prepared.propagation
@@ -202,16 +227,25 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data: torch.Tensor | N
     if prepared.bounds_from != "preprocess":
         report.fallbacks["<input>"] = prepared.bounds_from
 
+    sites = matmul_sites(vit) if vit is not None else {}
     calib_layers = [n for n, s in settings.items() if s.method in CALIBRATED and not s.skip]
+    calib_layers += [m for m, n in sites.items() if n in calib_layers]
     observed = observe(q, calib_layers, calib_data[: config.calib_images]) if calib_layers else {}
+    searched = 0.0
+    if "liu-ptq" in used:
+        report.liu = _liu_plan(prepared, settings, config, calib_data, progress)
+        searched = 0.9  # of the progress bar: the search is nearly all the work
 
     for i, name in enumerate(names):
         s = settings[name]
         if progress is not None:
-            progress(i / len(names), f"quantizing {name}")
+            progress(searched + (1 - searched) * i / len(names), f"quantizing {name}")
         if s.skip:
             continue
         layer = q.get_submodule(name)
+        if s.method == "liu-ptq":
+            report.layers[name] = _apply_liu(q, name, layer, report.liu.layers[name])
+            continue
         dist = prop.inputs.get(name) or _fallback_dist(_in_channels(layer), config.tail)
         rng: Range | None = None
         if s.method in DATA_FREE:
@@ -253,8 +287,65 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data: torch.Tensor | N
         report.layers[name] = LayerReport(s.method, s.input_bits, s.weight_bits, inq.per_channel, rng,
                                           "bn" if name in prop.inputs else report.fallbacks.get(name, "fallback"))
         q.set_submodule(name, QuantLayer(layer, inq, codes, w_scale, folded, name))
+    for site, owner in sites.items():
+        _quantize_matmul(q.get_submodule(site), site, settings[owner], prepared, config, observed, report.liu)
     if progress is not None:
         progress(1.0, "done")
     q.spiq_report = report
     q.spiq_config = config
     return q
+
+
+def _liu_plan(prepared: Prepared, settings: dict, config: QuantConfig, calib_data: torch.Tensor,
+              progress: Callable | None) -> liu.LiuPlan:
+    calib = liu.collect(prepared.folded, prepared.vit, calib_data[: config.calib_images], config.search_tokens)
+
+    def bits(name):
+        s = settings[name]
+        return (s.weight_bits, s.input_bits) if s.method == "liu-ptq" and not s.skip else None
+
+    search = liu.LiuSettings(config.search_points, config.search_rounds, config.rank_weight, config.rank_margin,
+                             config.rank_pairs, config.bias_correction)
+    sub = (lambda f, what: progress(0.9 * f, what)) if progress is not None else None
+    return liu.plan(prepared.folded, prepared.vit, calib, bits, search, config.mixed_precision,
+                    memo=prepared.ranges, progress=sub)
+
+
+def _apply_liu(q: nn.Module, name: str, layer: nn.Module, site: liu.Site) -> LayerReport:
+    codes, w_scale = site.weight_codes(layer.weight.detach())
+    layer.weight.data = codes * w_scale
+    if site.bias_shift is not None:
+        if layer.bias is None:
+            layer.bias = nn.Parameter(torch.zeros(codes.shape[0]), requires_grad=False)
+        layer.bias.data = layer.bias.data + site.bias_shift
+    inq = liu.input_quant(site.search.delta_a, site.kind_a, site.bits_a, channel_axis(layer))
+    lo, hi = liu.levels(site.kind_a, site.bits_a)
+    rng = Range(torch.tensor(lo * site.search.delta_a), torch.tensor(hi * site.search.delta_a))
+    q.set_submodule(name, QuantLayer(layer, inq, codes, w_scale, False, name))
+    return LayerReport("liu-ptq", site.bits_a, site.bits_b, False, rng, "calibration")
+
+
+def _quantize_matmul(tap: nn.Module, site: str, s, prepared: Prepared, config: QuantConfig, observed: dict,
+                     plan: liu.LiuPlan | None) -> None:
+    """Set the quantizer of one attention matmul operand; it follows its block's qkv layer."""
+    if s.skip:
+        return
+    attn, operand = site.rsplit(".", 1)
+    if s.method == "liu-ptq":
+        found = plan.matmuls[f"{attn}.qk" if operand in ("q_in", "k_in") else f"{attn}.pv"]
+        first = operand in ("q_in", "p_in")
+        delta = found.search.delta_a if first else found.search.delta_b
+        kind = found.kind_a if first else found.kind_b
+        tap.quant = liu.input_quant(delta, kind, found.bits_a if first else found.bits_b)
+        return
+    if s.method in DATA_FREE:
+        # The attention map lies in [0, 1] whatever the data; q, k and v follow their LayerNorm's law.
+        rng = (Range(torch.tensor(0.0), torch.tensor(1.0)) if operand == "p_in" else
+               prepared.data_free_range(site, prepared.matmul_laws[site], s.input_bits, False, config))
+    elif s.method in CALIBRATED:
+        rng = calibrated_range(observed[site], s.method.split("-", 1)[1], s.input_bits, False, config.percentile)
+    else:
+        tap.quant = InputQuant("dynamic", s.input_bits, s.input_per_channel, axis=-1)
+        return
+    scale, zero = input_scale_zero(rng, s.input_bits)
+    tap.quant = InputQuant("static", s.input_bits, False, scale, zero, -1)

@@ -166,11 +166,18 @@ def _moment_layer(mod: nn.Module, d: Dist) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, var.sqrt()
 
 
+def image_dist(input_lo: torch.Tensor, input_hi: torch.Tensor, tail: str = "t4") -> Dist:
+    """The law of the normalised image: pixels taken as uniform between the bounds."""
+    lo, hi = input_lo.float(), input_hi.float()
+    t = _uniform_quantiles(_z_grid(tail)[0].numel())
+    return Dist(mean=(lo + hi) / 2, std=(hi - lo) / np.sqrt(12), lo=lo, hi=hi,
+                exact_samples=lo[:, None] + (hi - lo)[:, None] * t[None, :], use_bounds=True)
+
+
 def propagate(graph: ModelGraph, bn_stats: dict[str, BNStats], input_lo: torch.Tensor,
               input_hi: torch.Tensor, tail: str = "t4", tail_depthwise: str | None = None,
               tail_sum: str | None = None) -> Propagation:
     """Walk the (BN-folded) graph once, carrying a `Dist` per tensor; record each layer's input."""
-    k = _z_grid(tail)[0].numel()
     gm = graph.gm
     out: dict[fx.Node, Dist | None] = {}
     result = Propagation()
@@ -182,10 +189,7 @@ def propagate(graph: ModelGraph, bn_stats: dict[str, BNStats], input_lo: torch.T
     for node in gm.graph.nodes:
         d: Dist | None = None
         if node.op == "placeholder":
-            lo, hi = input_lo.float(), input_hi.float()
-            t = _uniform_quantiles(k)  # pixels taken as uniform between the bounds
-            d = Dist(mean=(lo + hi) / 2, std=(hi - lo) / np.sqrt(12), lo=lo, hi=hi,
-                     exact_samples=lo[:, None] + (hi - lo)[:, None] * t[None, :], use_bounds=True)
+            d = image_dist(input_lo, input_hi, tail)
         elif node in layer_of:
             name = layer_of[node]
             mod = gm.get_submodule(node.target)
@@ -394,9 +398,12 @@ def observe(model: nn.Module, layer_names: list[str], images: torch.Tensor, batc
     hi: dict[str, torch.Tensor] = {}
 
     def hook(name):
-        def fn(_mod, args):
+        def fn(mod, args):
             x = args[0].detach()
-            xc = x.transpose(0, 1).reshape(x.shape[1], -1) if x.dim() > 2 else x.t()
+            if isinstance(mod, nn.Linear) or x.dim() == 2:  # channels last: tokens (..., C)
+                xc = x.reshape(-1, x.shape[-1]).t()
+            else:
+                xc = x.transpose(0, 1).reshape(x.shape[1], -1)
             mn, mx = xc.min(1).values, xc.max(1).values
             lo[name] = torch.minimum(lo[name], mn) if name in lo else mn
             hi[name] = torch.maximum(hi[name], mx) if name in hi else mx

@@ -6,8 +6,10 @@ CLI and the app can list what works offline.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 import torch
@@ -182,3 +184,203 @@ for _arch, _desc in [
         description=_desc,
         tags=("cnn", "download"),
     ))
+
+
+# --- Vision transformers from timm, downloaded from the Hugging Face hub ---------------------
+
+# What timm's loader looks for in a hub repo, safetensors first.
+_HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def _hf_cache_dir() -> str:
+    from huggingface_hub import constants
+
+    # Read at call time: HF_HUB_CACHE can be redirected after import (and is, in the tests).
+    return str(constants.HF_HUB_CACHE)
+
+
+def _timm_cfg(name: str):
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    if cfg is None or not cfg.hf_hub_id:
+        raise ValueError(f"timm has no Hugging Face hub weights for {name}")
+    return cfg
+
+
+def _timm_hub_repo(name: str) -> tuple[str, str | None]:
+    repo, _, revision = _timm_cfg(name).hf_hub_id.partition("@")
+    return repo, revision or None
+
+
+def _timm_cached_file(name: str) -> str | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    repo, revision = _timm_hub_repo(name)
+    override = _timm_cfg(name).hf_hub_filename
+    for filename in (override,) if override else _HF_WEIGHT_FILES:
+        # Besides a path it can return a "known missing" sentinel, which is not a str.
+        path = try_to_load_from_cache(repo, filename, cache_dir=_hf_cache_dir(), revision=revision)
+        if isinstance(path, str):
+            return path
+    return None
+
+
+def _timm_problem(name: str) -> str | None:
+    if _timm_cached_file(name):
+        return None
+    repo, _ = _timm_hub_repo(name)
+    return (f"weights of Hugging Face hub repo {repo} not cached in {_hf_cache_dir()}; "
+            f"they download on first use (needs internet)")
+
+
+def _hub_unreachable(endpoint: str, timeout: float = 5.0) -> str | None:
+    """None if a TCP connection to the hub's host opens, else why not."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError as exc:
+        return f"{url.hostname}: {exc.strerror or type(exc).__name__}"
+    return None
+
+
+def _timm_builder(name: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import timm
+        from huggingface_hub import constants
+
+        repo, _ = _timm_hub_repo(name)
+        cache = _hf_cache_dir()
+        # Without the network huggingface_hub backs off and retries each candidate file for ~20 s,
+        # so when the user has declared offline mode, say so at once instead of going through it.
+        if constants.is_offline_mode() and not _timm_cached_file(name):
+            raise ModelUnavailableError(
+                f"{name}: weights of Hugging Face hub repo {repo} are not cached in {cache}, and HF_HUB_OFFLINE "
+                f"is set so they cannot be downloaded. Unset it and connect to the internet once, or copy "
+                f"the repo's files there.")
+        if not _timm_cached_file(name):
+            # huggingface_hub backs off and retries for ~47 s when the hub is unreachable: ask once.
+            problem = _hub_unreachable(constants.ENDPOINT)
+            if problem:
+                raise ModelUnavailableError(
+                    f"{name}: weights of Hugging Face hub repo {repo} are not cached in {cache} and the hub is "
+                    f"unreachable ({problem}). Connect to the internet once, or copy the repo's files there.")
+        try:
+            return timm.create_model(name, pretrained=True)
+        except Exception as exc:  # huggingface_hub raises LocalEntryNotFoundError, HfHubHTTPError, OSError...
+            cached = _timm_cached_file(name)
+            what = (f"weights of Hugging Face hub repo {repo} are cached at {cached} but loading them failed" if cached
+                    else f"weights of Hugging Face hub repo {repo} are not cached in {cache} and downloading them failed")
+            raise ModelUnavailableError(
+                f"{name}: {what} ({type(exc).__name__}: {exc}). Connect to the internet once, or copy the "
+                f"repo's files there."
+            ) from None
+    return build
+
+
+def _timm_preprocess(name: str) -> Preprocess:
+    cfg = _timm_cfg(name)
+    if cfg.crop_mode != "center":
+        raise ValueError(f"{name}: timm crop mode {cfg.crop_mode!r}; Preprocess only does resize + centre crop")
+    crop = int(cfg.input_size[-1])
+    # floor, not round: timm's own eval transform (transforms_imagenet_eval) resizes to
+    # floor(crop / crop_pct), e.g. 248 rather than 249 for crop_pct 0.9.
+    return Preprocess(resize=math.floor(crop / cfg.crop_pct), crop=crop, mean=tuple(cfg.mean),
+                      std=tuple(cfg.std), interpolation=cfg.interpolation)
+
+
+for _name, _desc in [
+    ("deit_tiny_patch16_224", "DeiT-Ti/16, ImageNet, 5.7M params (timm, Hugging Face hub)"),
+    ("deit_small_patch16_224", "DeiT-S/16, ImageNet, 22M params (timm, Hugging Face hub)"),
+    ("deit_base_patch16_224", "DeiT-B/16, ImageNet, 86M params (timm, Hugging Face hub)"),
+    ("vit_base_patch16_224", "ViT-B/16 AugReg, ImageNet-21k then ImageNet, 86M params (timm, Hugging Face hub)"),
+]:
+    register(ModelSpec(
+        name=_name,
+        source=f"timm, Hugging Face hub {_timm_cfg(_name).hf_hub_id}, cached in {_hf_cache_dir()}",
+        build=_timm_builder(_name),
+        offline_problem=(lambda n=_name: _timm_problem(n)),
+        preprocess=_timm_preprocess(_name),
+        description=_desc,
+        tags=("vit", "download"),
+    ))
+
+
+# --- torchvision ViT, downloaded like the CNNs above, run as a timm VisionTransformer -------
+
+def _tv_vit_to_timm(tv_model: nn.Module) -> nn.Module:
+    """The same network as a torchvision VisionTransformer, as a timm VisionTransformer.
+
+    The rest of the project then handles a single transformer form (timm's `Attention` with its
+    fused `qkv` Linear, `Mlp.fc1/fc2`), whichever library the weights came from.
+    """
+    from timm.models.vision_transformer import VisionTransformer
+
+    if not hasattr(tv_model, "conv_proj"):
+        raise ValueError("only torchvision ViTs with a patchify convolution (no conv stem) convert to timm")
+    if list(dict(tv_model.heads.named_children())) != ["head"]:
+        raise ValueError("torchvision ViTs with a representation (pre-logits) layer do not convert to timm")
+    layers = list(tv_model.encoder.layers)
+    first = layers[0]
+    eps = {m.eps for m in tv_model.modules() if isinstance(m, nn.LayerNorm)}
+    if len(eps) != 1:
+        raise ValueError(f"mixed LayerNorm eps {sorted(eps)}; timm's VisionTransformer takes one")
+    for layer in layers:
+        attn, act = layer.self_attention, layer.mlp[1]
+        if not (attn._qkv_same_embed_dim and attn.bias_k is None and not attn.add_zero_attn):
+            raise ValueError("torchvision attention with separate q/k/v projections or extra k/v biases")
+        # timm's Mlp uses exact (erf) GELU; a tanh GELU would silently shift every activation.
+        if not (isinstance(act, nn.GELU) and act.approximate == "none"):
+            raise ValueError(f"MLP activation {act} is not exact GELU")
+
+    model = VisionTransformer(
+        img_size=tv_model.image_size, patch_size=tv_model.patch_size, in_chans=tv_model.conv_proj.in_channels,
+        num_classes=tv_model.heads.head.out_features, global_pool="token", embed_dim=tv_model.hidden_dim,
+        depth=len(layers), num_heads=first.num_heads, mlp_ratio=tv_model.mlp_dim / tv_model.hidden_dim,
+        qkv_bias=True, class_token=True, norm_layer=partial(nn.LayerNorm, eps=eps.pop()), act_layer=nn.GELU,
+        # Every parameter is overwritten below; timm's init of 86M parameters would be wasted time.
+        weight_init="skip",
+    )
+
+    src = tv_model.state_dict()
+    dst = {
+        "patch_embed.proj.weight": src["conv_proj.weight"],
+        "patch_embed.proj.bias": src["conv_proj.bias"],
+        "cls_token": src["class_token"],
+        "pos_embed": src["encoder.pos_embedding"],
+        "norm.weight": src["encoder.ln.weight"],
+        "norm.bias": src["encoder.ln.bias"],
+        "head.weight": src["heads.head.weight"],
+        "head.bias": src["heads.head.bias"],
+    }
+    # torchvision names its blocks encoder_layer_{i}: look them up by name, not by position.
+    for i in range(len(layers)):
+        tv, tm = f"encoder.layers.encoder_layer_{i}.", f"blocks.{i}."
+        for tv_part, tm_part in [("ln_1", "norm1"), ("self_attention.out_proj", "attn.proj"), ("ln_2", "norm2"),
+                                 ("mlp.0", "mlp.fc1"), ("mlp.3", "mlp.fc2")]:
+            for p in ("weight", "bias"):
+                dst[f"{tm}{tm_part}.{p}"] = src[f"{tv}{tv_part}.{p}"]
+        # in_proj stacks q, k, v along the output dim, the same order timm's qkv unpacks.
+        dst[f"{tm}attn.qkv.weight"] = src[f"{tv}self_attention.in_proj_weight"]
+        dst[f"{tm}attn.qkv.bias"] = src[f"{tv}self_attention.in_proj_bias"]
+    model.load_state_dict(dst, strict=True)
+    ref = tv_model.conv_proj.weight
+    return model.to(device=ref.device, dtype=ref.dtype).train(tv_model.training)
+
+
+def _build_tv_vit(arch: str) -> nn.Module:
+    return _tv_vit_to_timm(_tv_builder(arch)())
+
+
+register(ModelSpec(
+    name="vit_b_16",
+    source=f"torchvision weights API, cached in {torch.hub.get_dir()}; converted to a timm VisionTransformer",
+    build=partial(_build_tv_vit, "vit_b_16"),
+    offline_problem=partial(_tv_problem, "vit_b_16"),
+    preprocess=_tv_preprocess("vit_b_16"),
+    description="ViT-B/16, ImageNet, 86M params (torchvision weights, run as timm VisionTransformer)",
+    tags=("vit", "download"),
+))

@@ -18,9 +18,10 @@ from torch import nn
 from . import analysis, plots
 from .attribution import attribution_drift
 from .cache import Loaded, ModelCache, config_key
-from .config import CALIBRATED, GRANULARITIES, METHODS, ConfigError, QuantConfig
+from .config import GRANULARITIES, METHODS, NEEDS_CALIBRATION, ConfigError, QuantConfig
 from .qlayers import QuantLayer
-from .quantize import quantizable_layers
+from .quantize import methods_for, quantizable_layers
+from .vit import is_transformer  # noqa: F401  (the app asks views whether a model has attention)
 
 
 @dataclass
@@ -37,18 +38,15 @@ class Scene:
         return [n for n, m in self.qmodel.named_modules() if isinstance(m, QuantLayer)]
 
     @property
-    def conv_layers(self) -> list[str]:
-        return _conv_layers(self.qmodel)
+    def map_layers(self) -> list[str]:
+        """Layers the error map can show: convs, or a transformer's token layers."""
+        return analysis.spatial_layers(self.qmodel)
 
     @property
     def range_layers(self) -> list[str]:
         """Layers whose input has a data-free law: those the channel-range view can explain."""
         prop = self.qmodel.spiq_report.propagation
         return [n for n in self.layers if prop is not None and n in prop.inputs]
-
-
-def _conv_layers(qmodel: nn.Module) -> list[str]:
-    return [n for n, m in qmodel.named_modules() if isinstance(m, QuantLayer) and isinstance(m.layer, nn.Conv2d)]
 
 
 def scene(cache: ModelCache, name: str, config: QuantConfig, image: Image.Image, progress=None) -> Scene:
@@ -95,15 +93,17 @@ LAYER_ERROR_HEADERS = ["layer", "isolated dB", "propagated dB", "clip-only dB", 
 
 
 def error_map(cache: ModelCache, sc: Scene, layer: str, channel: int | None = None):
-    """|y − ŷ| of one conv layer (or "logits") over the image the model sees."""
-    convs = sc.conv_layers
-    target = [layer] if layer != "logits" else [convs[-1]]
+    """|y − ŷ| of one conv (or token) layer, or of the "logits", over the image the model sees."""
+    target = [layer] if layer != "logits" else sc.map_layers[-1:]
     if channel is not None:
-        c = sc.qmodel.get_submodule(target[0]).layer.out_channels
+        out = sc.qmodel.get_submodule(target[0]).layer
+        c = out.out_channels if isinstance(out, nn.Conv2d) else out.out_features
         if not 0 <= channel < c:
             raise ValueError(f"{target[0]} has channels 0 to {c - 1}; got {channel}")
     with cache.lock:
         maps = analysis.error_maps(sc.loaded.model, sc.qmodel, sc.x, target, channel)
+    if layer == "logits" and "logits" not in maps:   # a transformer's head reads the class token only
+        layer = target[0]
     m = maps["logits" if layer == "logits" else layer]
     title = ("error of the float top-1 class's evidence (last feature map × classifier row)" if layer == "logits"
              else f"{layer}: |y − ŷ|, " + (f"channel {channel}" if channel is not None else "mean over channels"))
@@ -114,6 +114,17 @@ def attribution(cache: ModelCache, sc: Scene, method: str = "grad-cam"):
     with cache.lock:
         drift = attribution_drift(sc.loaded.model, sc.qmodel, sc.x, method)
     return plots.attribution(sc.picture, drift)
+
+
+def attention(cache: ModelCache, sc: Scene, block: int = -1):
+    """Per-head attention maps of one block, float vs quantized, and the rank inversions of every block."""
+    with cache.lock:
+        am = analysis.attention_maps(sc.loaded.model, sc.qmodel, sc.x, block)
+    worst = max(range(len(am.inversions)), key=lambda i: am.inversions[i][0] / max(am.inversions[i][1], 1))
+    r, n = am.inversions[am.block]
+    text = (f"Block {am.block}: the quantized scores reverse **{r:,}** of {n:,} compared key pairs "
+            f"({100 * r / max(n, 1):.2f} %); most in block {worst}.")
+    return plots.attention(sc.picture, am), plots.rank_inversions(am), text
 
 
 def method_config(config: QuantConfig, method: str) -> QuantConfig:
@@ -129,9 +140,10 @@ def methods(cache: ModelCache, name: str, config: QuantConfig, image: Image.Imag
     rows = []
     with cache.lock:
         yf = loaded.model(x)[0]
-        for i, m in enumerate(METHODS):
+        applicable = methods_for(loaded.model)
+        for i, m in enumerate(applicable):
             if progress is not None:
-                progress(i / len(METHODS), f"quantizing with {m}")
+                progress(i / len(applicable), f"quantizing with {m}")
             q = cache.quantized(name, method_config(config, m))
             yq = q(x)[0]
             p = yq.softmax(0)
@@ -139,7 +151,7 @@ def methods(cache: ModelCache, name: str, config: QuantConfig, image: Image.Imag
                 method=m, top1=loaded.classes[int(yq.argmax())], prob=float(p.max()),
                 agrees=bool(yq.argmax() == yf.argmax()),
                 logit_sqnr=analysis.tensor_sqnr_db(yf, yq),
-                calibrated_on=(f"{len(cache.calibration(name))} example images" if m in CALIBRATED else "")))
+                calibrated_on=(f"{len(cache.calibration(name))} example images" if m in NEEDS_CALIBRATION else "")))
     return plots.methods(rows, loaded.classes[int(yf.argmax())], config), rows
 
 
@@ -162,8 +174,9 @@ def story(cache: ModelCache, name: str, config: QuantConfig, image: Image.Image)
         for m in ("spiq", "static-tensor"):
             q = cache.quantized(name, method_config(config, m))
             cmp = analysis.compare_predictions(loaded.model, q, x, loaded.classes)
-            emap = analysis.error_maps(loaded.model, q, x, _conv_layers(q)[-1:])["logits"]
-            panels.append((m, cmp, emap))
+            last = analysis.spatial_layers(q)[-1:]
+            maps = analysis.error_maps(loaded.model, q, x, last)
+            panels.append((m, cmp, maps.get("logits", maps[last[0]])))
     return plots.story(picture, panels, config)
 
 

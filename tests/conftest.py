@@ -35,3 +35,22 @@ def subset(sample, lite0):
     images, labels = sample
     x, y = images[::4], labels[::4]
     return x, y, predict(lite0, x)
+
+
+def random_vit(seed: int = 0):
+    from spiq.vit import toy_vit
+
+    return toy_vit(seed)
+
+
+@pytest.fixture(scope="session")
+def vit():
+    return random_vit()[0]
+
+
+@pytest.fixture(scope="session")
+def vit_images():
+    """48 real sample images for the ViT: 16 to calibrate on, 32 held out."""
+    _, pre = random_vit()
+    images, _, _ = load_images(SAMPLE_DIR, pre, limit=48)
+    return images[:16], images[16:]

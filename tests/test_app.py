@@ -16,15 +16,27 @@ ROOT = Path(__file__).resolve().parents[1]
 EMPTY_TABLE = {"headers": [], "data": []}
 
 
+VIT = "vit_random_test"
+
+
 @pytest.fixture(scope="module")
 def app():
-    sys.path.insert(0, str(ROOT))
-    import app as app_module
+    from conftest import random_vit
 
-    app_module.demo.queue(default_concurrency_limit=8)
-    _, url, _ = app_module.demo.launch(prevent_thread_lock=True, quiet=True, max_file_size=app_module.MAX_UPLOAD)
-    yield app_module, url
-    app_module.demo.close()
+    from spiq import registry
+
+    # No ViT weights offline: a small random one, registered before the app lists its models.
+    pre = random_vit()[1]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(registry._REGISTRY, VIT, registry.ModelSpec(
+            VIT, "random weights (tests)", lambda: random_vit()[0], lambda: None, pre, "random ViT", ("vit",)))
+        sys.path.insert(0, str(ROOT))
+        import app as app_module
+
+        app_module.demo.queue(default_concurrency_limit=8)
+        _, url, _ = app_module.demo.launch(prevent_thread_lock=True, quiet=True, max_file_size=app_module.MAX_UPLOAD)
+        yield app_module, url
+        app_module.demo.close()
 
 
 def _apply(client, method, wbits, abits, image):
@@ -76,8 +88,9 @@ def test_views_leave_the_shared_float_model_untouched(app):
     before = parameter_checksum(model)
     client = Client(url, verbose=False)
     _apply(client, "spiq", 8, 4, str(ROOT / "assets" / "cat.jpg"))
-    out = client.predict(handle_file(str(ROOT / "assets" / "cat.jpg")), None, None, None, "integrated-gradients",
+    out = client.predict(handle_file(str(ROOT / "assets" / "cat.jpg")), None, None, None, "integrated-gradients", 11,
                          api_name="/refresh")
+    assert out[-2] == module.NO_ATTENTION   # a CNN has no attention view
     assert "input_bits\": 4" in out[-1]
     assert client.predict(handle_file(str(ROOT / "assets" / "cat.jpg")), "grad-cam", api_name="/attribution")
     assert parameter_checksum(model) == before
@@ -228,3 +241,30 @@ def test_deploy_exports_runs_and_times_the_recipe(app):
     with pytest.raises(AppError, match="cannot be exported to int8.*8-bit inputs"):
         client.predict(handle_file(cat), api_name="/deploy")
     assert "logit SQNR" in client.predict(handle_file(cat), api_name="/predict")[-1]
+
+
+def test_transformer_liu_ptq_and_attention_maps(app):
+    """A ViT in the app: liu-ptq offered, every view computed, attention maps as the library gives them."""
+    from spiq import analysis, views
+    from spiq.config import QuantConfig
+    from spiq.data import open_image
+
+    module, url = app
+    client = Client(url, verbose=False)
+    cat = str(ROOT / "assets" / "cat.jpg")
+    out = client.predict(VIT, "liu-ptq", 6, 6, "channel", "method default", api_name="/select_model")
+    assert out[0] == VIT and "liu-ptq" in out[2] and out[3] == "liu-ptq"   # model, table, status, method
+    applied = _apply(client, "liu-ptq", 6, 6, cat)[1]   # table, recipe, download, status, plot, text
+    assert json.loads(applied)["method"] == "liu-ptq"
+    views_out = client.predict(handle_file(cat), None, None, None, "grad-cam", 1, api_name="/refresh")
+    assert "reverse" in views_out[-2] and "liu-ptq" in views_out[-1]
+    assert "liu-ptq" in [row[0] for row in views_out[11]["data"]]   # the methods table
+    maps, inversions, text = client.predict(handle_file(cat), 0, api_name="/attention")
+    config = QuantConfig.from_json(applied)
+    sc = views.scene(module.CACHE, VIT, config, open_image(cat))
+    am = analysis.attention_maps(sc.loaded.model, sc.qmodel, sc.x, 0)
+    reversed_pairs, pairs = am.inversions[0]
+    assert f"**{reversed_pairs:,}** of {pairs:,}" in text and reversed_pairs > 0
+    # a CNN takes no liu-ptq: switching back drops it from the choices
+    out = client.predict(module.DEFAULT_MODEL, "liu-ptq", 6, 6, "channel", "method default", api_name="/select_model")
+    assert out[0] == module.DEFAULT_MODEL and out[3] == "spiq" and '"method": "spiq"' in out[2]

@@ -56,3 +56,31 @@ def test_evaluate_bad_input_is_a_clear_error(tmp_path):
     assert r.returncode == 2 and "input_bits must be from 2 to 16" in r.stderr
     r = _spiq("evaluate", "--model", "resnet_18", "--images", str(SAMPLE_DIR), "--method", "fp")
     assert r.returncode == 2 and "unknown model 'resnet_18'" in r.stderr and "resnet18" in r.stderr
+
+
+def test_evaluate_liu_ptq_on_a_transformer_with_calibration_folder(tmp_path, monkeypatch, capsys):
+    from spiq import cli, registry
+    from spiq.vit import toy_vit
+
+    pre = toy_vit()[1]
+    monkeypatch.setitem(registry._REGISTRY, "toy_vit", registry.ModelSpec(
+        "toy_vit", "random weights (tests)", lambda: toy_vit()[0], lambda: None, pre, "toy ViT", ("vit",)))
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for f in sorted(SAMPLE_DIR.iterdir())[-6:]:   # images kept apart from the 8 evaluated
+        (calib / f.name).symlink_to(f)
+    out = tmp_path / "r.json"
+    rc = cli.main(["evaluate", "--model", "toy_vit", "--images", str(SAMPLE_DIR), "--limit", "8", "--method", "liu-ptq",
+                   "--wbits", "6", "--abits", "6", "--calib", str(calib), "--calib-n", "4", "--mixed-precision", "6",
+                   "--json", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    data = json.loads(out.read_text())
+    assert (data["method"], data["wbits"], data["abits"], data["n_images"]) == ("liu-ptq", 6, 6, 8)
+    assert "4/4" in err and "quantizing" in err     # four calibration images decoded, the search's progress shown
+    rc = cli.main(["evaluate", "--model", "toy_vit", "--images", str(SAMPLE_DIR), "--limit", "8", "--method", "liu-ptq",
+                   "--calib", str(tmp_path / "missing")])
+    assert rc == 2 and "does not exist" in capsys.readouterr().err
+    rc = cli.main(["evaluate", "--model", "efficientnet_lite0", "--images", str(SAMPLE_DIR), "--limit", "8",
+                   "--method", "liu-ptq", "--calib", str(calib)])
+    assert rc == 2 and "vision transformers" in capsys.readouterr().err
