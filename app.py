@@ -184,10 +184,9 @@ def refresh(model_name, applied, image, range_layer, map_layer, channel, attr_me
 
 
 def _attention(sc, block):
-    blocks = getattr(sc.qmodel, "blocks", None)
     if not views.is_transformer(sc.qmodel):
         return gr.update(visible=False), None, None, NO_ATTENTION
-    last = len(blocks) - 1
+    last = len(sc.qmodel.blocks) - 1
     block = min(int(block), last) if block is not None else last
     maps, inversions, text = views.attention(CACHE, sc, block)
     return gr.update(visible=True, maximum=last, value=block), maps, inversions, text

@@ -10,7 +10,7 @@ reason. Calibrated methods draw `calib_images` images (seeded) from the same sam
 the table on a randomly initialised ViT (spiq.vit.toy_vit): its top-1 means nothing, its agreement
 with its own float model and logit SQNR do, and so do the timings.
 
-Writes bench/results/vit.json and vit.md (vit_toy.* with --toy).
+Writes bench/results/vit.json and vit.md (vit_toy_<size>.* with --toy).
 """
 from __future__ import annotations
 
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     if skipped:
         md += "\n" + "\n".join(f"- skipped `{n}`: {why}" for n, why in skipped.items()) + "\n"
     print(md)
-    save("vit_toy" if args.toy else "vit", {
+    save(f"vit_toy_{args.toy_size}" if args.toy else "vit", {
         "models": list(results), "skipped": skipped, "n_images": n_images, "paper": PAPER,
         "calibration": f"{spiq.QuantConfig().calib_images} images drawn (seed 0) from the same sample",
         "machine": machine(), "seconds": time.time() - start, "results": results}, md)

@@ -60,11 +60,25 @@ def input_quant(delta: float, kind: str, bits: int, axis: int = -1) -> InputQuan
 
 def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Mean over the samples (dim 0) of the Pearson correlation of each sample's values."""
-    a = a.reshape(a.shape[0], -1).double()
-    b = b.reshape(b.shape[0], -1).double()
-    a = a - a.mean(1, keepdim=True)
-    b = b - b.mean(1, keepdim=True)
-    return ((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-30)).mean()
+    return Similarity(b)(a)
+
+
+class Similarity:
+    """Mean per-sample Pearson correlation with a fixed target, its centring and norm done once.
+
+    A search scores hundreds of candidates against one target: each costs a centring, a dot
+    product and a norm, in float32 with float64 only where the target is normalised.
+    """
+
+    def __init__(self, target: torch.Tensor):
+        t = target.reshape(target.shape[0], -1).double()
+        t = t - t.mean(1, keepdim=True)
+        self.unit = (t / t.norm(dim=1, keepdim=True).clamp_min(1e-30)).float()
+
+    def __call__(self, out: torch.Tensor) -> torch.Tensor:
+        o = out.reshape(out.shape[0], -1)
+        o = o - o.mean(1, keepdim=True)
+        return (torch.linalg.vecdot(o, self.unit) / o.norm(dim=1).clamp_min(1e-30)).mean()
 
 
 @dataclass(frozen=True)
@@ -118,32 +132,39 @@ def search_intervals(a: torch.Tensor, kind_a: str, bits_a: int, b: torch.Tensor,
     """
     grid = torch.unique(torch.cat([torch.linspace(0.5, 1.2, points), torch.ones(1)])).tolist()
     max_a, max_b = max_interval(a, kind_a, bits_a), max_interval(b, kind_b, bits_b)
+    similarity = Similarity(target)
 
     def objective(aq, bq) -> float:
         out = fn(aq, bq)
-        s = pearson(out, target)
+        s = similarity(out)
         return float(s - penalty(out)) if penalty is not None else float(s)
 
     da, db = max_a, max_b
     aq, bq = fake_quant(a, da, kind_a, bits_a), fake_quant(b, db, kind_b, bits_b)
     best = start = objective(aq, bq)
     done = 0
-    for _ in range(rounds):
-        done += 1
-        changed = False
-        # Liu et al.'s order: the weight (or second operand) first, with the input fixed
-        scores = [objective(aq, fake_quant(b, g * max_b, kind_b, bits_b)) for g in grid]
+    # Liu et al.'s order: the weight (or second operand) first, with the input fixed. A half-step
+    # that changes nothing ends the search: the other operand would face the partner it already
+    # answered, and give the same answer.
+    for step in range(2 * rounds):
+        search_b = step % 2 == 0
+        done += search_b
+        if search_b:
+            scores = [objective(aq, fake_quant(b, g * max_b, kind_b, bits_b)) for g in grid]
+        else:
+            scores = [objective(fake_quant(a, g * max_a, kind_a, bits_a), bq) for g in grid]
         k = max(range(len(grid)), key=scores.__getitem__)
-        if scores[k] > best:
-            best, db, changed = scores[k], grid[k] * max_b, True
+        if scores[k] <= best:
+            if step > 0:
+                break
+            continue
+        best = scores[k]
+        if search_b:
+            db = grid[k] * max_b
             bq = fake_quant(b, db, kind_b, bits_b)
-        scores = [objective(fake_quant(a, g * max_a, kind_a, bits_a), bq) for g in grid]
-        k = max(range(len(grid)), key=scores.__getitem__)
-        if scores[k] > best:
-            best, da, changed = scores[k], grid[k] * max_a, True
+        else:
+            da = grid[k] * max_a
             aq = fake_quant(a, da, kind_a, bits_a)
-        if not changed:
-            break
     return Search(da, db, max_a, max_b, best, start, done)
 
 
@@ -491,18 +512,24 @@ def plan(model: nn.Module, graph: VitGraph, calib: Calibration, bits: Callable[[
             out.module_bits = choose_bits(costs, sizes, mixed_precision)
         step = len(modules)
     for b, kind, layers in modules:
-        if any(bits(n) is None for n in layers):
+        active = [n for n in layers if bits(n) is not None]
+        if not active:
             continue
         mod = b.attn if kind == "attn" else b.mlp
-        chosen = (out.module_bits[mod],) * 2 if mod in out.module_bits else bits(layers[0])
         if mixed_precision is None:
             tick(f"searching {mod}")
-        sites = (sr.attention if kind == "attn" else sr.mlp)(b, chosen)
-        for name, site in sites.items():
-            (out.layers if name in layers else out.matmuls)[name] = site
-        if kind == "attn":
-            out.inversions[f"{b.attn}.qk"] = sr.inversions(b, sites[f"{b.attn}.qk"])
-        else:
+
+        def width(name, mod=mod):
+            return (out.module_bits[mod],) * 2 if mod in out.module_bits else bits(name)
+
+        for name in active:
+            out.layers[name] = sr.site(name, *width(name))
+        if kind == "attn" and b.qkv in active:   # the matmuls follow the qkv layer's input bits
+            ab = width(b.qkv)[1]
+            for op in ("qk", "pv"):
+                out.matmuls[f"{b.attn}.{op}"] = sr.site(f"{b.attn}.{op}", ab, ab)
+            out.inversions[f"{b.attn}.qk"] = sr.inversions(b, out.matmuls[f"{b.attn}.qk"])
+        if kind == "mlp":
             sr.ops.pop(b.attn, None)
     tick("patch embedding and head")
     for name in (graph.patch, graph.head):

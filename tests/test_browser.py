@@ -95,6 +95,8 @@ def test_app_in_chromium(app_url, tmp_path):
                 # presenters download figures as PNG from plotly's mode bar
                 page.hover(f"#{elem_id} .js-plotly-plot")
                 assert page.locator(f"#{elem_id} [data-title='Download plot as a PNG' i]").count() == 1
+        page.get_by_role("tab", name="Attention").click()   # a CNN: the tab says why it is empty
+        assert "vision transformers" in page.inner_text("#attention-text")
         page.get_by_role("tab", name="Story").click()
         shot = Path(os.environ.get("SPIQ_SCREENSHOT_DIR", tmp_path)) / "app.png"
         page.screenshot(path=str(shot), full_page=True)

@@ -105,6 +105,27 @@ def test_spiq_linear_on_tokens_is_integer_exact(vit, vit_images):
     assert torch.allclose(sim, exact, rtol=1e-4, atol=1e-4 * sim.abs().max().item())
 
 
+def test_interval_search_ends_at_a_coordinate_optimum(calibrations):
+    """No grid candidate for either operand, the other fixed, beats what the search returns."""
+    from torch.nn import functional as F
+
+    calib, _ = calibrations
+    a = calib.mlp_in["blocks.0.mlp.fc1"]
+    w = torch.randn(64, a.shape[-1], generator=torch.Generator().manual_seed(0)) / 10
+
+    def fn(x, y):
+        return F.linear(x, y)
+
+    found = liu.search_intervals(a, "signed", 4, w, "weight", 4, fn, fn(a, w), points=40)
+    sim = liu.Similarity(fn(a, w))
+    aq, wq = liu.fake_quant(a, found.delta_a, "signed", 4), liu.fake_quant(w, found.delta_b, "weight", 4)
+    assert math.isclose(float(sim(fn(aq, wq))), found.score, rel_tol=1e-6)
+    assert found.score > found.max_score and found.delta_a != found.max_a
+    for g in torch.linspace(0.5, 1.2, 40).tolist():
+        assert float(sim(fn(aq, liu.fake_quant(w, g * found.max_b, "weight", 4)))) <= found.score + 1e-7
+        assert float(sim(fn(liu.fake_quant(a, g * found.max_a, "signed", 4), wq))) <= found.score + 1e-7
+
+
 def test_pearson_search_beats_max_intervals_on_held_out_images(prepared, calibrations):
     calib, held = calibrations
     plan = _plan(prepared, calib, 4)
@@ -202,3 +223,18 @@ def test_transformer_only_settings_are_refused_clearly(lite0, vit):
 def test_random_vit_fixture_is_deterministic():
     a, b = random_vit(3)[0], random_vit(3)[0]
     assert parameter_checksum(a) == parameter_checksum(b)
+
+
+def test_liu_ptq_respects_per_layer_overrides(vit, vit_images):
+    calib, held = vit_images
+    config = spiq.QuantConfig(method="liu-ptq", weight_bits=6, input_bits=6, search_points=10, overrides={
+        "blocks.0.attn.qkv": {"skip": True}, "blocks.0.attn.proj": {"weight_bits": 8, "input_bits": 8}})
+    q = spiq.quantize(vit, config, calib_data=calib)
+    layers = q.spiq_report.layers
+    assert "blocks.0.attn.qkv" not in layers and not isinstance(q.get_submodule("blocks.0.attn.qkv"), QuantLayer)
+    assert (layers["blocks.0.attn.proj"].weight_bits, layers["blocks.0.attn.proj"].input_bits) == (8, 8)
+    assert (layers["blocks.1.attn.proj"].weight_bits, layers["blocks.1.attn.proj"].input_bits) == (6, 6)
+    # the skipped qkv's matmuls stay float; the other block's are quantized
+    assert q.get_submodule("blocks.0.attn.q_in").quant is None and q.get_submodule("blocks.1.attn.q_in").quant.bits == 6
+    with torch.no_grad():
+        assert tensor_sqnr_db(vit(held), q(held)) > 5
