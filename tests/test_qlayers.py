@@ -66,3 +66,18 @@ def test_auto_fold_keeps_per_channel_scales_where_they_pay(lite0):
         for name, r in q.spiq_report.layers.items():
             layer = q.get_submodule(name)
             assert layer.folded == r.input_per_channel == layer.input_quant.per_channel
+
+
+@pytest.mark.parametrize("method", ["spiq", "static-tensor", "dynamic-tensor", "dynamic-channel"])
+def test_fast_inference_quantizers_equal_the_gradient_kernels(lite0, sample, method):
+    """Without gradients the quantizers skip PyTorch's mask-building kernels: same logits, bit for bit.
+
+    The normalised 8-bit pixels sit on half-steps of the first layer's grid, so ties are exercised."""
+    images, _ = sample
+    q = spiq.quantize(lite0, spiq.QuantConfig(method=method, weight_bits=8, input_bits=4))
+    x = images[:6]
+    with torch.no_grad():
+        fast = q(x)
+    with torch.enable_grad():
+        kernels = q(x.clone().requires_grad_(True)).detach()
+    assert torch.equal(fast, kernels)
