@@ -54,14 +54,19 @@ def load_images(root: str | Path, preprocess: Preprocess, limit: int | None = No
     items = find_images(root)
     if limit is not None:
         items = items[:limit]
+    labels = torch.tensor([label for _, label in items])
+    return _decode([p for p, _ in items], preprocess, progress), labels, [p for p, _ in items]
+
+
+def _decode(paths: list[Path], preprocess: Preprocess, progress: Callable[[int], None] | None) -> torch.Tensor:
+    """Preprocessed images, decoded 50 at a time so the progress bar moves."""
     xs = []
-    for i in range(0, len(items), 50):
-        chunk = items[i:i + 50]
-        xs.append(load_batch([p for p, _ in chunk], preprocess))
+    for i in range(0, len(paths), 50):
+        chunk = paths[i:i + 50]
+        xs.append(load_batch(chunk, preprocess))
         if progress is not None:
             progress(len(chunk))
-    labels = torch.tensor([label for _, label in items])
-    return torch.cat(xs), labels, [p for p, _ in items]
+    return torch.cat(xs)
 
 
 def calibration_subset(images: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
@@ -76,12 +81,7 @@ def load_calibration(root: str | Path, preprocess: Preprocess, n: int, seed: int
     items = find_images(root)
     g = torch.Generator().manual_seed(seed)
     picked = [items[i][0] for i in torch.randperm(len(items), generator=g)[:n].tolist()]
-    xs = []
-    for i in range(0, len(picked), 50):
-        xs.append(load_batch(picked[i:i + 50], preprocess))
-        if progress is not None:
-            progress(len(picked[i:i + 50]))
-    return torch.cat(xs)
+    return _decode(picked, preprocess, progress)
 
 
 def evaluate(model_name: str, images: torch.Tensor, labels: torch.Tensor, config: QuantConfig | None,

@@ -168,22 +168,24 @@ def _tv_preprocess(arch: str) -> Preprocess:
                       std=tuple(t.std), interpolation=t.interpolation.value)
 
 
-for _arch, _desc in [
+def _register_downloads(entries: list[tuple[str, str]], source: Callable[[str], str],
+                        builder: Callable[[str], Callable[[], nn.Module]], problem: Callable[[str], str | None],
+                        preprocess: Callable[[str], Preprocess], tags: tuple[str, ...]) -> None:
+    """Register a family of downloadable models, (name, description) each, sharing how they load."""
+    for name, desc in entries:
+        register(ModelSpec(name=name, source=source(name), build=builder(name),
+                           offline_problem=(lambda n=name: problem(n)), preprocess=preprocess(name),
+                           description=desc, tags=tags))
+
+
+_register_downloads([
     ("resnet18", "ResNet-18, ImageNet (torchvision)"),
     ("resnet50", "ResNet-50, ImageNet (torchvision)"),
     ("mobilenet_v2", "MobileNetV2, ImageNet (torchvision)"),
     ("mobilenet_v3_large", "MobileNetV3-Large, Hardswish + SE (torchvision)"),
     ("efficientnet_b0", "EfficientNet-B0, SiLU + SE (torchvision)"),
-]:
-    register(ModelSpec(
-        name=_arch,
-        source=f"torchvision weights API, cached in {torch.hub.get_dir()}",
-        build=_tv_builder(_arch),
-        offline_problem=(lambda a=_arch: _tv_problem(a)),
-        preprocess=_tv_preprocess(_arch),
-        description=_desc,
-        tags=("cnn", "download"),
-    ))
+], lambda _a: f"torchvision weights API, cached in {torch.hub.get_dir()}", _tv_builder, _tv_problem, _tv_preprocess,
+    ("cnn", "download"))
 
 
 # --- Vision transformers from timm, downloaded from the Hugging Face hub ---------------------
@@ -292,21 +294,13 @@ def _timm_preprocess(name: str) -> Preprocess:
                       std=tuple(cfg.std), interpolation=cfg.interpolation)
 
 
-for _name, _desc in [
+_register_downloads([
     ("deit_tiny_patch16_224", "DeiT-Ti/16, ImageNet, 5.7M params (timm, Hugging Face hub)"),
     ("deit_small_patch16_224", "DeiT-S/16, ImageNet, 22M params (timm, Hugging Face hub)"),
     ("deit_base_patch16_224", "DeiT-B/16, ImageNet, 86M params (timm, Hugging Face hub)"),
     ("vit_base_patch16_224", "ViT-B/16 AugReg, ImageNet-21k then ImageNet, 86M params (timm, Hugging Face hub)"),
-]:
-    register(ModelSpec(
-        name=_name,
-        source=f"timm, Hugging Face hub {_timm_cfg(_name).hf_hub_id}, cached in {_hf_cache_dir()}",
-        build=_timm_builder(_name),
-        offline_problem=(lambda n=_name: _timm_problem(n)),
-        preprocess=_timm_preprocess(_name),
-        description=_desc,
-        tags=("vit", "download"),
-    ))
+], lambda n: f"timm, Hugging Face hub {_timm_cfg(n).hf_hub_id}, cached in {_hf_cache_dir()}", _timm_builder,
+    _timm_problem, _timm_preprocess, ("vit", "download"))
 
 
 # --- torchvision ViT, downloaded like the CNNs above, run as a timm VisionTransformer -------

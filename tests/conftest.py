@@ -6,6 +6,7 @@ import torch
 
 import spiq
 from spiq.evaluate import load_images, predict
+from spiq.vit import toy_vit
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = Path(os.environ.get("SPIQ_SAMPLE_DIR", ROOT.parent / "shared" / "data" / "imagenet-sample"))
@@ -37,20 +38,14 @@ def subset(sample, lite0):
     return x, y, predict(lite0, x)
 
 
-def random_vit(seed: int = 0):
-    from spiq.vit import toy_vit
-
-    return toy_vit(seed)
-
-
 @pytest.fixture(scope="session")
 def vit():
-    return random_vit()[0]
+    return toy_vit()[0]
 
 
 @pytest.fixture(scope="session")
 def vit_images():
     """48 real sample images for the ViT: 16 to calibrate on, 32 held out."""
-    _, pre = random_vit()
+    _, pre = toy_vit()
     images, _, _ = load_images(SAMPLE_DIR, pre, limit=48)
     return images[:16], images[16:]

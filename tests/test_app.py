@@ -21,15 +21,15 @@ VIT = "vit_random_test"
 
 @pytest.fixture(scope="module")
 def app():
-    from conftest import random_vit
+    from spiq.vit import toy_vit
 
     from spiq import registry
 
     # No ViT weights offline: a small random one, registered before the app lists its models.
-    pre = random_vit()[1]
+    pre = toy_vit()[1]
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(registry._REGISTRY, VIT, registry.ModelSpec(
-            VIT, "random weights (tests)", lambda: random_vit()[0], lambda: None, pre, "random ViT", ("vit",)))
+            VIT, "random weights (tests)", lambda: toy_vit()[0], lambda: None, pre, "random ViT", ("vit",)))
         sys.path.insert(0, str(ROOT))
         import app as app_module
 

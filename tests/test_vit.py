@@ -13,7 +13,7 @@ from spiq.qlayers import ActQuant, QuantLayer
 from spiq.quantize import prepare
 from spiq.vit import TapAttention, vit_graph
 
-from conftest import random_vit
+from spiq.vit import toy_vit
 
 
 @pytest.fixture(scope="module")
@@ -220,8 +220,8 @@ def test_transformer_only_settings_are_refused_clearly(lite0, vit):
     assert spiq.QuantConfig.from_json(spiq.QuantConfig(method="liu-ptq", mixed_precision=6.5).to_json()).mixed_precision == 6.5
 
 
-def test_random_vit_fixture_is_deterministic():
-    a, b = random_vit(3)[0], random_vit(3)[0]
+def test_toy_vit_is_deterministic():
+    a, b = toy_vit(3)[0], toy_vit(3)[0]
     assert parameter_checksum(a) == parameter_checksum(b)
 
 
