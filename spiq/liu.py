@@ -262,9 +262,9 @@ class _Ops:
 def _block_ops(model: nn.Module, b: BlockNames, calib: Calibration) -> _Ops:
     attn = model.get_submodule(b.attn)
     x = calib.attn_in[b.qkv]
-    s, n, _ = x.shape
+    s = x.shape[0]
     h, hd = attn.num_heads, attn.head_dim
-    q, k, v = attn.qkv(x).reshape(s, n, 3, h, hd).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k, v = attn.heads(attn.qkv(x))
     rows = calib.rows
     q = q[:, :, rows] * attn.scale
     scores = q @ k.transpose(-2, -1)
@@ -399,9 +399,9 @@ class _Searcher:
         o = self.block_ops(b)
         if sites is None:
             return attn.proj(o.attn_out)
-        s, n, _ = o.x.shape
+        s = o.x.shape[0]
         h, hd = attn.num_heads, attn.head_dim
-        q, k, v = self._qlinear(b.qkv, o.x, sites[b.qkv]).reshape(s, n, 3, h, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = attn.heads(self._qlinear(b.qkv, o.x, sites[b.qkv]))
         qk, pv = sites[f"{b.attn}.qk"], sites[f"{b.attn}.pv"]
         scores = qk.quantize_a(q[:, :, self.calib.rows] * attn.scale) @ qk.quantize_b(k).transpose(-2, -1)
         out = pv.quantize_a(scores.softmax(-1)) @ pv.quantize_b(v)

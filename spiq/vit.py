@@ -47,11 +47,16 @@ class TapAttention(nn.Module):
         self.q_in, self.k_in, self.p_in, self.v_in = ActQuant(), ActQuant(), ActQuant(), ActQuant()
         self.scores = nn.Identity()
 
+    def heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The qkv layer's output (B, N, 3·D) as q, k, v, each (B, heads, N, head_dim)."""
+        b, n, _ = qkv.shape
+        return qkv.reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+
     def forward(self, x, attn_mask=None, is_causal=False):
         if attn_mask is not None or is_causal:
             raise NotImplementedError("masked attention is not part of an image classifier")
         b, n, _ = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = self.heads(self.qkv(x))
         scores = self.scores(self.q_in(q * self.scale) @ self.k_in(k).transpose(-2, -1))
         out = self.p_in(scores.softmax(-1)) @ self.v_in(v)
         return self.proj(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
