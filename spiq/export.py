@@ -391,8 +391,8 @@ def _out_view(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def _requantize(qmodel: nn.Module, lp: _LayerPlan, grid: _Grid) -> None:
     """Quantize layer `lp` again, by the recipe quantize() used, for the input grid it really gets."""
-    from .quantize import _fallback_dist, _output_mean, _plan
-    from .ranges import expected_value
+    from .quantize import _fallback_dist, _plan, bias_shift
+    from .ranges import law_moments, range_effect
 
     report, config = getattr(qmodel, "spiq_report", None), getattr(qmodel, "spiq_config", None)
     reference = report.reference if report is not None and report.prepared is not None else None
@@ -407,9 +407,7 @@ def _requantize(qmodel: nn.Module, lp: _LayerPlan, grid: _Grid) -> None:
     if config.bias_correction:
         dist = report.propagation.inputs.get(lp.name) if report.propagation is not None else None
         dist = dist or _fallback_dist(grid.step.numel(), config.tail)
-        shift = (_output_mean(ref, w_sim, expected_value(dist, rng, 8))
-                 - _output_mean(ref, ref.weight.detach(), expected_value(dist)))
-        bias = bias - shift
+        bias = bias - bias_shift(ref, ref.weight.detach(), w_sim, law_moments(dist)[0], range_effect(dist, rng, 8).mean_q)
     step, zero = _per_channel(inq.scale, grid.step.numel()), _per_channel(inq.zero, grid.step.numel())
     lp.grid = _Grid(step, zero, grid.live.clone())
     lp.codes, lp.wscale = codes.double(), _per_channel(w_scale, w_sim.shape[0])

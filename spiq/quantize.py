@@ -14,8 +14,8 @@ from .config import CALIBRATED, DATA_FREE, METHODS, NEEDS_CALIBRATION, TRANSFORM
 from .fold import fold_batchnorm
 from .graph import QUANTIZABLE, analyse
 from .qlayers import InputQuant, QuantLayer, channel_axis, input_scale_zero, make_weights
-from .ranges import (Dist, Propagation, Range, broadcast_input, calibrated_range, clip_range, expected_value, observe, propagate,
-                     quantized_samples, sigma_range, sorted_samples)
+from .ranges import (Dist, Propagation, Range, RangeEffect, broadcast_input, calibrated_range, clip_range, law_moments,
+                     observe, propagate, range_effect, sigma_range, sorted_samples)
 from .vit import VitGraph, matmul_sites, tap_attention, vit_graph, vit_laws
 
 # ImageNet normalisation: the assumption when a model comes without its preprocessing.
@@ -71,6 +71,8 @@ class Prepared:
     vit: VitGraph | None = None
     matmul_laws: dict[str, Dist] = field(default_factory=dict, repr=False)
     ranges: dict = field(default_factory=dict, repr=False)
+    effects: dict = field(default_factory=dict, repr=False)    # RangeEffect of each searched range
+    moments: dict = field(default_factory=dict, repr=False)    # law_moments of each layer input
     weights: OrderedDict = field(default_factory=OrderedDict, repr=False)   # bounded: they are big
 
     def cached_weights(self, key, make):
@@ -82,22 +84,40 @@ class Prepared:
         self.weights.move_to_end(key)
         return self.weights[key]
 
+    @staticmethod
+    def _range_key(name: str, bits: int, per_channel: bool, config: QuantConfig) -> tuple:
+        rule = (config.range_rule, config.clip_penalty if config.range_rule == "mse" else config.n_sigma)
+        return name, bits, per_channel, rule
+
     def data_free_range(self, name: str, dist: Dist, bits: int, per_channel: bool, config: QuantConfig,
                         sums=None) -> Range:
-        rule = (config.range_rule, config.clip_penalty if config.range_rule == "mse" else config.n_sigma)
-        key = (name, bits, per_channel, rule)
+        key = self._range_key(name, bits, per_channel, config)
         if key not in self.ranges:
-            self.ranges[key] = (clip_range(dist, bits, per_channel, config.clip_penalty, sums) if rule[0] == "mse"
+            self.ranges[key] = (clip_range(dist, bits, per_channel, config.clip_penalty, sums) if key[3][0] == "mse"
                                 else sigma_range(dist, config.n_sigma, per_channel))
         return self.ranges[key]
+
+    def data_free_effect(self, name: str, dist: Dist, bits: int, per_channel: bool, config: QuantConfig) -> RangeEffect:
+        """`range_effect` of the data-free range, kept: the fold decision and bias correction read it."""
+        key = self._range_key(name, bits, per_channel, config)
+        if key not in self.effects:
+            self.effects[key] = range_effect(dist, self.data_free_range(name, dist, bits, per_channel, config), bits)
+        return self.effects[key]
+
+    def law_moments(self, name: str, dist: Dist) -> tuple[torch.Tensor, torch.Tensor]:
+        if name not in self.moments:
+            self.moments[name] = law_moments(dist)
+        return self.moments[name]
 
     def warm(self, config: QuantConfig, bits=range(2, 17)) -> None:
         """Search every layer's data-free ranges at these bit widths now, so quantize() finds them."""
         for name, dist in self.propagation.inputs.items():
             sums = sorted_samples(dist) if config.range_rule == "mse" and not dist.use_bounds else None
+            self.law_moments(name, dist)
             for b in bits:
                 for per_channel in (True, False):
                     self.data_free_range(name, dist, b, per_channel, config, sums)
+                    self.data_free_effect(name, dist, b, per_channel, config)
 
 
 def _tails(config: QuantConfig) -> tuple[str, str, str]:
@@ -184,15 +204,18 @@ def _per_input_channel(t: torch.Tensor, groups: int) -> torch.Tensor:
     return t.reshape(groups, o // groups, cg, -1).sum((1, 3)).reshape(-1)
 
 
-def _expected_output_error(layer: nn.Module, w_float: torch.Tensor, w_sim: torch.Tensor, dist: Dist,
-                           rng: Range, bits: int) -> float:
-    """E‖y − ŷ‖² under the input law, input and weight errors taken as independent."""
-    x, w, xq = quantized_samples(dist, rng, bits)
-    e2 = (((xq - x) ** 2) * w).sum(1)
-    m2 = ((x ** 2) * w).sum(1)
+def _expected_output_error(layer: nn.Module, w_float: torch.Tensor, w_sim: torch.Tensor, mean_sq: torch.Tensor,
+                           effect: RangeEffect) -> float:
+    """E‖y − ŷ‖² under the input law (E[x²] per channel), input and weight errors taken as independent."""
     g = getattr(layer, "groups", 1)
-    return float((e2 * _per_input_channel(w_float ** 2, g)).sum()
-                 + (m2 * _per_input_channel((w_sim - w_float) ** 2, g)).sum())
+    return float((effect.err2 * _per_input_channel(w_float ** 2, g)).sum()
+                 + (mean_sq * _per_input_channel((w_sim - w_float) ** 2, g)).sum())
+
+
+def bias_shift(layer: nn.Module, w_float: torch.Tensor, w_sim: torch.Tensor, mean_x: torch.Tensor,
+               mean_xq: torch.Tensor) -> torch.Tensor:
+    """The expected output error, E[ŷ − y], that bias correction subtracts from the layer's bias."""
+    return _output_mean(layer, w_sim, mean_xq) - _output_mean(layer, w_float, mean_x)
 
 
 @torch.no_grad()
@@ -272,15 +295,23 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data: torch.Tensor | N
             rng_t = prepared.data_free_range(name, dist, s.input_bits, False, config)
             alt = _plan(layer, rng_t, s.input_bits, False, s.weight_bits, s.weight_per_channel, config,
                         memo(rng_t, False))
-            if _expected_output_error(layer, w_float, alt[3], dist, rng_t, s.input_bits) < \
-                    _expected_output_error(layer, w_float, w_sim, dist, rng, s.input_bits):
+            mean_sq = prepared.law_moments(name, dist)[1]
+            if _expected_output_error(layer, w_float, alt[3], mean_sq,
+                                      prepared.data_free_effect(name, dist, s.input_bits, False, config)) < \
+                    _expected_output_error(layer, w_float, w_sim, mean_sq,
+                                           prepared.data_free_effect(name, dist, s.input_bits, True, config)):
                 rng, (inq, codes, w_scale, w_sim) = rng_t, alt
         folded = inq.mode == "static" and inq.per_channel
         layer.weight.data = w_sim
         if config.bias_correction:
-            mean_x = expected_value(dist)
-            mean_xq = expected_value(dist, rng, s.input_bits) if rng is not None else mean_x
-            shift = _output_mean(layer, w_sim, mean_xq) - _output_mean(layer, w_float, mean_x)
+            mean_x = prepared.law_moments(name, dist)[0]
+            if rng is None:
+                mean_xq = mean_x
+            elif s.method in DATA_FREE:
+                mean_xq = prepared.data_free_effect(name, dist, s.input_bits, inq.per_channel, config).mean_q
+            else:
+                mean_xq = range_effect(dist, rng, s.input_bits).mean_q
+            shift = bias_shift(layer, w_float, w_sim, mean_x, mean_xq)
             if layer.bias is None:
                 layer.bias = nn.Parameter(torch.zeros(w_sim.shape[0]), requires_grad=False)
             layer.bias.data = layer.bias.data - shift

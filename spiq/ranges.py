@@ -370,13 +370,23 @@ def quantized_samples(d: Dist, rng: Range, bits: int) -> tuple[torch.Tensor, tor
     return x, w, (torch.clamp(torch.round(x / step) + zero, 0, 2 ** bits - 1) - zero) * step
 
 
-def expected_value(d: Dist, rng: Range | None = None, bits: int | None = None) -> torch.Tensor:
-    """E[x] per channel, or E[q(x)] when a range and bit width are given (for bias correction)."""
-    if rng is None:
-        x, w = d.samples()
-        return (x * w).sum(1)
-    _, w, xq = quantized_samples(d, rng, bits)
-    return (xq * w).sum(1)
+@dataclass(frozen=True)
+class RangeEffect:
+    """What quantizing a law on one grid does to it, per channel: E[q(x)] and E[(q(x) - x)^2]."""
+    mean_q: torch.Tensor
+    err2: torch.Tensor
+
+
+def range_effect(d: Dist, rng: Range, bits: int) -> RangeEffect:
+    """The mean a layer sees through the quantizer (for bias correction) and the error it adds."""
+    x, w, xq = quantized_samples(d, rng, bits)
+    return RangeEffect((xq * w).sum(1), (((xq - x) ** 2) * w).sum(1))
+
+
+def law_moments(d: Dist) -> tuple[torch.Tensor, torch.Tensor]:
+    """E[x] and E[x^2] per channel."""
+    x, w = d.samples()
+    return (x * w).sum(1), ((x ** 2) * w).sum(1)
 
 
 # --- calibration on real images -----------------------------------------------------------------

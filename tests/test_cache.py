@@ -108,6 +108,8 @@ def test_views_on_a_real_image():
     story = views.story(cache, "efficientnet_lite0", config, img)
     assert "SPIQ" in story.layout.annotations[1].text and len(story.data) == 8
     emap = views.error_map(cache, sc, "blocks.2.0.conv_dw", channel=3)
-    assert emap.data[1].z.shape == (224, 224)
+    # the 224-pixel map goes to the browser pooled 2x2, each cell centred on the pixels it covers
+    assert emap.data[0].source.startswith("data:image/jpeg;base64,")
+    assert emap.data[1].z.shape == (112, 112) and (emap.data[1].x0, emap.data[1].dx) == (0.5, 2.0)
     with pytest.raises(ValueError, match="channels 0 to"):
         views.error_map(cache, sc, "blocks.2.0.conv_dw", channel=10_000)
