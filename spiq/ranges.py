@@ -28,7 +28,7 @@ from .fold import BNStats
 from .graph import ModelGraph, is_passthrough
 from .hooks import run_with_hooks
 
-TAIL_MODELS = ("gauss", "laplace", "t3", "t4", "t6")
+TAIL_MODELS = ("gauss", "laplace", "t3", "t4", "t6", "t8", "t10")
 
 
 @functools.lru_cache(maxsize=None)
