@@ -23,7 +23,9 @@ def _same_model(a, b):
 
 @pytest.fixture(scope="module")
 def prepared(lite0):
-    return prepare(lite0)
+    p = prepare(lite0)
+    p.warm(QuantConfig(), bits=(4, 5))   # what the app does in the background: ranges and their effects
+    return p
 
 
 @pytest.mark.parametrize("kw", [dict(weight_bits=8, input_bits=4), dict(weight_bits=4, input_bits=8, fold="always"),
