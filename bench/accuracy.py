@@ -17,7 +17,7 @@ from tqdm import tqdm
 from common import SAMPLE_DIR, machine, save
 
 import spiq
-from spiq.evaluate import calibration_subset, evaluate, load_images, predict
+from spiq.evaluate import calibration_subset, evaluate, load_images, logits
 
 BITS = ["W8A8", "W8A6", "W6A6", "W8A5", "W8A4", "W4A8", "W4A4"]
 # (label, config fields): the calibrated rows per tensor (their default) and the best of them per channel.
@@ -40,13 +40,15 @@ def parse_bits(text: str) -> tuple[int, int]:
 
 def table(results: list[dict], fp_top1: float, bits: list[str]) -> str:
     lines = [f"EfficientNet-Lite0, {results[0]['n_images'] if results else 0} ImageNet sample images; "
-             f"float top-1 {fp_top1 * 100:.1f} %. Cells: top-1 % / agreement with float top-1 %.", "",
+             f"float top-1 {fp_top1 * 100:.1f} %. Cells: top-1 % / agreement with float top-1 % / "
+             "mean logit SQNR against the float model, dB (steadier than agreement: one image is "
+             f"{100 / results[0]['n_images'] if results else 0:.1f} points).", "",
              "| method | " + " | ".join(bits) + " |", "|---|" + "---|" * len(bits)]
     for label in dict.fromkeys(r["label"] for r in results):
         cells = []
         for b in bits:
             r = next((r for r in results if r["label"] == label and r["bits"] == b), None)
-            cells.append(f"{r['top1'] * 100:.1f} / {r['agreement'] * 100:.1f}" if r else "")
+            cells.append(f"{r['top1'] * 100:.1f} / {r['agreement'] * 100:.1f} / {r['logit_sqnr_db']:.1f}" if r else "")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -65,7 +67,8 @@ def main(argv=None) -> int:
     model, preprocess, _ = spiq.load_model("efficientnet_lite0")
     images, labels, _ = load_images(SAMPLE_DIR, preprocess, args.limit)
     calib = calibration_subset(images, 32)
-    fp_pred = predict(model, images)
+    fp_logits = logits(model, images)
+    fp_pred = fp_logits.argmax(1)
     fp_top1 = (fp_pred == labels).float().mean().item()
     results = []
     start = time.time()
@@ -73,9 +76,11 @@ def main(argv=None) -> int:
         w, a = parse_bits(b)
         for label, fields in tqdm(methods, desc=b, leave=False):
             cfg = spiq.QuantConfig(weight_bits=w, input_bits=a, **fields)
-            r = evaluate("efficientnet_lite0", images, labels, cfg, calib=calib, float_model=model, fp_pred=fp_pred)
+            r = evaluate("efficientnet_lite0", images, labels, cfg, calib=calib, float_model=model,
+                         fp_logits=fp_logits)
             results.append({"label": label, "bits": b, "config": cfg.to_dict(), **r.to_dict()})
-            tqdm.write(f"{b:5s} {label:26s} top-1 {r.top1 * 100:5.1f}  agreement {r.agreement * 100:5.1f}")
+            tqdm.write(f"{b:5s} {label:26s} top-1 {r.top1 * 100:5.1f}  agreement {r.agreement * 100:5.1f}  "
+                       f"logit SQNR {r.logit_sqnr_db:5.1f} dB")
     md = table(results, fp_top1, bits)
     print(md)
     save(args.out, {"model": "efficientnet_lite0", "n_images": len(labels), "top1_fp": fp_top1,

@@ -26,9 +26,13 @@ class EvalResult:
     top1_fp: float
     agreement: float
     seconds: float
+    logit_sqnr_db: float | None = None   # when evaluate() was given the float logits
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["logit_sqnr_db"] is None:  # the CLI's JSON keeps its exact keys
+            del d["logit_sqnr_db"]
+        return d
 
     def summary(self) -> str:
         bits = "float" if self.method == "fp" else f"W{self.wbits}A{self.abits}"
@@ -37,15 +41,32 @@ class EvalResult:
 
 
 @torch.no_grad()
+def _batched(model: nn.Module, images: torch.Tensor, batch: int, progress: Callable[[int], None] | None,
+             keep: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
+    out = []
+    for i in range(0, len(images), batch):
+        out.append(keep(model(images[i:i + batch])))
+        if progress is not None:
+            progress(min(batch, len(images) - i))
+    return out
+
+
 def predict(model: nn.Module, images: torch.Tensor, batch: int = 25,
             progress: Callable[[int], None] | None = None) -> torch.Tensor:
     """Top-1 class of each preprocessed image (N, 3, H, W)."""
-    out = []
-    for i in range(0, len(images), batch):
-        out.append(model(images[i:i + batch]).argmax(1))
-        if progress is not None:
-            progress(min(batch, len(images) - i))
+    out = _batched(model, images, batch, progress, lambda y: y.argmax(1))
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def logits(model: nn.Module, images: torch.Tensor, batch: int = 25,
+           progress: Callable[[int], None] | None = None) -> torch.Tensor:
+    """The logits (N, classes), in the same batches as `predict`, so their argmax is its answer."""
+    return torch.cat(_batched(model, images, batch, progress, lambda y: y))
+
+
+def mean_logit_sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
+    """Per image 20·log10(‖y‖/‖y − ŷ‖), averaged: a steadier measure than agreement of top-1s."""
+    return (20 * torch.log10(reference.norm(dim=1) / (reference - test).norm(dim=1).clamp_min(1e-12))).mean().item()
 
 
 def load_images(root: str | Path, preprocess: Preprocess, limit: int | None = None,
@@ -87,18 +108,29 @@ def load_calibration(root: str | Path, preprocess: Preprocess, n: int, seed: int
 def evaluate(model_name: str, images: torch.Tensor, labels: torch.Tensor, config: QuantConfig | None,
              calib: torch.Tensor | None = None, float_model: nn.Module | None = None,
              fp_pred: torch.Tensor | None = None, progress: Callable[[int], None] | None = None,
-             quantize_progress: Callable[[float, str], None] | None = None) -> EvalResult:
-    """Quantize `model_name` with `config` (None: float only) and score it against the float model."""
+             quantize_progress: Callable[[float, str], None] | None = None,
+             fp_logits: torch.Tensor | None = None) -> EvalResult:
+    """Quantize `model_name` with `config` (None: float only) and score it against the float model.
+
+    Given the float model's `logits` on `images`, the result also carries the mean logit SQNR.
+    """
     start = time.perf_counter()
+    if fp_logits is not None:
+        fp_pred = fp_logits.argmax(1)
     if float_model is None:
         float_model, _, _ = load_model(model_name)
     if fp_pred is None:
         fp_pred = predict(float_model, images, progress=progress)
+    sqnr = None
     if config is None:
         pred = fp_pred
     else:
         qmodel = quantize(float_model, config, calib_data=calib, progress=quantize_progress)
-        pred = predict(qmodel, images, progress=progress)
+        if fp_logits is not None:
+            q_logits = logits(qmodel, images, progress=progress)
+            pred, sqnr = q_logits.argmax(1), mean_logit_sqnr_db(fp_logits, q_logits)
+        else:
+            pred = predict(qmodel, images, progress=progress)
     n = len(labels)
     return EvalResult(
         model=model_name,
@@ -110,4 +142,5 @@ def evaluate(model_name: str, images: torch.Tensor, labels: torch.Tensor, config
         top1_fp=(fp_pred == labels).float().mean().item() if n else 0.0,
         agreement=(pred == fp_pred).float().mean().item() if n else 0.0,
         seconds=time.perf_counter() - start,
+        logit_sqnr_db=sqnr,
     )
