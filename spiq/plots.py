@@ -77,7 +77,7 @@ def _image_array(image) -> np.ndarray:
 _MAX_MAP_CELLS = 112
 
 
-def _picture(image, opacity: float = 1.0) -> go.Image:
+def _jpeg_uri(image) -> str:
     """The image as a JPEG data URI: about a tenth of the bytes of its pixel array in plotly's JSON."""
     import base64
     import io
@@ -86,7 +86,7 @@ def _picture(image, opacity: float = 1.0) -> go.Image:
 
     buf = io.BytesIO()
     Image.fromarray(_image_array(image)).save(buf, format="JPEG", quality=90)
-    return go.Image(source="data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode(), opacity=opacity)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def _overlay(m, image, **heatmap) -> go.Heatmap:
@@ -108,7 +108,8 @@ def _overlay(m, image, **heatmap) -> go.Heatmap:
 
 def error_map(image, emap, title: str = "quantization error") -> go.Figure:
     """The error map (H, W) over the image it was computed for."""
-    fig = go.Figure([_picture(image), _overlay(emap, image, colorscale="Inferno", opacity=0.55, colorbar_title="|y − ŷ|")])
+    fig = go.Figure([go.Image(source=_jpeg_uri(image)),
+                     _overlay(emap, image, colorscale="Inferno", opacity=0.55, colorbar_title="|y − ŷ|")])
     fig.update_layout(title=title, yaxis_autorange="reversed", xaxis_visible=False, yaxis_visible=False)
     return fig
 
@@ -116,9 +117,10 @@ def error_map(image, emap, title: str = "quantization error") -> go.Figure:
 def attribution(image, drift) -> go.Figure:
     fig = make_subplots(rows=1, cols=3, subplot_titles=(
         "float", "quantized", f"difference (rank corr. {drift.rank_correlation:.2f})"))
+    picture = _jpeg_uri(image)   # encoded once, shown under every panel
     for col, (m, scale) in enumerate(((drift.float_map, "Viridis"), (drift.quant_map, "Viridis"),
                                       (drift.difference, "RdBu")), 1):
-        fig.add_trace(_picture(image, opacity=0.35), row=1, col=col)
+        fig.add_trace(go.Image(source=picture, opacity=0.35), row=1, col=col)
         fig.add_trace(_overlay(m, image, colorscale=scale, opacity=0.7, showscale=col == 3,
                                zmid=0 if col == 3 else None), row=1, col=col)
     fig.update_xaxes(visible=False)
@@ -162,10 +164,11 @@ def story(picture, panels, config) -> go.Figure:
     fig = make_subplots(rows=2, cols=3, subplot_titles=titles + ["float top-5"] + [f"{names.get(m, m)} top-5"
                                                                                  for m, _, _ in panels],
                         vertical_spacing=0.12, horizontal_spacing=0.08, row_heights=[0.6, 0.4])
-    fig.add_trace(_picture(picture), row=1, col=1)
+    uri = _jpeg_uri(picture)   # encoded once, shown under every panel
+    fig.add_trace(go.Image(source=uri), row=1, col=1)
     zmax = max(float(e.max()) for _, _, e in panels) or 1.0
     for col, (_, _, emap) in enumerate(panels, 2):
-        fig.add_trace(_picture(picture, opacity=0.5), row=1, col=col)
+        fig.add_trace(go.Image(source=uri, opacity=0.5), row=1, col=col)
         fig.add_trace(_overlay(emap, picture, colorscale="Inferno", zmin=0, zmax=zmax, opacity=0.6,
                                showscale=col == 3, colorbar=dict(title="logit error", len=0.55, y=0.75)),
                       row=1, col=col)
@@ -211,12 +214,13 @@ def attention(image, am) -> go.Figure:
     """Per head, where the class token looks: float (top row) vs quantized (bottom), over the image."""
 
     heads = am.float_maps.shape[0]
+    picture = _jpeg_uri(image)   # encoded once, shown under every head's map
     fig = make_subplots(rows=2, cols=heads, horizontal_spacing=0.01, vertical_spacing=0.06,
                         subplot_titles=[f"head {i}" for i in range(heads)] + [""] * heads)
     top = float(max(am.float_maps.max(), am.quant_maps.max()))
     for row, maps in enumerate((am.float_maps, am.quant_maps), 1):
         for col in range(heads):
-            fig.add_trace(_picture(image, opacity=0.4), row=row, col=col + 1)
+            fig.add_trace(go.Image(source=picture, opacity=0.4), row=row, col=col + 1)
             fig.add_trace(_overlay(maps[col], image, colorscale="Viridis", opacity=0.75, zmin=0, zmax=top,
                                    showscale=row == 1 and col == heads - 1, colorbar_title="attention"),
                           row=row, col=col + 1)
