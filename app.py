@@ -19,6 +19,7 @@ from spiq.cache import ModelCache
 from spiq.config import METHODS, ConfigError, QuantConfig
 from spiq.data import ImageError, open_image
 from spiq.export import ExportError
+from spiq.memory import keep_freed_memory
 from spiq.quantize import methods_for, quantizable_layers
 from spiq.registry import ModelUnavailableError, availability, list_models
 
@@ -31,6 +32,8 @@ MAX_UPLOAD = "25mb"   # a photo; spiq.data.open_image also refuses > 40 Mpx, wha
 ATTRIBUTIONS = ["grad-cam", "integrated-gradients"]
 NO_ATTENTION = "Attention maps are for vision transformers; pick a DeiT or ViT model to see them."
 VIEW_OUTPUTS = 17   # what `refresh` fills: the components of `views_out` in build()
+
+keep_freed_memory()   # before the worker threads: each would get an arena of its own
 
 EXPORTS = Path(tempfile.mkdtemp(prefix="spiq-onnx-"))   # this process's exported models
 

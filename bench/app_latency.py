@@ -113,7 +113,7 @@ def _measure(client, handle_file, pid: int, t_cold: float, args) -> int:
     apply("spiq", 8, 4)
     refresh(cat, "grad-cam")  # first use of each method's model at these bits
     refresh_cam = [refresh(img, "grad-cam") for img in images]
-    refresh_ig = refresh(images[0], "integrated-gradients")
+    refresh_ig = [refresh(img, "integrated-gradients") for img in images]
 
     rss0 = _rss_mb(pid)
     configs = [(m, w, a) for w in (8, 6, 5, 4) for a in (8, 7, 6, 5, 4, 3) for m in ("spiq", "static-tensor")]
@@ -129,7 +129,8 @@ def _measure(client, handle_file, pid: int, t_cold: float, args) -> int:
         "requantize_s": {"per_change": requant, "cached": again, "median": statistics.median(requant.values()),
                          "worst": worst_requant},
         "refresh_s": {"grad_cam_per_image": refresh_cam, "median_grad_cam": statistics.median(refresh_cam),
-                      "integrated_gradients": refresh_ig},
+                      "integrated_gradients_per_image": refresh_ig,
+                      "median_integrated_gradients": statistics.median(refresh_ig)},
         "memory_growth_mb": {"after_50_requantizations": growth},
     }
     save("app_latency", results)
@@ -138,7 +139,7 @@ def _measure(client, handle_file, pid: int, t_cold: float, args) -> int:
     for k, v in {**requant, **again}.items():
         print(f"{'re-quantize + predictions: ' + k:44} {v:12.2f} {'<= 1':>8}")
     print(f"{'all views, new image (Grad-CAM), median':44} {statistics.median(refresh_cam):12.2f} {'<= 3':>8}")
-    print(f"{'all views, new image (Integrated Gradients)':44} {refresh_ig:12.2f} {'<= 3':>8}")
+    print(f"{'all views, new image (Integrated Gradients), median':44} {statistics.median(refresh_ig):12.2f} {'<= 3':>8}")
     print(f"{'RSS growth after 50 re-quantizations (MB)':44} {growth:12.0f} {'< 200':>8}")
     return 0
 

@@ -8,9 +8,13 @@ from pathlib import Path
 
 import torch
 
+from spiq.memory import keep_freed_memory
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 SAMPLE_DIR = Path(os.environ.get("SPIQ_SAMPLE_DIR", ROOT.parent / "shared" / "data" / "imagenet-sample"))
+
+keep_freed_memory()   # every benchmark imports this first
 
 
 def machine() -> dict:

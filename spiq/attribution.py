@@ -13,6 +13,12 @@ from torch import fx, nn
 from .graph import is_passthrough, trace
 
 METHODS = ("integrated-gradients", "grad-cam")
+# Gauss-Legendre steps of Integrated Gradients. On EfficientNet-Lite0 W8A4 (8 sample images) the
+# float-vs-quantized rank correlation at 8 steps was within 0.035 of its value at 64 steps, and the
+# float map's rank correlation with the 64-step map 0.90-0.96 (0.97-0.99 at 24 steps): the drift
+# reads the same at an eighth of the cost. The quantized map converges slowly at any step count
+# (0.70-0.88 with its 64-step map, from 8 to 24 steps): its gradients pass rounding straight through.
+IG_STEPS = 8
 
 
 def last_stage(model: nn.Module) -> str:
@@ -39,13 +45,14 @@ def last_stage(model: nn.Module) -> str:
 
 
 def attribute(model: nn.Module, x: torch.Tensor, target: int, method: str = "integrated-gradients",
-              layer: str | None = None, steps: int = 24) -> torch.Tensor:
+              layer: str | None = None, steps: int = IG_STEPS) -> torch.Tensor:
     """An (H, W) attribution map of class `target` for one preprocessed image (3, H, W)."""
     from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam
 
     x = (x.unsqueeze(0) if x.dim() == 3 else x).detach().clone().requires_grad_(True)
     if method == "integrated-gradients":
-        a = IntegratedGradients(model).attribute(x, target=target, n_steps=steps, internal_batch_size=steps)
+        # chunks of 8: 24 steps in one batch at 224 px held ~3 GB of activations and ran 2-4x slower
+        a = IntegratedGradients(model).attribute(x, target=target, n_steps=steps, internal_batch_size=min(steps, 8))
         return a[0].abs().sum(0).detach()
     if method == "grad-cam":
         from .vit import is_transformer

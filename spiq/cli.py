@@ -9,6 +9,7 @@ from pathlib import Path
 from .config import METHODS, ConfigError, QuantConfig
 from .data import DatasetError
 from .export import ExportError
+from .memory import keep_freed_memory
 from .registry import ModelUnavailableError, get_spec, list_models
 
 
@@ -185,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     try:
         return args.func(args)
     except (ConfigError, DatasetError, ModelUnavailableError, ExportError, KeyError) as exc:

@@ -6,12 +6,14 @@ import torch
 
 import spiq
 from spiq.evaluate import load_images, predict
+from spiq.memory import keep_freed_memory
 from spiq.vit import toy_vit
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = Path(os.environ.get("SPIQ_SAMPLE_DIR", ROOT.parent / "shared" / "data" / "imagenet-sample"))
 
 torch.set_num_threads(2)
+keep_freed_memory()
 
 
 @pytest.fixture(scope="session")
