@@ -20,7 +20,7 @@ from torch import nn
 
 from .config import QuantConfig
 from .data import IMAGE_EXTENSIONS, Preprocess, load_batch
-from .quantize import Prepared, prepare, quantize
+from .quantize import Prepared, prepare, prepared_key, quantize
 from .registry import load_model
 
 
@@ -67,7 +67,7 @@ class ModelCache:
             return self._loaded[name]
 
     def prepared(self, name: str, config: QuantConfig) -> Prepared:
-        key = (name, config.tail, config.tail_depthwise, config.tail_sum)
+        key = (name, *prepared_key(config))
         with self.lock:
             if key not in self._prepared:
                 self._prepared[key] = prepare(self.load(name).model, config)

@@ -94,6 +94,10 @@ class QuantConfig:
     clip_penalty: float = 1.0
     # Subtract the expected output error (from the BN-implied input law) from each layer's bias.
     bias_correction: bool = True
+    # Cross-layer equalization (DFQ) of layer pairs joined by ReLU/ReLU6 before quantizing: helps
+    # per-tensor weights and per-tensor activations; a no-op for per-channel weights on per-channel
+    # folded inputs (SPIQ), whose integer codes do not depend on a channel's scale.
+    equalize: bool = False
     percentile: float = 99.99
     calib_images: int = 32
     # liu-ptq: candidates per interval search and alternating rounds (the paper's), tokens per image
@@ -132,8 +136,9 @@ class QuantConfig:
         if not isinstance(self.clip_penalty, (int, float)) or isinstance(self.clip_penalty, bool) \
                 or not 0 < self.clip_penalty <= 1000:
             raise ConfigError(f"clip_penalty must be a number in (0, 1000], got {self.clip_penalty!r}")
-        if not isinstance(self.bias_correction, bool):
-            raise ConfigError(f"bias_correction must be true or false, got {self.bias_correction!r}")
+        for name in ("bias_correction", "equalize"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.percentile, (int, float)) or not 50 < self.percentile <= 100:
             raise ConfigError(f"percentile must be in (50, 100], got {self.percentile!r}")
         if isinstance(self.calib_images, bool) or not isinstance(self.calib_images, int) or self.calib_images < 1:

@@ -61,6 +61,7 @@ from torch.nn import functional as F
 
 from .runtime import ort_session
 from .config import CALIBRATED
+from .fold import ChannelReLU6
 from .graph import _LeafTracer
 from .qlayers import InputQuant, QuantLayer, fake_quant_input
 from .ranges import Range, broadcast_input
@@ -101,7 +102,7 @@ class _Op:
     shape: tuple = ()
     module: nn.Module | None = None
     target: str = ""            # the model's name of a layer
-    cap: float | None = None    # ReLU6
+    cap: float | torch.Tensor | None = None    # ReLU6; per channel after cross-layer equalization
     act: str = ""               # a float activation's name
 
     @property
@@ -169,6 +170,8 @@ def _graph_ops(gm: fx.GraphModule) -> list[_Op]:
                 ops.append(_Op(node.name, "flatten", [src(node.args[0])], shape))
             elif type(mod) in (nn.ReLU, nn.ReLU6):
                 ops.append(_Op(node.name, "relu", [src(node.args[0])], shape, cap=6.0 if type(mod) is nn.ReLU6 else None))
+            elif isinstance(mod, ChannelReLU6):
+                ops.append(_Op(node.name, "relu", [src(node.args[0])], shape, cap=mod.cap.double()))
             elif type(mod) in _FLOAT_ACTS and getattr(mod, "approximate", "none") == "none":
                 ops.append(_Op(node.name, "act", [src(node.args[0])], shape, act=_FLOAT_ACTS[type(mod)]))
             elif isinstance(mod, nn.AdaptiveAvgPool2d) and _is_global_pool(shape_in, shape):
@@ -734,7 +737,7 @@ def _plan_pre_pool(plan: _Plan, model: nn.Module) -> None:
 def _pre_pool_bound(plan: _Plan, pool: _Op, chain: list[str], by_name: dict[str, _Op], model: nn.Module) -> float | None:
     caps = [by_name[n].cap for n in chain if by_name[n].kind == "relu" and by_name[n].cap is not None]
     if caps:
-        return min(caps)
+        return min(float(torch.as_tensor(c).max()) for c in caps)
     report = getattr(model, "spiq_report", None)
     readers = plan.enc_of[pool.name].targets   # the data-free analysis gives pooled tensors their input's law
     dist = report.propagation.inputs.get(readers[0]) if readers and report and report.propagation else None
@@ -761,12 +764,13 @@ def _node_grid(plan: _Plan, name: str) -> _Grid:
     return _Grid(S / e.a, Z + e.b / S, e.grid.live.clone())
 
 
-def _cap_subsumed(plan: _Plan, name: str, cap: float) -> bool:
+def _cap_subsumed(plan: _Plan, name: str, cap: float | torch.Tensor) -> bool:
     """Whether the quantizer after this ReLU6 saturates at or below the cap in every channel."""
     if _node_quant(plan, name) is None:
         return False
     g, e = _node_grid(plan, name), plan.enc_of[name]
-    return bool((g.hi[g.live] <= cap * (1 + 1e-6)).all()) and bool((e.b == 0).all())
+    cap = torch.as_tensor(cap, dtype=g.hi.dtype).expand_as(g.hi)
+    return bool((g.hi[g.live] <= cap[g.live] * (1 + 1e-6)).all()) and bool((e.b == 0).all())
 
 
 # --- ONNX emission --------------------------------------------------------------------------------

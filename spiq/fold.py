@@ -1,12 +1,13 @@
-"""BatchNorm folding: conv -> BN becomes one conv with the BN's affine map in its weights and bias."""
+"""Exact rewrites of the float model before quantization: BatchNorm folding (conv -> BN becomes one
+conv) and cross-layer equalization (two layers joined by a ReLU trade a per-channel factor)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import fx, nn
 
-from .graph import ModelGraph, conv_bn_pairs
+from .graph import ModelGraph, conv_bn_pairs, is_passthrough
 
 
 @dataclass(frozen=True)
@@ -49,3 +50,105 @@ def folded_copy(model: nn.Module) -> nn.Module:
     folded = copy.deepcopy(model).eval()
     fold_batchnorm(folded, analyse(folded))
     return folded
+
+
+# --- cross-layer equalization (Nagel et al., "Data-Free Quantization", ICCV 2019) ------------------
+
+class ChannelReLU6(nn.Module):
+    """A ReLU6 whose channels were divided by s_c: min(max(x, 0), cap_c) with cap_c = 6 / s_c."""
+    fx_leaf = True
+
+    def __init__(self, cap: torch.Tensor):
+        super().__init__()
+        self.register_buffer("cap", cap)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:   # (N, C, ...)
+        return torch.minimum(x.clamp_min(0), self.cap.view(-1, *([1] * (x.dim() - 2))))
+
+    def on_channels(self, x: torch.Tensor) -> torch.Tensor:
+        """The same on channels-first (C,) and (C, K) tensors, as the data-free laws hold them."""
+        return torch.minimum(x.clamp_min(0), self.cap.view(-1, *([1] * (x.dim() - 1))))
+
+
+_SCALE_COMMUTING = (nn.ReLU, nn.ReLU6, ChannelReLU6)   # f(x / s) = f(x) / s, caps divided along
+
+
+@dataclass(frozen=True)
+class EqualizedPair:
+    producer: str
+    acts: tuple[str, ...]    # the ReLU/ReLU6 modules between the two
+    consumer: str
+
+
+def equalization_pairs(graph: ModelGraph) -> list[EqualizedPair]:
+    """Layers whose output reaches exactly one other layer through nothing but ReLU/ReLU6 (and
+    pass-throughs): scaling one's output channels and the other's input channels is then exact."""
+    gm = graph.gm
+    layer_of = {layer.node: name for name, layer in graph.layers.items()}
+    pairs = []
+    for name, layer in graph.layers.items():
+        node, acts = layer.input, []
+        while isinstance(node, fx.Node) and node not in layer_of and len(node.users) == 1:
+            mod = gm.get_submodule(node.target) if node.op == "call_module" else None
+            if isinstance(mod, _SCALE_COMMUTING):
+                acts.append(node.target)
+            elif not is_passthrough(gm, node):
+                break
+            node = node.args[0] if node.args else None
+        if node not in layer_of or len(node.users) != 1:
+            continue
+        consumer = layer.module
+        c_in = consumer.in_channels if isinstance(consumer, nn.Conv2d) else consumer.in_features
+        if gm.get_submodule(node.target).weight.shape[0] == c_in:
+            pairs.append(EqualizedPair(layer_of[node], tuple(reversed(acts)), name))
+    return pairs
+
+
+def _input_absmax(w: torch.Tensor, groups: int) -> torch.Tensor:
+    """max |W[:, c]| per input channel c of a linear (O, C) or a (grouped) conv (O, C/groups, kh, kw)."""
+    if w.dim() == 2:
+        return w.abs().amax(0)
+    o, cg = w.shape[:2]
+    return w.abs().reshape(groups, o // groups, cg, -1).amax((1, 3)).reshape(-1)
+
+
+@torch.no_grad()
+def equalize(model: nn.Module, graph: ModelGraph, bn_stats: dict[str, BNStats], rounds: int = 50,
+             tol: float = 1e-4) -> list[EqualizedPair]:
+    """Cross-layer equalization of every pair in `graph`, in place on the BN-folded `model`.
+
+    Channel c of the producer is divided by s_c and the consumer's input channel c multiplied by it,
+    s_c = sqrt(r1_c / r2_c) with r1 the producer's row range and r2 the consumer's column range, so
+    that both become sqrt(r1·r2): weights quantized per tensor and activations quantized per
+    tensor then lose less to channels far narrower than the widest. A layer in two pairs (a
+    depthwise conv between two pointwise ones) moves with both, so the pairs are swept until the
+    factors settle. ReLU6 caps follow their channels (ChannelReLU6); the BN statistics of the
+    producer are divided too, so the data-free laws describe the equalized tensors.
+    """
+    from .ranges import broadcast_input   # ranges reads BNStats from here
+
+    pairs = equalization_pairs(graph)
+    for _ in range(rounds):
+        moved = 0.0
+        for pair in pairs:
+            p, c = model.get_submodule(pair.producer), model.get_submodule(pair.consumer)
+            groups = getattr(c, "groups", 1)
+            r1, r2 = p.weight.abs().flatten(1).amax(1), _input_absmax(c.weight, groups)
+            s = torch.where((r1 > 0) & (r2 > 0), (r1 / r2.clamp_min(1e-30)).sqrt(), torch.ones_like(r1))
+            p.weight.div_(s.view(-1, *([1] * (p.weight.dim() - 1))))
+            if p.bias is not None:
+                p.bias.div_(s)
+            c.weight.mul_(broadcast_input(s, c.weight, groups))
+            for act in pair.acts:
+                mod = model.get_submodule(act)
+                if isinstance(mod, nn.ReLU6):
+                    model.set_submodule(act, ChannelReLU6(torch.full_like(s, 6.0) / s))
+                elif isinstance(mod, ChannelReLU6):
+                    mod.cap.div_(s)
+            if pair.producer in bn_stats:
+                st = bn_stats[pair.producer]
+                bn_stats[pair.producer] = BNStats(st.mean / s, st.std / s)
+            moved = max(moved, float(s.log().abs().max()))
+        if moved < tol:
+            break
+    return pairs

@@ -11,7 +11,7 @@ from torch import nn
 
 from . import liu
 from .config import CALIBRATED, DATA_FREE, METHODS, NEEDS_CALIBRATION, TRANSFORMER_ONLY, ConfigError, QuantConfig
-from .fold import fold_batchnorm
+from .fold import EqualizedPair, equalize, fold_batchnorm
 from .graph import QUANTIZABLE, analyse
 from .qlayers import InputQuant, QuantLayer, channel_axis, input_scale_zero, make_weights
 from .ranges import (Dist, Propagation, Range, RangeEffect, broadcast_input, calibrated_range, clip_range, law_moments,
@@ -67,9 +67,10 @@ class Prepared:
     folded: nn.Module
     propagation: Propagation
     bounds_from: str
-    tails: tuple[str, str, str]
+    key: tuple                  # prepared_key() of the configs it serves
     vit: VitGraph | None = None
     matmul_laws: dict[str, Dist] = field(default_factory=dict, repr=False)
+    equalized: list[EqualizedPair] = field(default_factory=list)   # config.equalize: the pairs rescaled
     ranges: dict = field(default_factory=dict, repr=False)
     effects: dict = field(default_factory=dict, repr=False)    # RangeEffect of each searched range
     moments: dict = field(default_factory=dict, repr=False)    # law_moments of each layer input
@@ -120,28 +121,33 @@ class Prepared:
                     self.data_free_effect(name, dist, b, per_channel, config)
 
 
-def _tails(config: QuantConfig) -> tuple[str, str, str]:
-    return config.tail, config.tail_depthwise, config.tail_sum
+def prepared_key(config: QuantConfig) -> tuple:
+    """What a prepared model depends on: the laws' tails and whether the float model was equalized."""
+    return config.tail, config.tail_depthwise, config.tail_sum, config.equalize
 
 
 @torch.no_grad()
 def prepare(model: nn.Module, config: QuantConfig | None = None) -> Prepared:
-    """Fold BN into a copy of `model` and derive its data-free input laws (for `config`'s tails)."""
+    """Fold BN into a copy of `model` (and equalize it if `config.equalize`), then derive its
+    data-free input laws (for `config`'s tails)."""
     config = config or QuantConfig()
     lo, hi, bounds_from = input_bounds_of(model)
     vit = vit_graph(model)
+    equalized = []
     if vit is not None:  # a transformer has no BatchNorm: its laws start at the LayerNorms
         folded = tap_attention(model)
         prop, matmul_laws = vit_laws(folded, vit, lo, hi, config.tail)
     else:
         folded = copy.deepcopy(model).eval()
         bn_stats = fold_batchnorm(folded, analyse(folded))
+        if config.equalize:
+            equalized = equalize(folded, analyse(folded), bn_stats)
         prop = propagate(analyse(folded), bn_stats, lo, hi, tail=config.tail, tail_depthwise=config.tail_depthwise,
                          tail_sum=config.tail_sum)
         matmul_laws = {}
     for p in folded.parameters():
         p.requires_grad_(False)
-    return Prepared(model, folded, prop, bounds_from, _tails(config), vit, matmul_laws)
+    return Prepared(model, folded, prop, bounds_from, prepared_key(config), vit, matmul_laws, equalized)
 
 
 def methods_for(model: nn.Module) -> list[str]:
@@ -240,7 +246,7 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data: torch.Tensor | N
     if used & set(TRANSFORMER_ONLY) and vit_graph(model) is None:
         raise ConfigError(f"method {sorted(used & set(TRANSFORMER_ONLY))[0]!r} is for vision transformers; "
                           f"{type(model).__name__} is not one")
-    if prepared is None or prepared.tails != _tails(config):
+    if prepared is None or prepared.key != prepared_key(config):
         prepared = prepare(model, config)
     vit = prepared.vit
 

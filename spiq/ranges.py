@@ -24,7 +24,7 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
-from .fold import BNStats
+from .fold import BNStats, ChannelReLU6
 from .graph import ModelGraph, is_passthrough
 from .hooks import run_with_hooks
 
@@ -121,7 +121,7 @@ def _act_bounds(mod_or_fn, lo, hi):
 
 
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.GELU, nn.Sigmoid, nn.Hardsigmoid,
-                nn.Tanh, nn.LeakyReLU)
+                nn.Tanh, nn.LeakyReLU, ChannelReLU6)
 
 
 @dataclass
@@ -219,6 +219,7 @@ def propagate(graph: ModelGraph, bn_stats: dict[str, BNStats], input_lo: torch.T
             if src is not None and all(isinstance(m, _ACTIVATIONS) for m in inner):
                 d = src
                 for act in inner:
+                    act = act.on_channels if isinstance(act, ChannelReLU6) else act   # laws are (C, K)
                     lo, hi = _act_bounds(act, d.lo, d.hi)
                     if d.exact_samples is not None:
                         d = Dist(d.mean, d.std, lo, hi, tail=d.tail, exact_samples=act(d.exact_samples))

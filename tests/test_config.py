@@ -15,7 +15,7 @@ def test_round_trip_with_every_field_and_overrides():
     cfg = QuantConfig(method="calib-percentile", weight_bits=6, input_bits=5, input_granularity="channel",
                       weight_granularity="tensor", weight_clip="max", tail="laplace", clip_penalty=2.0,
                       bias_correction=False, percentile=99.9, calib_images=8, weight_rounding="nearest",
-                      range_rule="sigma", n_sigma=3.0, tail_depthwise=None, tail_sum="gauss", fold="always",
+                      range_rule="sigma", n_sigma=3.0, tail_depthwise=None, tail_sum="gauss", fold="always", equalize=True,
                       overrides={"conv_stem": LayerOverride(skip=True),
                                  "classifier": {"input_bits": 8, "method": "dynamic-channel"}})
     again = QuantConfig.from_json(cfg.to_json())
@@ -32,6 +32,7 @@ def test_round_trip_with_every_field_and_overrides():
     ("method", "spiqq", "did you mean 'spiq'"),
     ("input_granularity", "row", "input_granularity must be one of"),
     ("tail", "cauchy", "tail must be one of"),
+    ("equalize", "yes", "equalize must be true or false"),
 ])
 def test_bad_fields_are_named(field, value, words):
     with pytest.raises(ConfigError, match=words):

@@ -102,6 +102,22 @@ def test_parity_with_the_simulation_of_the_config(spiq_w8a8, exported, images):
     assert len(rows) == 50 and all(r["sqnr_db"] > 12 for r in rows)
 
 
+def test_equalized_model_exports_with_per_channel_caps(lite0, images, tmp_path):
+    """After cross-layer equalization each ReLU6 caps every channel at its own value."""
+    x, y = images
+    q = spiq.quantize(lite0, spiq.QuantConfig(method="spiq", weight_bits=8, input_bits=8, equalize=True))
+    folded = ex.export_onnx(q, tmp_path / "eq_float.onnx", quantized=False)
+    assert folded.op_counts.get("Min", 0) > 0     # the caps a per-tensor quantizer does not subsume
+    with torch.no_grad():
+        expect = ex.float_twin(q, folded)(x[:8])
+    got = rt.run_onnx(folded.path, x[:8])
+    assert (got - expect).abs().max() <= 1e-5 * expect.abs().max()
+    report = ex.export_onnx(q, tmp_path / "eq.onnx")
+    assert rt.optimized_op_counts(report.path).get("QLinearConv", 0) >= 40
+    par = rt.parity(q, report.path, x, y)
+    assert par.agreement >= 0.9, par.summary()
+
+
 class _SiluNet(nn.Module):
     """A tiny net with an op that does not commute with a per-channel scale, in front of a padded conv."""
 

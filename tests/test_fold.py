@@ -4,8 +4,12 @@ import pytest
 import torch
 import torchvision
 
-from spiq.fold import fold_batchnorm
+import spiq
+from spiq.evaluate import predict
+from spiq.fold import ChannelReLU6, fold_batchnorm
 from spiq.graph import analyse
+from spiq.qlayers import QuantLayer
+from spiq.quantize import prepare
 
 
 def _rel(a, b):
@@ -42,3 +46,51 @@ def test_folding_torchvision_architectures_is_exact(arch, sample):
     fold_batchnorm(folded, analyse(folded))
     x = sample[0][:4]
     assert _rel(model(x), folded(x)) < 1e-5
+
+
+@torch.no_grad()
+def test_equalization_is_exact_and_balances_the_weights(lite0, sample):
+    prepared = prepare(lite0, spiq.QuantConfig(equalize=True))
+    plain = prepare(lite0, spiq.QuantConfig())
+    eq = prepared.folded
+    # pointwise -> depthwise -> pointwise in each block, through ReLU6s that now cap per channel
+    assert len(prepared.equalized) == 34
+    assert sum(isinstance(m, ChannelReLU6) for m in eq.modules()) == 32
+    x = sample[0][:16]
+    assert _rel(lite0(x), eq(x)) < 1e-5
+
+    def spread(w):   # widest output channel's weight range over the median one
+        r = w.abs().flatten(1).amax(1)
+        return float(r.max() / r.median())
+
+    before = torch.tensor([spread(plain.folded.get_submodule(p.producer).weight) for p in prepared.equalized])
+    after = torch.tensor([spread(eq.get_submodule(p.producer).weight) for p in prepared.equalized])
+    assert after.median() < before.median() / 2 and after.max() < before.max() / 4
+    # the data-free laws follow the rescaled channels: SPIQ's per-channel grids scale with them
+    name = "blocks.1.0.conv_dw"
+    d0, d1 = plain.propagation.inputs[name], prepared.propagation.inputs[name]
+    s = d0.std / d1.std
+    assert not torch.allclose(s, torch.ones_like(s), atol=0.1)
+    torch.testing.assert_close(d1.mean * s, d0.mean)
+
+
+@torch.no_grad()
+def test_equalization_rescues_per_tensor_weights_and_not_spiq(lite0, subset):
+    x, _, fp_top1 = subset
+    w4 = dict(method="static-tensor", weight_bits=4, input_bits=8, weight_granularity="tensor")
+    agree = {eq: float((predict(spiq.quantize(lite0, spiq.QuantConfig(**w4, equalize=eq)), x) == fp_top1)
+                       .float().mean()) for eq in (False, True)}
+    # 4-bit per-tensor weights: depthwise kernels of very different ranges share one grid
+    assert agree[False] < 0.05 and agree[True] > 0.3
+    # SPIQ folds each input channel's step into its column and quantizes per output channel: a
+    # channel's scale cancels out, and the integer weights are the same with or without it (but
+    # for a float tie here and there)
+    cfg = dict(method="spiq", weight_bits=4, input_bits=4, fold="always")
+    a = spiq.quantize(lite0, spiq.QuantConfig(**cfg))
+    b = spiq.quantize(lite0, spiq.QuantConfig(**cfg, equalize=True))
+    same = total = 0
+    for name, m in a.named_modules():
+        if isinstance(m, QuantLayer):
+            same += int((m.weight_codes == b.get_submodule(name).weight_codes).sum())
+            total += m.weight_codes.numel()
+    assert same / total > 0.999
