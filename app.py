@@ -20,7 +20,7 @@ from spiq.config import METHODS, ConfigError, QuantConfig
 from spiq.data import ImageError, open_image
 from spiq.export import ExportError
 from spiq.memory import keep_freed_memory
-from spiq.quantize import methods_for, quantizable_layers
+from spiq.quantize import check_config, methods_for
 from spiq.registry import ModelUnavailableError, availability, list_models
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -111,9 +111,11 @@ def _config_from_controls(applied: str, method, wbits, abits, wgran, igran, rows
     previous = QuantConfig.from_json(applied)
     # Table rows show what the applied config gave each layer: rows that differ are the user's edits.
     edits = views.config_from_rows(previous, rows).overrides if rows else previous.overrides
-    return QuantConfig(method=method, weight_bits=int(wbits), input_bits=int(abits), weight_granularity=wgran,
-                       input_granularity=None if igran == "method default" else igran,
-                       overrides=dict(edits))
+    # Settings without a control (an uploaded recipe's clipping, tails, equalization...) stay as
+    # they were; liu-ptq's mixed precision only while the method is liu-ptq.
+    return previous.replace(method=method, weight_bits=int(wbits), input_bits=int(abits), weight_granularity=wgran,
+                            input_granularity=None if igran == "method default" else igran, overrides=dict(edits),
+                            mixed_precision=previous.mixed_precision if method == "liu-ptq" else None)
 
 
 @user_errors
@@ -254,7 +256,7 @@ def load_recipe(file, model_name):
         raise ConfigError("the recipe is not a UTF-8 text file") from None
     config = QuantConfig.from_json(text)
     loaded = CACHE.load(model_name)
-    config.check_layers(quantizable_layers(loaded.model))
+    check_config(loaded.model, config)   # before the session takes it: a bad recipe leaves it as it was
     return (*_controls(config), views.layer_rows(loaded.model, config), config.to_json())
 
 

@@ -159,6 +159,18 @@ def quantizable_layers(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
 
 
+def check_config(model: nn.Module, config: QuantConfig) -> None:
+    """Raise ConfigError if `config` cannot quantize `model`: an override names a layer it does not
+    have, or a method (model-wide or per layer) does not apply to it."""
+    if not isinstance(config, QuantConfig):
+        raise ConfigError(f"config must be a QuantConfig, got {type(config).__name__}")
+    config.check_layers(quantizable_layers(model))
+    used = {config.method, *(o.method for o in config.overrides.values() if o.method)}
+    if used & set(TRANSFORMER_ONLY) and vit_graph(model) is None:
+        raise ConfigError(f"method {sorted(used & set(TRANSFORMER_ONLY))[0]!r} is for vision transformers; "
+                          f"{type(model).__name__} is not one")
+
+
 def input_bounds_of(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor, str]:
     pre = getattr(model, "spiq_preprocess", None)
     if pre is not None:
@@ -233,19 +245,14 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data: torch.Tensor | N
     `prepared` is `prepare(model, config)` kept from an earlier call, to re-quantize fast. The
     returned model carries `spiq_report` (a QuantReport) and `spiq_config`.
     """
-    if not isinstance(config, QuantConfig):
-        raise ConfigError(f"config must be a QuantConfig, got {type(config).__name__}")
+    check_config(model, config)
     names = quantizable_layers(model)
-    config.check_layers(names)
     settings = {n: config.for_layer(n) for n in names}
     used = {s.method for s in settings.values() if not s.skip}
     if used & set(NEEDS_CALIBRATION) and calib_data is None:
         raise ConfigError(f"method {sorted(used & set(NEEDS_CALIBRATION))[0]!r} needs calibration images (calib_data)")
     if prepared is not None and prepared.source is not model:
         raise ValueError("`prepared` was made from another model")
-    if used & set(TRANSFORMER_ONLY) and vit_graph(model) is None:
-        raise ConfigError(f"method {sorted(used & set(TRANSFORMER_ONLY))[0]!r} is for vision transformers; "
-                          f"{type(model).__name__} is not one")
     if prepared is None or prepared.key != prepared_key(config):
         prepared = prepare(model, config)
     vit = prepared.vit

@@ -252,6 +252,8 @@ def config_from_rows(config: QuantConfig, rows) -> QuantConfig:
             ov["input_granularity"] = gran
         if _cell_bool(name, skip):
             ov["skip"] = True
+        if (kept := config.overrides.get(name)) is not None and kept.weight_granularity is not None:
+            ov["weight_granularity"] = kept.weight_granularity   # no column for it: kept from the recipe
         if ov:
             overrides[name] = ov
     return base.replace(overrides=overrides)

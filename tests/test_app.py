@@ -45,7 +45,8 @@ def _apply(client, method, wbits, abits, image):
 
 
 def test_concurrent_users_each_get_their_own_config(app, tmp_path):
-    from spiq import views
+    import spiq
+    from spiq import analysis, views
     from spiq.cache import parameter_checksum
     from spiq.config import QuantConfig
     from spiq.data import open_image
@@ -68,15 +69,23 @@ def test_concurrent_users_each_get_their_own_config(app, tmp_path):
     with ThreadPoolExecutor(len(jobs)) as pool:
         results = list(pool.map(user, jobs))
 
+    # what the library computes for each config on its own, outside the app and its cache (the
+    # calibration images are the app's: the examples)
+    model, preprocess, classes = spiq.load_model(module.DEFAULT_MODEL)
+    calib = module.CACHE.calibration(module.DEFAULT_MODEL)
     for (method, w, a, img), (out, again) in zip(jobs, results):
         applied = json.loads(out[1])   # outputs: table, recipe, download, status, plot, text
         assert applied == {"method": method, "weight_bits": w, "input_bits": a}
         config = QuantConfig.from_dict(applied)
-        # what the library computes for this very config, on this very image
-        sc = views.scene(module.CACHE, module.DEFAULT_MODEL, config, open_image(ROOT / "assets" / img))
-        _, expected = views.predictions(module.CACHE, sc)
+        qmodel = spiq.quantize(model, config, calib_data=calib if config.needs_calibration else None)
+        cmp = analysis.compare_predictions(model, qmodel, preprocess(open_image(ROOT / "assets" / img)), classes)
+        expected = views._describe(cmp)
         assert out[-1] == expected, (method, w, a, img)
         assert again[-1] == expected
+        bars = [tr for tr in json.loads(out[-2]["plot"])["data"]]
+        for bar, top in zip(bars, (cmp.float, cmp.quant)):   # the figure's top-5 probabilities too
+            assert bar["y"] == list(top.classes[::-1])
+            np.testing.assert_allclose(bar["x"], top.probs[::-1], rtol=1e-4)
     assert parameter_checksum(float_model) == before
 
 
@@ -184,6 +193,30 @@ def test_bad_recipes_name_the_field(app, tmp_path, recipe, field):
     client = Client(url, verbose=False)
     with pytest.raises(AppError, match=field):
         client.predict(handle_file(str(path)), api_name="/load_recipe")
+
+
+def test_uploaded_recipe_keeps_what_has_no_control(app, tmp_path):
+    from gradio_client.exceptions import AppError
+
+    module, url = app
+    recipe = {"method": "spiq", "weight_bits": 8, "input_bits": 5, "weight_clip": "mse", "fold": "always",
+              "equalize": True, "tail": "t6", "overrides": {"blocks.1.0.conv_pw": {"weight_granularity": "tensor"}}}
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(recipe))
+    client = Client(url, verbose=False)
+    restored = client.predict(handle_file(str(path)), api_name="/load_recipe")
+    assert tuple(restored[:5]) == ("spiq", 8, 5, "channel", "method default")
+    # the page applies an uploaded recipe at once; the client takes the same step
+    out = client.predict(*restored[:5], restored[5], handle_file(str(ROOT / "assets" / "cat.jpg")), api_name="/apply")
+    assert json.loads(out[1]) == recipe
+    # a recipe for another kind of model is refused before the session takes it
+    path.write_text(json.dumps({"method": "liu-ptq", "weight_bits": 8, "input_bits": 8}))
+    with pytest.raises(AppError, match="vision transformers"):
+        client.predict(handle_file(str(path)), api_name="/load_recipe")
+    _, text = client.predict(handle_file(str(ROOT / "assets" / "coffee.jpg")), api_name="/predict")
+    assert "espresso" in text
+    assert json.loads(client.predict("spiq", 8, 5, "channel", "method default", EMPTY_TABLE,
+                                     handle_file(str(ROOT / "assets" / "cat.jpg")), api_name="/apply")[1]) == recipe
 
 
 def test_recipe_round_trip_with_per_layer_table(app, tmp_path):
