@@ -2,8 +2,10 @@
 
     python bench/accuracy.py [--limit N] [--methods spiq,static-tensor] [--bits W8A4,W8A8]
 
-Writes bench/results/accuracy.json and accuracy.md (the table in the README). Calibrated methods
-draw their 32 images from the same sample (seeded); nothing else sees the labels.
+Writes bench/results/accuracy.json and accuracy.md (the tables in the README): every method at
+every bit width, then the data-free weight-side options at W4A8 (rounding, clipping, cross-layer
+equalization, per-tensor weights). Calibrated methods draw their 32 images from the same sample
+(seeded); nothing else sees the labels.
 """
 from __future__ import annotations
 
@@ -33,9 +35,33 @@ METHODS = [
 ]
 
 
+# The weight side at 4 bits, for the two data-free methods: (label, config fields).
+WEIGHT_BITS = "W4A8"
+WEIGHT_OPTIONS = [
+    ("round to nearest", {"weight_rounding": "nearest"}),
+    ("round to nearest, MSE clipping", {"weight_rounding": "nearest", "weight_clip": "mse"}),
+    ("SQuant (default)", {}),
+    ("SQuant, MSE clipping", {"weight_clip": "mse"}),
+    ("SQuant, cross-layer equalization", {"equalize": True}),
+    ("per-tensor weights, SQuant", {"weight_granularity": "tensor"}),
+    ("per-tensor weights, SQuant, cross-layer equalization", {"weight_granularity": "tensor", "equalize": True}),
+]
+
+
 def parse_bits(text: str) -> tuple[int, int]:
     w, a = text.upper().lstrip("W").split("A")
     return int(w), int(a)
+
+
+def options_table(rows: list[dict]) -> str:
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    lines = [f"Weight-side options at {WEIGHT_BITS} (same cells):", "",
+             "| weights | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for label in dict.fromkeys(r["label"] for r in rows):
+        cells = [next((f"{r['top1'] * 100:.1f} / {r['agreement'] * 100:.1f} / {r['logit_sqnr_db']:.1f}"
+                       for r in rows if r["label"] == label and r["method"] == m), "") for m in methods]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def table(results: list[dict], fp_top1: float, bits: list[str]) -> str:
@@ -59,6 +85,7 @@ def main(argv=None) -> int:
     p.add_argument("--methods", help="comma-separated labels (default: all)")
     p.add_argument("--bits", default=",".join(BITS))
     p.add_argument("--out", default="accuracy")
+    p.add_argument("--no-weight-options", action="store_true", help=f"skip the {WEIGHT_BITS} weight-side table")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
     bits = args.bits.split(",")
@@ -81,11 +108,22 @@ def main(argv=None) -> int:
             results.append({"label": label, "bits": b, "config": cfg.to_dict(), **r.to_dict()})
             tqdm.write(f"{b:5s} {label:26s} top-1 {r.top1 * 100:5.1f}  agreement {r.agreement * 100:5.1f}  "
                        f"logit SQNR {r.logit_sqnr_db:5.1f} dB")
-    md = table(results, fp_top1, bits)
+    options = []
+    if not args.no_weight_options:
+        w, a = parse_bits(WEIGHT_BITS)
+        for label, fields in tqdm(WEIGHT_OPTIONS, desc=f"{WEIGHT_BITS} weight options"):
+            for method in ("spiq", "static-tensor"):
+                cfg = spiq.QuantConfig(method=method, weight_bits=w, input_bits=a, **fields)
+                r = evaluate("efficientnet_lite0", images, labels, cfg, calib=calib, float_model=model,
+                             fp_logits=fp_logits)
+                options.append({"label": label, "method": method, "config": cfg.to_dict(), **r.to_dict()})
+                tqdm.write(f"{WEIGHT_BITS} {method:14s} {label:52s} top-1 {r.top1 * 100:5.1f}  "
+                           f"agreement {r.agreement * 100:5.1f}  logit SQNR {r.logit_sqnr_db:5.1f} dB")
+    md = table(results, fp_top1, bits) + ("\n" + options_table(options) if options else "")
     print(md)
     save(args.out, {"model": "efficientnet_lite0", "n_images": len(labels), "top1_fp": fp_top1,
                     "calibration": "32 images drawn (seed 0) from the same sample", "machine": machine(),
-                    "seconds": time.time() - start, "results": results}, md)
+                    "seconds": time.time() - start, "results": results, "weight_options": options}, md)
     return 0
 
 

@@ -24,24 +24,35 @@ def layer_sqnr(rows, worst: int = 5) -> go.Figure:
 
 
 def channel_ranges(cr, max_channels: int = 96) -> go.Figure:
-    """Per-channel ranges (bars) against the one per-tensor range (band) and what the image used."""
+    """Per-channel ranges (bars) against the one per-tensor range (band) and what the image used;
+    below, the bits each channel's values use on its own grid and on the shared one, and the
+    share of its values its own range clips."""
     order = np.argsort(-cr.data_free_hi.numpy())[:max_channels]
     ch = [str(int(c)) for c in order]
     lo, hi = cr.data_free_lo.numpy()[order], cr.data_free_hi.numpy()[order]
-    fig = go.Figure([
-        go.Bar(x=ch, y=hi - lo, base=lo, name=f"per-channel range ({cr.bits} bits each)", marker_color=QUANT,
-               opacity=0.6),
-        go.Scatter(x=ch, y=cr.observed_hi.numpy()[order], mode="markers", name="observed max",
-                   marker=dict(color=FLOAT, symbol="line-ew-open", size=12)),
-        go.Scatter(x=ch, y=cr.observed_lo.numpy()[order], mode="markers", name="observed min",
-                   marker=dict(color=FLOAT, symbol="line-ew-open", size=12), showlegend=False),
-    ])
-    fig.add_hrect(y0=cr.tensor_lo, y1=cr.tensor_hi, fillcolor=TENSOR, opacity=0.15, line_width=0,
+    hover = np.stack([cr.step.numpy()[order], 100 * cr.clipped.numpy()[order]], 1)
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.65, 0.35], vertical_spacing=0.06)
+    fig.add_bar(x=ch, y=hi - lo, base=lo, name=f"per-channel range ({cr.bits} bits each)", marker_color=QUANT,
+                opacity=0.6, customdata=hover, row=1, col=1,
+                hovertemplate="channel %{x}<br>range %{base:.3g} to %{y:.3g} wide<br>step %{customdata[0]:.3g}"
+                              "<br>clipped %{customdata[1]:.2f} %<extra></extra>")
+    for y, show in ((cr.observed_hi, True), (cr.observed_lo, False)):
+        fig.add_scatter(x=ch, y=y.numpy()[order], mode="markers", name="observed min / max", showlegend=show,
+                        marker=dict(color=FLOAT, symbol="line-ew-open", size=12), row=1, col=1)
+    fig.add_scatter(x=ch, y=cr.effective_bits.numpy()[order], mode="lines+markers", name="bits used, own grid",
+                    line_color=QUANT, row=2, col=1)
+    fig.add_scatter(x=ch, y=cr.effective_bits_tensor.numpy()[order], mode="lines+markers",
+                    name="bits used, per-tensor grid", line_color=TENSOR, row=2, col=1)
+    fig.add_bar(x=ch, y=100 * cr.clipped.numpy()[order], name="% of values clipped (own range)",
+                marker_color=BAD, opacity=0.5, row=2, col=1)
+    fig.add_hrect(y0=cr.tensor_lo, y1=cr.tensor_hi, fillcolor=TENSOR, opacity=0.15, line_width=0, row=1, col=1,
                   annotation_text=f"per-tensor range, step {cr.tensor_step:.3g}")
     eb_c, eb_t = float(cr.effective_bits.mean()), float(cr.effective_bits_tensor.mean())
     fig.update_layout(title=f"{cr.layer}: input ranges — mean bits used {eb_c:.2f} per channel vs {eb_t:.2f} per tensor",
-                      xaxis_title="input channel (widest first)", yaxis_title="value", barmode="overlay",
-                      legend_orientation="h")
+                      barmode="overlay", legend_orientation="h", height=560)
+    fig.update_yaxes(title_text="value", row=1, col=1)
+    fig.update_yaxes(title_text="bits used / % clipped", row=2, col=1)
+    fig.update_xaxes(title_text="input channel (widest first)", row=2, col=1)
     return fig
 
 

@@ -1,6 +1,7 @@
 """Analysis for the app's views, on the real model and real images: SQNR, ranges, fold, maps, attribution."""
 import math
 
+import numpy as np
 import plotly.graph_objects as go
 import pytest
 import torch
@@ -36,7 +37,13 @@ def test_channel_ranges_show_the_per_channel_gain(lite0, q4, sample):
     assert cr.effective_bits.mean() > cr.effective_bits_tensor.mean()
     assert (cr.effective_bits <= 4 + 1e-6).all()
     fig = plots.channel_ranges(cr)
-    assert len(fig.data) == 3 and len(fig.data[0].x) > 0
+    assert len(fig.data) == 6 and len(fig.data[0].x) == 96
+    # the channels' own bits, the shared grid's bits and the clipped share, channel by channel
+    own, shared, clipped = fig.data[3:]
+    widest = np.argsort(-cr.data_free_hi.numpy())[:96]
+    np.testing.assert_allclose(own.y, cr.effective_bits.numpy()[widest])
+    np.testing.assert_allclose(shared.y, cr.effective_bits_tensor.numpy()[widest])
+    np.testing.assert_allclose(clipped.y, 100 * cr.clipped.numpy()[widest])
     with pytest.raises(KeyError):
         analysis.channel_ranges(lite0, q4, "no.such.layer", sample[0][:1])
 
