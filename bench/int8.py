@@ -11,7 +11,8 @@ Variants: PyTorch FP32 (eager), ORT FP32, ORT static int8 (quantize_static: uint
 activations from min/max over the same 32 calibration images the calib-* methods use, int8
 per-channel weights, QDQ), ORT dynamic int8 (quantize_dynamic), SPIQ int8 (spiq.export_onnx of
 the SPIQ W8A8 config, default fold="auto", and fold="always"). Also the parity of SPIQ int8
-with its float simulation: top-1 agreement, logits SQNR, per-layer SQNR.
+with its float simulation: top-1 agreement, logits SQNR, per-layer SQNR; and with the
+simulation of the same config with int8_graph=True (the graph's own grids and quantizers).
 Writes bench/results/int8.json and int8.md.
 """
 from __future__ import annotations
@@ -113,6 +114,11 @@ def run(argv, tmp: Path) -> int:
             "extra_quantizers": report.extra_quantizers, "notes": report.notes, "onnx_ops": report.op_counts,
         }
         print(f"{name}: {par.summary()}", file=sys.stderr)
+        # the same config with int8_graph=True simulates the very graph written (shared residual grids,
+        # quantized residual branches and sums): what is left is float vs integer arithmetic
+        twin = spiq.quantize(model, config.replace(int8_graph=True))
+        sim = torch.cat([twin(images[i:i + 25]) for i in range(0, len(images), 25)])
+        spiq_info[name]["parity_int8_graph"] = vars(rt.parity(twin, paths[name], images, labels, sim_logits=sim))
 
     sessions = {name: rt.ort_session(path, args.threads) for name, path in paths.items()}
     ort_ops = {name: rt.optimized_op_counts(path, args.threads) for name, path in paths.items()}
@@ -157,6 +163,9 @@ def run(argv, tmp: Path) -> int:
                            "met": main_row["top1"] >= static_row["top1"]},
         "parity_agreement": {"value": spiq_info["SPIQ int8"]["parity"]["agreement"], "target": ">= 0.99",
                              "met": spiq_info["SPIQ int8"]["parity"]["agreement"] >= 0.99},
+        "parity_agreement_int8_graph": {"value": spiq_info["SPIQ int8"]["parity_int8_graph"]["agreement"],
+                                        "target": ">= 0.99",
+                                        "met": spiq_info["SPIQ int8"]["parity_int8_graph"]["agreement"] >= 0.99},
     }
 
     n = len(images)
@@ -172,11 +181,18 @@ def run(argv, tmp: Path) -> int:
               f"{par['logits_sqnr_db']:.1f} dB; per-layer SQNR simulation vs real {s['min']:.1f}-{s['max']:.1f} dB "
               f"(median {s['median']:.1f}, worst {s['worst']}); per-channel Mul before {len(info['mul_layers'])} "
               f"layers; {len(info['requantized'])} layers re-quantized")
+        twin = info["parity_int8_graph"]
+        print(f"{name} against its int8_graph simulation: agreement {twin['agreement'] * 100:.1f}%, logits SQNR "
+              f"{twin['logits_sqnr_db']:.1f} dB")
     for key, t in targets.items():
         print(f"target {key}: {t['value']:.3f} ({t['target']}) {'met' if t['met'] else 'NOT met'}")
     md = ["| variant | top-1 % | batch 1 ms | batch 16 ms | b1 × static | b1 × FP32 |", "|---|---|---|---|---|---|"]
     md += [f"| {r['variant']} | {r['top1'] * 100:.1f} | {r['b1_ms']:.2f} | {r['b16_ms']:.1f} | "
            f"{r['b1_vs_static']:.2f} | {r['b1_vs_fp32']:.2f} |" for r in rows]
+    md += ["", "| SPIQ int8 (ONNX Runtime) against | top-1 agreement % | logits SQNR dB |", "|---|---|---|"]
+    for label, key in (("the config's simulation", "parity"), ("its int8_graph simulation", "parity_int8_graph")):
+        par = spiq_info["SPIQ int8"][key]
+        md.append(f"| {label} | {par['agreement'] * 100:.1f} | {par['logits_sqnr_db']:.1f} |")
     save("int8", {"n_images": n, "threads": args.threads, "runs": args.runs,
                   "machine": {**machine(), "load_average_after": os.getloadavg()},
                   "onnxruntime": _ort_version(), "results": rows, "latency": latency, "top1": top1,

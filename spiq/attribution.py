@@ -117,8 +117,9 @@ def attribution_drift(model: nn.Module, qmodel: nn.Module, x: torch.Tensor,
     if target is None:
         with torch.no_grad():
             target = int(model((x.unsqueeze(0) if x.dim() == 3 else x))[0].argmax())
-    layer = last_stage(model) if method == "grad-cam" else None
-    fm = attribute(model, x, target, method, layer)
-    qm = attribute(qmodel, x, target, method, layer)
+    # each model's own name for its last stage: an int8_graph twin (an fx GraphModule) keeps only
+    # the leaves of a container such as timm's folded BN + act
+    fm = attribute(model, x, target, method, last_stage(model) if method == "grad-cam" else None)
+    qm = attribute(qmodel, x, target, method, last_stage(qmodel) if method == "grad-cam" else None)
     norm = lambda m: m / m.abs().max().clamp_min(1e-12)  # noqa: E731
     return Drift(method, target, fm, qm, norm(qm) - norm(fm), rank_correlation(fm, qm))

@@ -98,6 +98,11 @@ class QuantConfig:
     # per-tensor weights and per-tensor activations; a no-op for per-channel weights on per-channel
     # folded inputs (SPIQ), whose integer codes do not depend on a channel's scale.
     equalize: bool = False
+    # Simulate the int8 graph the ONNX export writes instead of SPIQ's own grids: integer adds need
+    # one per-channel scale shape along each residual stream (the layers reading it re-quantized
+    # for it), and quantize the residual branches and sums (export.int8_twin). Static methods,
+    # 8-bit inputs, weights up to 8 bits.
+    int8_graph: bool = False
     percentile: float = 99.99
     calib_images: int = 32
     # liu-ptq: candidates per interval search and alternating rounds (the paper's), tokens per image
@@ -136,7 +141,7 @@ class QuantConfig:
         if not isinstance(self.clip_penalty, (int, float)) or isinstance(self.clip_penalty, bool) \
                 or not 0 < self.clip_penalty <= 1000:
             raise ConfigError(f"clip_penalty must be a number in (0, 1000], got {self.clip_penalty!r}")
-        for name in ("bias_correction", "equalize"):
+        for name in ("bias_correction", "equalize", "int8_graph"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.percentile, (int, float)) or not 50 < self.percentile <= 100:
@@ -151,6 +156,11 @@ class QuantConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= top:
                 raise ConfigError(f"{name} must be a number from 0 to {top:g}, got {value!r}")
+        if self.int8_graph and (self.method not in DATA_FREE + CALIBRATED or self.input_bits != 8
+                                or self.weight_bits > 8):
+            raise ConfigError(f"int8_graph simulates the int8 ONNX graph: it needs a static method (spiq, "
+                              f"static-tensor, calib-*), 8-bit inputs and weights of at most 8 bits; got "
+                              f"{self.method!r} W{self.weight_bits}A{self.input_bits}")
         if self.mixed_precision is not None:
             mp = self.mixed_precision
             if isinstance(mp, bool) or not isinstance(mp, (int, float)) or not MIN_BITS <= mp <= MAX_BITS:

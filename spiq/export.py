@@ -63,7 +63,7 @@ from .runtime import ort_session
 from .config import CALIBRATED
 from .fold import ChannelReLU6
 from .graph import _LeafTracer
-from .qlayers import InputQuant, QuantLayer, fake_quant_input
+from .qlayers import GridQuant, InputQuant, QuantLayer, fake_quant_input
 from .ranges import Range, broadcast_input
 
 OPSET = 17
@@ -86,11 +86,6 @@ _FN_ACTS = {F.silu: "silu", F.hardswish: "hardswish", F.gelu: "gelu", torch.sigm
             torch.tanh: "tanh", F.hardsigmoid: "hardsigmoid", "sigmoid": "sigmoid", "tanh": "tanh"}
 _FN_RELU = {F.relu: None, torch.relu: None, "relu": None, F.relu6: 6.0}
 _ADDS = {"add", "add_", "iadd"}
-
-
-class _ExportTracer(_LeafTracer):
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, QuantLayer) or super().is_leaf_module(m, qualname)
 
 
 @dataclass
@@ -123,7 +118,7 @@ def _trace(model: nn.Module, input_shape: tuple[int, int, int]) -> fx.GraphModul
     from torch.fx.passes.shape_prop import ShapeProp
 
     try:
-        gm = fx.GraphModule(model, _ExportTracer().trace(model))
+        gm = fx.GraphModule(model, _LeafTracer().trace(model))
     except Exception as exc:
         raise ExportError(f"cannot trace {type(model).__name__} with torch.fx: {exc}") from exc
     with torch.no_grad():
@@ -1059,6 +1054,8 @@ def _input_shape_of(model: nn.Module, input_size: int | None) -> tuple[int, int,
 
 def prepare_for_export(model: nn.Module) -> nn.Module:
     """`model` itself if it is quantized (BN already folded), else a BN-folded float copy."""
+    if hasattr(model, "spiq_int8_source"):   # an int8_twin: the graph it simulates is its source's
+        return model.spiq_int8_source
     if hasattr(model, "spiq_report"):
         return model
     from .fold import folded_copy
@@ -1081,13 +1078,19 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, *, quantized: bool =
     `input_size` (default: the model's preprocessing crop), fixed: padding is static. `batch`
     fixes the batch size (default: symbolic). On any error nothing is written at `path`.
     """
+    proto, report = _export(qmodel, str(path), quantized, input_size, batch)
+    _write_atomic(proto, Path(path))
+    return report
+
+
+def _export(qmodel: nn.Module, path: str, quantized: bool, input_size: int | None, batch: int | None):
+    """The ONNX graph of export_onnx() and its report, in memory."""
     import onnx
 
     from .vit import is_transformer
 
     if is_transformer(qmodel) or getattr(getattr(qmodel, "spiq_report", None), "liu", None) is not None:
         raise ExportError("int8 ONNX export handles convolutional networks; vision transformers are not exported yet")
-    path = Path(path)
     model = prepare_for_export(qmodel)
     shape = _input_shape_of(model, input_size)
     plan = _plan_export(model, shape)
@@ -1096,7 +1099,6 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, *, quantized: bool =
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"the generated ONNX graph is invalid: {exc}") from exc
-    _write_atomic(proto, path)
     layers = plan.layers
     if plan.dropped:
         n = sum(k for k, _ in plan.dropped.values())
@@ -1104,8 +1106,8 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, *, quantized: bool =
         plan.notes.append(f"{n} filter(s) in {len(plan.dropped)} layer(s) have weights so small against their bias "
                           f"(a BN gamma near 0) that the int32 bias cannot hold both: kept as their bias only, which "
                           f"changes those outputs by at most {worst:.1e} of the bias")
-    return ExportReport(
-        path=str(path), quantized=quantized, input_shape=[batch or "N", *shape],
+    return proto, ExportReport(
+        path=path, quantized=quantized, input_shape=[batch or "N", *shape],
         int8_layers=[n for n, lp in layers.items() if lp.int8],
         float_layers=[n for n, lp in layers.items() if not lp.int8],
         mul_layers={n: _mul_reason(lp, plan) for n, lp in layers.items()
@@ -1172,10 +1174,6 @@ def float_twin(qmodel: nn.Module, report: ExportReport, quantized: bool = False)
     return twin
 
 
-def _grid_quant(x: torch.Tensor, step: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    return (torch.clamp(torch.round(x / step + zero), 0, QMAX) - zero) * step
-
-
 def int8_simulation(qmodel: nn.Module, report: ExportReport) -> nn.Module:
     """A torch simulation of the int8 graph itself: `float_twin(..., quantized=True)` plus every
     quantizer the int8 kernels add (the residual branch before its add, the add's inputs, the
@@ -1184,24 +1182,31 @@ def int8_simulation(qmodel: nn.Module, report: ExportReport) -> nn.Module:
     if not report.quantized:
         raise ValueError("int8_simulation needs the int8 graph (export_onnx(..., quantized=True))")
     twin = float_twin(qmodel, report, quantized=True)
-    gm = fx.GraphModule(twin, _ExportTracer().trace(twin))
+    gm = fx.GraphModule(twin, _LeafTracer().trace(twin))
     nodes = {n.name: n for n in gm.graph.nodes}
     for k, (name, grid) in enumerate(report.plan.q_points.items()):
         node = nodes[name]
-        shape = (1, -1) + (1,) * (len(_shape_of_enc(report.plan, name)) - 2)
-        gm.register_buffer(f"_int8_step_{k}", grid.step.float().view(shape))
-        gm.register_buffer(f"_int8_zero_{k}", grid.zero.float().view(shape))
+        gm.add_submodule(f"int8_quant_{k}", GridQuant(grid.step, grid.zero, QMAX))
         with gm.graph.inserting_after(node):
-            fq = gm.graph.call_function(_grid_quant, (node, None, None))
-        with gm.graph.inserting_before(fq):
-            fq.args = (node, gm.graph.get_attr(f"_int8_step_{k}"), gm.graph.get_attr(f"_int8_zero_{k}"))
+            fq = gm.graph.call_module(f"int8_quant_{k}", (node,))
         node.replace_all_uses_with(fq, delete_user_cb=lambda user, fq=fq: user is not fq)
     gm.recompile()
     return gm.eval()
 
 
-def _shape_of_enc(plan: _Plan, name: str) -> tuple:
-    return next(op.shape for op in plan.ops if op.name == name)
+def int8_twin(qmodel: nn.Module, input_size: int | None = None) -> nn.Module:
+    """`qmodel` as the int8 graph computes it (`int8_simulation` of the graph `export_onnx` would
+    write), as a model of its own: what `quantize` returns for `QuantConfig(int8_graph=True)`.
+    It keeps qmodel's report and config; exporting it writes qmodel's graph, which it simulates."""
+    _, report = _export(qmodel, "", True, input_size, None)
+    twin = int8_simulation(qmodel, report)
+    for key, value in vars(qmodel).items():
+        if key.startswith("spiq_"):
+            setattr(twin, key, value)
+    object.__setattr__(twin, "spiq_int8_source", qmodel)   # a plain attribute: not one of twin's modules
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    return twin
 
 
 @torch.no_grad()

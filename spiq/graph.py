@@ -56,7 +56,8 @@ _PASSTHROUGH_METHODS = {"flatten", "view", "reshape", "contiguous", "clone"}
 
 def is_passthrough(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), _PASSTHROUGH_MODULES)
+        mod = gm.get_submodule(node.target)
+        return isinstance(mod, _PASSTHROUGH_MODULES) or getattr(mod, "fx_passthrough", False)
     if node.op == "call_function":
         return node.target in _PASSTHROUGH_FUNCS or getattr(node.target, "__name__", "") == "dropout"
     if node.op == "call_method":

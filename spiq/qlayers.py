@@ -152,6 +152,26 @@ def fake_quant_input(x: torch.Tensor, q: InputQuant) -> torch.Tensor:
     return x + (out - x).detach()  # straight-through
 
 
+class GridQuant(nn.Module):
+    """Fake quantization of a tensor on a fixed per-channel grid, x ≈ (code − zero)·step with codes
+    0..qmax, gradients passed straight through: a quantizer the int8 graph has where SPIQ's
+    simulation has none (a residual branch before its add, the add's output, a pooled tensor)."""
+    fx_leaf = True          # graph tracing keeps it whole...
+    fx_passthrough = True   # ... and a producer search walks through it
+
+    def __init__(self, step: torch.Tensor, zero: torch.Tensor, qmax: int = 255):
+        super().__init__()
+        self.qmax = qmax
+        self.register_buffer("step", step.float())
+        self.register_buffer("zero", zero.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        step, zero = self.step.view(shape), self.zero.view(shape)
+        q = (torch.clamp(torch.round(x / step + zero), 0, self.qmax) - zero) * step
+        return x + (q - x).detach() if torch.is_grad_enabled() and x.requires_grad else q
+
+
 class QuantLayer(nn.Module):
     """A conv/linear whose input is fake-quantized and whose weights sit on an integer grid.
 
@@ -160,6 +180,7 @@ class QuantLayer(nn.Module):
     layer would run with on integer input codes, and `layer.weight` holds the same product divided
     back by the input scales so that the float simulation can take fake-quantized inputs.
     """
+    fx_leaf = True   # traced whole: its quantizer branches on whether gradients flow
 
     def __init__(self, layer: nn.Module, input_quant: InputQuant | None, weight_codes: torch.Tensor,
                  weight_scale: torch.Tensor, folded: bool, name: str = ""):

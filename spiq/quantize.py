@@ -337,6 +337,13 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data: torch.Tensor | N
         progress(1.0, "done")
     q.spiq_report = report
     q.spiq_config = config
+    if config.int8_graph:
+        from .export import ExportError, int8_twin
+
+        try:
+            q = int8_twin(q)
+        except ExportError as exc:
+            raise ConfigError(f"int8_graph: {exc}") from None
     return q
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from . import analysis, plots
 from .attribution import attribution_drift
 from .cache import Loaded, ModelCache, config_key
-from .config import GRANULARITIES, METHODS, NEEDS_CALIBRATION, ConfigError, QuantConfig
+from .config import CALIBRATED, DATA_FREE, GRANULARITIES, METHODS, NEEDS_CALIBRATION, ConfigError, QuantConfig
 from .qlayers import QuantLayer
 from .quantize import methods_for, quantizable_layers
 from .vit import is_transformer  # noqa: F401  (the app asks views whether a model has attention)
@@ -128,8 +128,10 @@ def attention(cache: ModelCache, sc: Scene, block: int = -1):
 
 
 def method_config(config: QuantConfig, method: str) -> QuantConfig:
-    """`config` with another method, the method's own input granularity, and no per-layer overrides."""
-    return config.replace(method=method, input_granularity=None, overrides={})
+    """`config` with another method, the method's own input granularity, and no per-layer overrides
+    (and the int8 graph's simulation only for the static methods that have one)."""
+    return config.replace(method=method, input_granularity=None, overrides={},
+                          int8_graph=config.int8_graph and method in DATA_FREE + CALIBRATED)
 
 
 @torch.no_grad()

@@ -12,6 +12,7 @@ from spiq import export as ex
 from spiq import runtime as rt
 from spiq.cli import main
 from spiq.export import ExportError
+from spiq.qlayers import GridQuant, QuantLayer
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +101,22 @@ def test_parity_with_the_simulation_of_the_config(spiq_w8a8, exported, images):
     assert par.top1_real >= par.top1_sim - 0.05
     rows = ex.layer_sqnr(spiq_w8a8, exported, x[:8])
     assert len(rows) == 50 and all(r["sqnr_db"] > 12 for r in rows)
+
+
+def test_int8_graph_config_simulates_what_onnx_runtime_runs(spiq_w8a8, exported, images, tmp_path):
+    x, y = images
+    twin = spiq.quantize(spiq_w8a8.spiq_report.prepared.source,
+                         spiq.QuantConfig(method="spiq", weight_bits=8, input_bits=8, int8_graph=True))
+    report = ex.export_onnx(twin, tmp_path / "twin.onnx")
+    # the same graph as the plain config's: the twin simulates it, shared grids and extra quantizers too
+    assert report.requantized == exported.requantized and report.op_counts == exported.op_counts
+    assert sum(isinstance(m, GridQuant) for m in twin.modules()) == len(report.plan.q_points) > 0
+    assert isinstance(twin.get_submodule("blocks.1.1.conv_pw"), QuantLayer)
+    plain = rt.parity(spiq_w8a8, exported.path, x, y)
+    par = rt.parity(twin, report.path, x, y)
+    assert par.agreement >= plain.agreement and par.logits_sqnr_db > plain.logits_sqnr_db + 2, (par, plain)
+    with pytest.raises(spiq.ConfigError, match="int8_graph"):
+        spiq.QuantConfig(method="spiq", weight_bits=8, input_bits=4, int8_graph=True)
 
 
 def test_equalized_model_exports_with_per_channel_caps(lite0, images, tmp_path):
