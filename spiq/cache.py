@@ -74,12 +74,17 @@ class ModelCache:
             return self._prepared[key]
 
     def warm(self, name: str, config: QuantConfig | None = None) -> None:
-        """Search the data-free ranges of every bit width ahead of the first request (seconds of CPU).
+        """Search the data-free ranges of every bit width ahead of the first request (seconds of CPU),
+        then the calibrated ones on this cache's calibration images.
 
-        Runs without the lock: it touches only the data-free laws, never a model.
+        The data-free search runs without the lock: it touches only the data-free laws, never a
+        model. The calibration runs the shared float model, so it takes the lock in short turns.
         """
         config = config or QuantConfig()
-        self.prepared(name, config).warm(config)
+        prepared = self.prepared(name, config)
+        prepared.warm(config)
+        if self.calib_dir is not None:
+            prepared.warm_calibrated(self.calibration(name), config, lock=self.lock)
 
     def calibration(self, name: str) -> torch.Tensor:
         """The calib-* methods' images: every image of `calib_dir`, preprocessed for this model."""

@@ -1,6 +1,7 @@
 """`quantize(model, config)`: a quantized copy of a float model; the original is never touched."""
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -75,6 +76,8 @@ class Prepared:
     effects: dict = field(default_factory=dict, repr=False)    # RangeEffect of each searched range
     moments: dict = field(default_factory=dict, repr=False)    # law_moments of each layer input
     weights: OrderedDict = field(default_factory=OrderedDict, repr=False)   # bounded: they are big
+    calibrated: dict = field(default_factory=dict, repr=False)   # ranges from `calibrated_on`'s images
+    calibrated_on: tuple | None = field(default=None, repr=False)
 
     def cached_weights(self, key, make):
         """Quantized weights of one layer for one setting, made once (methods share unfolded weights)."""
@@ -105,6 +108,44 @@ class Prepared:
             self.effects[key] = range_effect(dist, self.data_free_range(name, dist, bits, per_channel, config), bits)
         return self.effects[key]
 
+    def calibrated_ranges(self, images: torch.Tensor, count: int, wanted: dict[str, tuple]) -> dict[str, Range]:
+        """Ranges of layers {name: (rule, bits, per_channel, percentile)} calibrated on images[:count].
+
+        Min/max and percentile ranges do not depend on the bits, so they are kept for the same
+        images; on any miss every wanted layer is observed again (the random subsample of each
+        layer depends on which layers are observed together: the result is a fresh call's)."""
+        self._calibrating_on(images, count)
+        if any(_calib_key(n, w) not in self.calibrated for n, w in wanted.items()):
+            obs = observe(self.folded, list(wanted), images[:count])
+            for n, w in wanted.items():
+                self.calibrated.setdefault(_calib_key(n, w), calibrated_range(obs[n], *w))
+        return {n: self.calibrated[_calib_key(n, w)] for n, w in wanted.items()}
+
+    def _calibrating_on(self, images: torch.Tensor, count: int) -> None:
+        if self.calibrated_on is None or self.calibrated_on[0] is not images or self.calibrated_on[1] != count:
+            self.calibrated, self.calibrated_on = {}, (images, count)
+
+    def warm_calibrated(self, images: torch.Tensor, config: QuantConfig, bits=range(2, 17), lock=None) -> None:
+        """Every layer's per-tensor calibrated ranges (each rule, these input bits) from one observation,
+        as a model-wide calib-* config would get them, so that quantize() finds them. `lock` is held
+        while the shared float model runs and the kept ranges change (one bit width at a time)."""
+        if self.vit is not None:
+            return
+        lock = lock or contextlib.nullcontext()
+        names = quantizable_layers(self.source)
+        with lock:
+            self._calibrating_on(images, config.calib_images)
+            obs = observe(self.folded, names, images[:config.calib_images])
+        for b in bits:
+            with lock:
+                if self.calibrated_on[0] is not images:
+                    return
+                for rule in ("minmax", "percentile", "mse"):
+                    for n in names:
+                        w = (rule, b, False, config.percentile)
+                        if _calib_key(n, w) not in self.calibrated:
+                            self.calibrated[_calib_key(n, w)] = calibrated_range(obs[n], *w)
+
     def law_moments(self, name: str, dist: Dist) -> tuple[torch.Tensor, torch.Tensor]:
         if name not in self.moments:
             self.moments[name] = law_moments(dist)
@@ -119,6 +160,12 @@ class Prepared:
                 for per_channel in (True, False):
                     self.data_free_range(name, dist, b, per_channel, config, sums)
                     self.data_free_effect(name, dist, b, per_channel, config)
+
+
+def _calib_key(name: str, wanted: tuple) -> tuple:
+    """What a calibrated range depends on: min/max and percentile ranges not on the bits."""
+    rule, bits, per_channel, percentile = wanted
+    return name, rule, bits if rule == "mse" else None, per_channel, percentile if rule == "percentile" else None
 
 
 def prepared_key(config: QuantConfig) -> tuple:
@@ -265,8 +312,16 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data: torch.Tensor | N
 
     sites = matmul_sites(vit) if vit is not None else {}
     calib_layers = [n for n, s in settings.items() if s.method in CALIBRATED and not s.skip]
-    calib_layers += [m for m, n in sites.items() if n in calib_layers]
-    observed = observe(q, calib_layers, calib_data[: config.calib_images]) if calib_layers else {}
+    calib_sites = [m for m, n in sites.items() if n in calib_layers]
+    if calib_sites:   # a transformer's matmul operands: observed with its layers, every time
+        observed = observe(q, calib_layers + calib_sites, calib_data[: config.calib_images])
+        calibrated = {n: calibrated_range(observed[n], settings[n].method.split("-", 1)[1], settings[n].input_bits,
+                                          settings[n].input_per_channel, config.percentile) for n in calib_layers}
+    else:
+        observed = {}
+        calibrated = prepared.calibrated_ranges(calib_data, config.calib_images, {
+            n: (settings[n].method.split("-", 1)[1], settings[n].input_bits, settings[n].input_per_channel,
+                config.percentile) for n in calib_layers}) if calib_layers else {}
     searched = 0.0
     if "liu-ptq" in used:
         report.liu = _liu_plan(prepared, settings, config, calib_data, progress)
@@ -287,8 +342,7 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data: torch.Tensor | N
         if s.method in DATA_FREE:
             rng = prepared.data_free_range(name, dist, s.input_bits, s.input_per_channel, config)
         elif s.method in CALIBRATED:
-            rule = s.method.split("-", 1)[1]
-            rng = calibrated_range(observed[name], rule, s.input_bits, s.input_per_channel, config.percentile)
+            rng = calibrated[name]
         w_float = layer.weight.detach().clone()
 
         def memo(rng, per_channel, name=name, s=s):

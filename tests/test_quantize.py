@@ -7,7 +7,7 @@ from torch import nn
 import spiq
 from spiq.evaluate import predict
 from spiq.qlayers import QuantLayer
-from spiq.quantize import quantizable_layers
+from spiq.quantize import prepare, quantizable_layers
 from spiq.ranges import observe
 
 
@@ -106,6 +106,28 @@ def test_calibrated_methods_need_images(lite0, sample):
     obs = observe(ref, ["blocks.3.0.conv_pwl"], calib)["blocks.3.0.conv_pwl"]
     rng = q.spiq_report.layers["blocks.3.0.conv_pwl"].range
     assert torch.allclose(rng.hi, obs.hi.clamp_min(1e-8), rtol=1e-3)  # ref has 16-bit weights
+
+
+def test_calibrated_ranges_kept_across_bits_are_a_fresh_calls(lite0, sample):
+    calib = sample[0][:12]
+    prepared = prepare(lite0)
+    for bits in (5, 4):   # percentile ranges do not depend on the bits: the second call reuses them
+        cfg = spiq.QuantConfig(method="calib-percentile", weight_bits=8, input_bits=bits, calib_images=12)
+        kept = spiq.quantize(lite0, cfg, calib_data=calib, prepared=prepared).spiq_report.layers
+        fresh = spiq.quantize(lite0, cfg, calib_data=calib).spiq_report.layers
+        for name in ("conv_stem", "blocks.3.0.conv_pwl", "classifier"):
+            assert torch.equal(kept[name].range.hi, fresh[name].range.hi), (bits, name)
+    assert len(prepared.calibrated) == len(quantizable_layers(lite0))
+    # warmed ahead (as the app does at start): the MSE ranges of a bit width, found, not searched
+    cfg6 = spiq.QuantConfig(method="calib-mse", weight_bits=8, input_bits=6, calib_images=12)
+    prepared.warm_calibrated(calib, cfg6, bits=(6,))
+    assert len(prepared.calibrated) == 3 * len(quantizable_layers(lite0))
+    kept = spiq.quantize(lite0, cfg6, calib_data=calib, prepared=prepared).spiq_report.layers
+    fresh = spiq.quantize(lite0, cfg6, calib_data=calib).spiq_report.layers
+    assert all(torch.equal(kept[n].range.hi, fresh[n].range.hi) for n in kept)
+    # other images: observed again
+    other = spiq.quantize(lite0, cfg, calib_data=sample[0][100:112], prepared=prepared).spiq_report.layers
+    assert not torch.equal(other["classifier"].range.hi, kept["classifier"].range.hi)
 
 
 def test_dynamic_ranges_follow_each_sample(lite0, sample):
