@@ -31,7 +31,7 @@ LEAF_TYPES = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d, nn.LayerNorm
 
 class _LeafTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        # fx_leaf: the project's own elementwise modules (fold.ChannelReLU6), seen whole like nn's
+        # fx_leaf: the project's own modules (QuantLayer, GridQuant, ChannelReLU6), traced whole like nn's
         return isinstance(m, LEAF_TYPES) or getattr(m, "fx_leaf", False) or super().is_leaf_module(m, qualname)
 
 
