@@ -64,7 +64,7 @@ from .config import CALIBRATED
 from .fold import ChannelReLU6
 from .graph import _LeafTracer
 from .qlayers import GridQuant, InputQuant, QuantLayer, fake_quant_input
-from .ranges import Range, broadcast_input
+from .ranges import Range, broadcast_input, per_input_channel
 
 OPSET = 17
 IR_VERSION = 8            # the IR that goes with opset 17: readable by every ONNX Runtime since 1.13
@@ -239,9 +239,7 @@ def _per_channel(v: torch.Tensor, channels: int) -> torch.Tensor:
 
 def _input_columns_zero(codes: torch.Tensor, groups: int) -> torch.Tensor:
     """Per input channel: True where every weight reading it is zero."""
-    from .quantize import _per_input_channel
-
-    return _per_input_channel(codes.abs().double(), groups) == 0
+    return per_input_channel(codes.abs().double(), groups) == 0
 
 
 def _spiq_grid(ql: QuantLayer, channels: int) -> _Grid:

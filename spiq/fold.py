@@ -104,14 +104,6 @@ def equalization_pairs(graph: ModelGraph) -> list[EqualizedPair]:
     return pairs
 
 
-def _input_absmax(w: torch.Tensor, groups: int) -> torch.Tensor:
-    """max |W[:, c]| per input channel c of a linear (O, C) or a (grouped) conv (O, C/groups, kh, kw)."""
-    if w.dim() == 2:
-        return w.abs().amax(0)
-    o, cg = w.shape[:2]
-    return w.abs().reshape(groups, o // groups, cg, -1).amax((1, 3)).reshape(-1)
-
-
 @torch.no_grad()
 def equalize(model: nn.Module, graph: ModelGraph, bn_stats: dict[str, BNStats], rounds: int = 50,
              tol: float = 1e-4) -> list[EqualizedPair]:
@@ -125,7 +117,7 @@ def equalize(model: nn.Module, graph: ModelGraph, bn_stats: dict[str, BNStats], 
     factors settle. ReLU6 caps follow their channels (ChannelReLU6); the BN statistics of the
     producer are divided too, so the data-free laws describe the equalized tensors.
     """
-    from .ranges import broadcast_input   # ranges reads BNStats from here
+    from .ranges import broadcast_input, per_input_channel   # ranges reads BNStats from here
 
     pairs = equalization_pairs(graph)
     for _ in range(rounds):
@@ -133,7 +125,7 @@ def equalize(model: nn.Module, graph: ModelGraph, bn_stats: dict[str, BNStats], 
         for pair in pairs:
             p, c = model.get_submodule(pair.producer), model.get_submodule(pair.consumer)
             groups = getattr(c, "groups", 1)
-            r1, r2 = p.weight.abs().flatten(1).amax(1), _input_absmax(c.weight, groups)
+            r1, r2 = p.weight.abs().flatten(1).amax(1), per_input_channel(c.weight.abs(), groups, "amax")
             s = torch.where((r1 > 0) & (r2 > 0), (r1 / r2.clamp_min(1e-30)).sqrt(), torch.ones_like(r1))
             p.weight.div_(s.view(-1, *([1] * (p.weight.dim() - 1))))
             if p.bias is not None:

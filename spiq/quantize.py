@@ -16,7 +16,7 @@ from .fold import EqualizedPair, equalize, fold_batchnorm
 from .graph import QUANTIZABLE, analyse
 from .qlayers import InputQuant, QuantLayer, channel_axis, input_scale_zero, make_weights
 from .ranges import (Dist, Propagation, Range, RangeEffect, broadcast_input, calibrated_range, clip_range, law_moments,
-                     observe, propagate, range_effect, sigma_range, sorted_samples)
+                     observe, per_input_channel, propagate, range_effect, sigma_range, sorted_samples)
 from .vit import VitGraph, matmul_sites, tap_attention, vit_graph, vit_laws
 
 # ImageNet normalisation: the assumption when a model comes without its preprocessing.
@@ -261,20 +261,12 @@ def _plan(layer: nn.Module, rng: Range | None, input_bits: int, input_per_channe
     return inq, codes, w_scale, w_sim
 
 
-def _per_input_channel(t: torch.Tensor, groups: int) -> torch.Tensor:
-    """Sum a weight-shaped tensor over everything but the input channel: (C,)."""
-    if t.dim() == 2:
-        return t.sum(0)
-    o, cg = t.shape[:2]
-    return t.reshape(groups, o // groups, cg, -1).sum((1, 3)).reshape(-1)
-
-
 def _expected_output_error(layer: nn.Module, w_float: torch.Tensor, w_sim: torch.Tensor, mean_sq: torch.Tensor,
                            effect: RangeEffect) -> float:
     """E‖y − ŷ‖² under the input law (E[x²] per channel), input and weight errors taken as independent."""
     g = getattr(layer, "groups", 1)
-    return float((effect.err2 * _per_input_channel(w_float ** 2, g)).sum()
-                 + (mean_sq * _per_input_channel((w_sim - w_float) ** 2, g)).sum())
+    return float((effect.err2 * per_input_channel(w_float ** 2, g)).sum()
+                 + (mean_sq * per_input_channel((w_sim - w_float) ** 2, g)).sum())
 
 
 def bias_shift(layer: nn.Module, w_float: torch.Tensor, w_sim: torch.Tensor, mean_x: torch.Tensor,
@@ -313,15 +305,14 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data: torch.Tensor | N
     sites = matmul_sites(vit) if vit is not None else {}
     calib_layers = [n for n, s in settings.items() if s.method in CALIBRATED and not s.skip]
     calib_sites = [m for m, n in sites.items() if n in calib_layers]
+    wanted = {n: (settings[n].method.split("-", 1)[1], settings[n].input_bits, settings[n].input_per_channel,
+                  config.percentile) for n in calib_layers}
+    observed, calibrated = {}, {}
     if calib_sites:   # a transformer's matmul operands: observed with its layers, every time
         observed = observe(q, calib_layers + calib_sites, calib_data[: config.calib_images])
-        calibrated = {n: calibrated_range(observed[n], settings[n].method.split("-", 1)[1], settings[n].input_bits,
-                                          settings[n].input_per_channel, config.percentile) for n in calib_layers}
-    else:
-        observed = {}
-        calibrated = prepared.calibrated_ranges(calib_data, config.calib_images, {
-            n: (settings[n].method.split("-", 1)[1], settings[n].input_bits, settings[n].input_per_channel,
-                config.percentile) for n in calib_layers}) if calib_layers else {}
+        calibrated = {n: calibrated_range(observed[n], *w) for n, w in wanted.items()}
+    elif wanted:
+        calibrated = prepared.calibrated_ranges(calib_data, config.calib_images, wanted)
     searched = 0.0
     if "liu-ptq" in used:
         report.liu = _liu_plan(prepared, settings, config, calib_data, progress)

@@ -139,6 +139,15 @@ def broadcast_input(v: torch.Tensor, w: torch.Tensor, groups: int = 1) -> torch.
     return v.view(groups, cg).repeat_interleave(w.shape[0] // groups, 0)[:, :, None, None]
 
 
+def per_input_channel(t: torch.Tensor, groups: int = 1, reduce: str = "sum") -> torch.Tensor:
+    """Reduce a weight-shaped tensor (O, C) or (O, C/groups, kh, kw) over all but the input channel: (C,)."""
+    if t.dim() == 2:
+        return t.sum(0) if reduce == "sum" else t.amax(0)
+    o, cg = t.shape[:2]
+    t = t.reshape(groups, o // groups, cg, -1)
+    return (t.sum((1, 3)) if reduce == "sum" else t.amax((1, 3))).reshape(-1)
+
+
 def _weight_bounds(mod: nn.Module, d: Dist) -> tuple[torch.Tensor, torch.Tensor]:
     """Interval arithmetic through a conv/linear: the widest output any input in bounds allows."""
     w = mod.weight.detach()
