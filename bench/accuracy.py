@@ -4,8 +4,9 @@
 
 Writes bench/results/accuracy.json and accuracy.md (the tables in the README): every method at
 every bit width, then the data-free weight-side options at W4A8 (rounding, clipping, cross-layer
-equalization, per-tensor weights). Calibrated methods draw their 32 images from the same sample
-(seeded); nothing else sees the labels.
+equalization, per-tensor weights), and SPIQ's difference from each baseline with its ~95 % interval.
+Calibrated methods draw their 32 images from the sample (seeded) and every method is scored on
+the other images, so no method is scored on what it calibrated on; nothing else sees the labels.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from tqdm import tqdm
 from common import SAMPLE_DIR, machine, save
 
 import spiq
-from spiq.evaluate import calibration_subset, evaluate, load_images, logits
+from spiq.evaluate import calibration_split, evaluate, load_images, logits, paired_difference
 
 BITS = ["W8A8", "W8A6", "W6A6", "W8A5", "W8A4", "W4A8", "W4A4"]
 # (label, config fields): the calibrated rows per tensor (their default) and the best of them per channel.
@@ -64,8 +65,30 @@ def options_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def differences(results: list[dict], agrees: dict) -> list[dict]:
+    """SPIQ's agreement minus each baseline's on the same images, with a paired ~95 % half-width."""
+    rows = []
+    for r in results:
+        if r["label"] != "spiq" and ("spiq", r["bits"]) in agrees:
+            d, h = paired_difference(agrees["spiq", r["bits"]], agrees[r["label"], r["bits"]])
+            rows.append({"baseline": r["label"], "bits": r["bits"], "difference": d, "half_width_95": h})
+    return rows
+
+
+def difference_table(rows: list[dict], bits: list[str]) -> str:
+    lines = ["SPIQ's agreement minus each baseline's, points, with the ~95 % interval of a paired difference "
+             "(only the images on which the two differ count):", "",
+             "| baseline | " + " | ".join(bits) + " |", "|---|" + "---|" * len(bits)]
+    for label in dict.fromkeys(r["baseline"] for r in rows):
+        cells = [next((f"{r['difference'] * 100:+.1f} ± {r['half_width_95'] * 100:.1f}" for r in rows
+                       if r["baseline"] == label and r["bits"] == b), "") for b in bits]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def table(results: list[dict], fp_top1: float, bits: list[str]) -> str:
-    lines = [f"EfficientNet-Lite0, {results[0]['n_images'] if results else 0} ImageNet sample images; "
+    lines = [f"EfficientNet-Lite0, {results[0]['n_images'] if results else 0} ImageNet sample images (not the 32 "
+             f"calibration images); "
              f"float top-1 {fp_top1 * 100:.1f} %. Cells: top-1 % / agreement with float top-1 % / "
              "mean logit SQNR against the float model, dB (steadier than agreement: one image is "
              f"{100 / results[0]['n_images'] if results else 0:.1f} points).", "",
@@ -93,11 +116,12 @@ def main(argv=None) -> int:
 
     model, preprocess, _ = spiq.load_model("efficientnet_lite0")
     images, labels, _ = load_images(SAMPLE_DIR, preprocess, args.limit)
-    calib = calibration_subset(images, 32)
+    calib_idx, held_out = calibration_split(len(images), 32)
+    calib, images, labels = images[calib_idx], images[held_out], labels[held_out]
     fp_logits = logits(model, images)
     fp_pred = fp_logits.argmax(1)
     fp_top1 = (fp_pred == labels).float().mean().item()
-    results = []
+    results, agrees = [], {}
     start = time.time()
     for b in tqdm(bits, desc="bit widths"):
         w, a = parse_bits(b)
@@ -106,6 +130,7 @@ def main(argv=None) -> int:
             r = evaluate("efficientnet_lite0", images, labels, cfg, calib=calib, float_model=model,
                          fp_logits=fp_logits)
             results.append({"label": label, "bits": b, "config": cfg.to_dict(), **r.to_dict()})
+            agrees[label, b] = r.predictions == fp_pred
             tqdm.write(f"{b:5s} {label:26s} top-1 {r.top1 * 100:5.1f}  agreement {r.agreement * 100:5.1f}  "
                        f"logit SQNR {r.logit_sqnr_db:5.1f} dB")
     options = []
@@ -119,11 +144,14 @@ def main(argv=None) -> int:
                 options.append({"label": label, "method": method, "config": cfg.to_dict(), **r.to_dict()})
                 tqdm.write(f"{WEIGHT_BITS} {method:14s} {label:52s} top-1 {r.top1 * 100:5.1f}  "
                            f"agreement {r.agreement * 100:5.1f}  logit SQNR {r.logit_sqnr_db:5.1f} dB")
-    md = table(results, fp_top1, bits) + ("\n" + options_table(options) if options else "")
+    diffs = differences(results, agrees)
+    md = table(results, fp_top1, bits) + "\n" + difference_table(diffs, bits) + (
+        "\n" + options_table(options) if options else "")
     print(md)
     save(args.out, {"model": "efficientnet_lite0", "n_images": len(labels), "top1_fp": fp_top1,
-                    "calibration": "32 images drawn (seed 0) from the same sample", "machine": machine(),
-                    "seconds": time.time() - start, "results": results, "weight_options": options}, md)
+                    "calibration": "32 images drawn (seed 0) from the sample; every method scored on the others",
+                    "machine": machine(), "seconds": time.time() - start, "results": results,
+                    "differences": diffs, "weight_options": options}, md)
     return 0
 
 

@@ -1,8 +1,9 @@
 """Evaluation: top-1 of a float and a quantized model over labelled images, and their agreement."""
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -27,9 +28,11 @@ class EvalResult:
     agreement: float
     seconds: float
     logit_sqnr_db: float | None = None   # when evaluate() was given the float logits
+    predictions: torch.Tensor | None = field(default=None, repr=False)   # top-1 per image, not in the JSON
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        del d["predictions"]
         if d["logit_sqnr_db"] is None:  # the CLI's JSON keeps its exact keys
             del d["logit_sqnr_db"]
         return d
@@ -90,10 +93,29 @@ def _decode(paths: list[Path], preprocess: Preprocess, progress: Callable[[int],
     return torch.cat(xs)
 
 
+def calibration_split(count: int, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of n of `count` images picked at random (seeded) for calibration, and of the others."""
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    return order[:n], order[n:].sort().values
+
+
 def calibration_subset(images: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
     """n images picked at random (seeded) from a batch: the calib-* methods' data."""
-    g = torch.Generator().manual_seed(seed)
-    return images[torch.randperm(len(images), generator=g)[:n]]
+    return images[calibration_split(len(images), n, seed)[0]]
+
+
+def paired_difference(agree_a: torch.Tensor, agree_b: torch.Tensor, z: float = 1.96) -> tuple[float, float]:
+    """Difference of two methods' agreement on the same images, and its half-width at ~95 %.
+
+    Only the images on which the two differ carry information (McNemar), so this is the honest
+    scale for "within 0.5 points": with n = 500 one image is 0.2 points.
+    """
+    a, b = agree_a.bool(), agree_b.bool()
+    n = len(a)
+    only_a, only_b = int((a & ~b).sum()), int((b & ~a).sum())
+    diff = (only_a - only_b) / n
+    var = max((only_a + only_b) / n ** 2 - diff ** 2 / n, 0.0)
+    return diff, z * math.sqrt(var)
 
 
 def load_calibration(root: str | Path, preprocess: Preprocess, n: int, seed: int = 0,
@@ -143,4 +165,5 @@ def evaluate(model_name: str, images: torch.Tensor, labels: torch.Tensor, config
         agreement=(pred == fp_pred).float().mean().item() if n else 0.0,
         seconds=time.perf_counter() - start,
         logit_sqnr_db=sqnr,
+        predictions=pred,
     )
