@@ -64,7 +64,7 @@ from .config import CALIBRATED
 from .fold import ChannelReLU6
 from .graph import _LeafTracer
 from .qlayers import GridQuant, InputQuant, QuantLayer, fake_quant_input
-from .ranges import Range, broadcast_input, per_input_channel
+from .ranges import Range, broadcast_input, per_input_channel, unknown_input_dist
 
 OPSET = 17
 IR_VERSION = 8            # the IR that goes with opset 17: readable by every ONNX Runtime since 1.13
@@ -387,7 +387,7 @@ def _out_view(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def _requantize(qmodel: nn.Module, lp: _LayerPlan, grid: _Grid) -> None:
     """Quantize layer `lp` again, by the recipe quantize() used, for the input grid it really gets."""
-    from .quantize import _fallback_dist, _plan, bias_shift
+    from .quantize import bias_shift, plan_layer
     from .ranges import law_moments, range_effect
 
     report, config = getattr(qmodel, "spiq_report", None), getattr(qmodel, "spiq_config", None)
@@ -398,11 +398,11 @@ def _requantize(qmodel: nn.Module, lp: _LayerPlan, grid: _Grid) -> None:
     s = config.for_layer(lp.name)
     ref = reference.get_submodule(lp.name)
     rng = Range(grid.lo.float(), grid.hi.float())
-    inq, codes, w_scale, w_sim = _plan(ref, rng, 8, True, s.weight_bits, s.weight_per_channel, config)
+    inq, codes, w_scale, w_sim = plan_layer(ref, rng, 8, True, s.weight_bits, s.weight_per_channel, config)
     bias = ref.bias.detach().clone() if ref.bias is not None else torch.zeros(w_sim.shape[0])
     if config.bias_correction:
         dist = report.propagation.inputs.get(lp.name) if report.propagation is not None else None
-        dist = dist or _fallback_dist(grid.step.numel(), config.tail)
+        dist = dist or unknown_input_dist(grid.step.numel(), config.tail)
         bias = bias - bias_shift(ref, ref.weight.detach(), w_sim, law_moments(dist)[0], range_effect(dist, rng, 8).mean_q)
     step, zero = _per_channel(inq.scale, grid.step.numel()), _per_channel(inq.zero, grid.step.numel())
     lp.grid = _Grid(step, zero, grid.live.clone())

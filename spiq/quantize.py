@@ -16,7 +16,8 @@ from .fold import EqualizedPair, equalize, fold_batchnorm
 from .graph import QUANTIZABLE, analyse
 from .qlayers import InputQuant, QuantLayer, channel_axis, input_scale_zero, make_weights
 from .ranges import (Dist, Propagation, Range, RangeEffect, broadcast_input, calibrated_range, clip_range, law_moments,
-                     observe, per_input_channel, propagate, range_effect, sigma_range, sorted_samples)
+                     observe, per_input_channel, propagate, range_effect, sigma_range, sorted_samples,
+                     unknown_input_dist)
 from .vit import VitGraph, matmul_sites, tap_attention, vit_graph, vit_laws
 
 # ImageNet normalisation: the assumption when a model comes without its preprocessing.
@@ -227,12 +228,6 @@ def input_bounds_of(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor, str]:
     return -mean / std, (1 - mean) / std, "ImageNet mean/std assumed"
 
 
-def _fallback_dist(channels: int, tail: str) -> Dist:
-    # Unknown producer: assume a unit-variance, zero-mean input, unbounded.
-    inf = torch.full((channels,), float("inf"))
-    return Dist(torch.zeros(channels), torch.ones(channels), -inf, inf, tail=tail)
-
-
 def _in_channels(layer: nn.Module) -> int:
     return layer.in_channels if isinstance(layer, nn.Conv2d) else layer.in_features
 
@@ -245,7 +240,7 @@ def _output_mean(layer: nn.Module, weight: torch.Tensor, x_mean: torch.Tensor) -
     return (weight.sum((2, 3)) * broadcast_input(x_mean, weight, layer.groups)[:, :, 0, 0]).sum(1)
 
 
-def _plan(layer: nn.Module, rng: Range | None, input_bits: int, input_per_channel: bool, weight_bits: int,
+def plan_layer(layer: nn.Module, rng: Range | None, input_bits: int, input_per_channel: bool, weight_bits: int,
           weight_per_channel: bool, config: QuantConfig, memo: Callable | None = None):
     """Input quantizer and weights of one layer: (InputQuant, weight codes, weight scale, float weight)."""
     if rng is not None:
@@ -328,7 +323,7 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data: torch.Tensor | N
         if s.method == "liu-ptq":
             report.layers[name] = _apply_liu(q, name, layer, report.liu.layers[name])
             continue
-        dist = prop.inputs.get(name) or _fallback_dist(_in_channels(layer), config.tail)
+        dist = prop.inputs.get(name) or unknown_input_dist(_in_channels(layer), config.tail)
         rng: Range | None = None
         if s.method in DATA_FREE:
             rng = prepared.data_free_range(name, dist, s.input_bits, s.input_per_channel, config)
@@ -344,14 +339,14 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data: torch.Tensor | N
                    (s.input_bits, config.range_rule, config.clip_penalty, config.n_sigma) if folds else None)
             return lambda make: prepared.cached_weights(key, make)
 
-        inq, codes, w_scale, w_sim = _plan(layer, rng, s.input_bits, s.input_per_channel, s.weight_bits,
+        inq, codes, w_scale, w_sim = plan_layer(layer, rng, s.input_bits, s.input_per_channel, s.weight_bits,
                                            s.weight_per_channel, config, memo(rng, s.input_per_channel))
         if s.method == "spiq" and inq.per_channel and config.fold == "auto":
             # Per-channel input scales cost weight precision once folded. Where the data-free law says
             # the input gain is smaller than that cost (high input bits, low weight bits), one range
             # per tensor is the better static quantizer for this layer.
             rng_t = prepared.data_free_range(name, dist, s.input_bits, False, config)
-            alt = _plan(layer, rng_t, s.input_bits, False, s.weight_bits, s.weight_per_channel, config,
+            alt = plan_layer(layer, rng_t, s.input_bits, False, s.weight_bits, s.weight_per_channel, config,
                         memo(rng_t, False))
             mean_sq = prepared.law_moments(name, dist)[1]
             if _expected_output_error(layer, w_float, alt[3], mean_sq,

@@ -175,6 +175,13 @@ def _moment_layer(mod: nn.Module, d: Dist) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, var.sqrt()
 
 
+def unknown_input_dist(channels: int, tail: str) -> Dist:
+    """The stated default for an input whose producer the analysis cannot model: zero mean, unit
+    variance, unbounded (reported as a fallback wherever it is used)."""
+    inf = torch.full((channels,), float("inf"))
+    return Dist(torch.zeros(channels), torch.ones(channels), -inf, inf, tail=tail)
+
+
 def image_dist(input_lo: torch.Tensor, input_hi: torch.Tensor, tail: str = "t4") -> Dist:
     """The law of the normalised image: pixels taken as uniform between the bounds."""
     lo, hi = input_lo.float(), input_hi.float()
