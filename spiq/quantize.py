@@ -241,7 +241,7 @@ def _output_mean(layer: nn.Module, weight: torch.Tensor, x_mean: torch.Tensor) -
 
 
 def plan_layer(layer: nn.Module, rng: Range | None, input_bits: int, input_per_channel: bool, weight_bits: int,
-          weight_per_channel: bool, config: QuantConfig, memo: Callable | None = None):
+               weight_per_channel: bool, config: QuantConfig, memo: Callable | None = None):
     """Input quantizer and weights of one layer: (InputQuant, weight codes, weight scale, float weight)."""
     if rng is not None:
         scale, zero = input_scale_zero(rng, input_bits)
@@ -340,14 +340,14 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data: torch.Tensor | N
             return lambda make: prepared.cached_weights(key, make)
 
         inq, codes, w_scale, w_sim = plan_layer(layer, rng, s.input_bits, s.input_per_channel, s.weight_bits,
-                                           s.weight_per_channel, config, memo(rng, s.input_per_channel))
+                                                s.weight_per_channel, config, memo(rng, s.input_per_channel))
         if s.method == "spiq" and inq.per_channel and config.fold == "auto":
             # Per-channel input scales cost weight precision once folded. Where the data-free law says
             # the input gain is smaller than that cost (high input bits, low weight bits), one range
             # per tensor is the better static quantizer for this layer.
             rng_t = prepared.data_free_range(name, dist, s.input_bits, False, config)
             alt = plan_layer(layer, rng_t, s.input_bits, False, s.weight_bits, s.weight_per_channel, config,
-                        memo(rng_t, False))
+                             memo(rng_t, False))
             mean_sq = prepared.law_moments(name, dist)[1]
             if _expected_output_error(layer, w_float, alt[3], mean_sq,
                                       prepared.data_free_effect(name, dist, s.input_bits, False, config)) < \
