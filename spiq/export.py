@@ -47,12 +47,14 @@ float32 convolutions, on about 2 %: top-1 parity with a float simulation has tha
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -65,6 +67,9 @@ from .fold import ChannelReLU6
 from .graph import _LeafTracer
 from .qlayers import GridQuant, InputQuant, QuantLayer, fake_quant_input
 from .ranges import Range, broadcast_input, per_input_channel, unknown_input_dist
+
+if TYPE_CHECKING:   # quantize imports this module when a config asks for the int8 graph
+    from .quantize import QuantReport
 
 OPSET = 17
 IR_VERSION = 8            # the IR that goes with opset 17: readable by every ONNX Runtime since 1.13
@@ -1192,6 +1197,18 @@ def int8_simulation(qmodel: nn.Module, report: ExportReport) -> nn.Module:
     return gm.eval()
 
 
+def _report_with_graph_grids(source: QuantReport, report: ExportReport) -> QuantReport:
+    """source's report, but each layer the int8 graph re-quantized shows the shared grid it reads
+    (the views show what the twin computes); source's own report is left as it was."""
+    layers = dict(source.layers)
+    for name in report.requantized:
+        grid, old = report.plan.layers[name].grid, source.layers[name]
+        layers[name] = dataclasses.replace(
+            old, input_bits=8, input_per_channel=True, range=Range(grid.lo.float(), grid.hi.float()),
+            data_free_range_from=f"{old.data_free_range_from}; int8 graph: the residual stream's shared grid")
+    return dataclasses.replace(source, layers=layers)
+
+
 def int8_twin(qmodel: nn.Module, input_size: int | None = None) -> nn.Module:
     """`qmodel` as the int8 graph computes it (`int8_simulation` of the graph `export_onnx` would
     write), as a model of its own: what `quantize` returns for `QuantConfig(int8_graph=True)`.
@@ -1201,6 +1218,8 @@ def int8_twin(qmodel: nn.Module, input_size: int | None = None) -> nn.Module:
     for key, value in vars(qmodel).items():
         if key.startswith("spiq_"):
             setattr(twin, key, value)
+    if getattr(qmodel, "spiq_report", None) is not None:
+        twin.spiq_report = _report_with_graph_grids(qmodel.spiq_report, report)
     object.__setattr__(twin, "spiq_int8_source", qmodel)   # a plain attribute: not one of twin's modules
     for p in twin.parameters():
         p.requires_grad_(False)

@@ -115,6 +115,14 @@ def test_int8_graph_config_simulates_what_onnx_runtime_runs(spiq_w8a8, exported,
     plain = rt.parity(spiq_w8a8, exported.path, x, y)
     par = rt.parity(twin, report.path, x, y)
     assert par.agreement >= plain.agreement and par.logits_sqnr_db > plain.logits_sqnr_db + 2, (par, plain)
+    # its report shows the shared grids its re-quantized layers read; its source's keeps SPIQ's own
+    source = twin.spiq_int8_source.spiq_report
+    assert twin.spiq_report.layers.keys() == source.layers.keys()
+    for name in report.requantized:
+        got, grid, own = twin.spiq_report.layers[name], report.plan.layers[name].grid, source.layers[name].range
+        assert got.input_bits == 8 and got.input_per_channel and "shared grid" in got.data_free_range_from
+        assert torch.equal(got.range.lo, grid.lo.float()) and torch.equal(got.range.hi, grid.hi.float())
+        assert not (torch.allclose(own.lo, got.range.lo) and torch.allclose(own.hi, got.range.hi)), name
     with pytest.raises(spiq.ConfigError, match="int8_graph"):
         spiq.QuantConfig(method="spiq", weight_bits=8, input_bits=4, int8_graph=True)
 
