@@ -50,31 +50,31 @@ def main(argv=None) -> int:
     layers = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     groups = list(dict.fromkeys(group_of(n) for n in layers))
 
-    def sqnr(fields: dict, outside: set[str], calib: torch.Tensor | None = None) -> float:
-        """Logit SQNR with the layers whose group is in `outside` read at 16 bits."""
-        overrides = {n: LayerOverride(input_bits=16) for n in layers if group_of(n) in outside}
-        overrides.update(fields.pop("overrides", {}))
-        cfg = spiq.QuantConfig(weight_bits=args.wbits, input_bits=args.abits, overrides=overrides, **fields)
+    def sqnr(method: str, outside: set[str], own: dict | None = None, calib: torch.Tensor | None = None) -> float:
+        """Logit SQNR with the layers whose group is in `outside` read at 16 bits, `own` overriding others."""
+        overrides = {n: LayerOverride(input_bits=16) for n in layers if group_of(n) in outside} | (own or {})
+        extra = {"calib_images": len(calib)} if calib is not None else {}
+        cfg = spiq.QuantConfig(method=method, weight_bits=args.wbits, input_bits=args.abits, overrides=overrides, **extra)
         return mean_logit_sqnr_db(fp, logits(spiq.quantize(model, cfg, calib_data=calib), images))
 
     rows = []
     cases = [(g, set(groups) - {g}) for g in groups] + [("all but the stem", {"stem"}), ("all", set())]
     for label, outside in tqdm(cases, desc="groups"):
-        cells = {m: sqnr({"method": m}, outside) for m in METHODS}
+        cells = {m: sqnr(m, outside) for m in METHODS}
         rows.append({"group": label, **cells})
         tqdm.write(f"{label:18s} " + "  ".join(f"{m} {v:5.2f}" for m, v in cells.items()))
     calib = images[:200]
     ceiling = {}
     for g in ("expansion", "projection"):
         own = {n: LayerOverride(method="calib-mse", input_granularity="channel") for n in layers if group_of(n) == g}
-        ceiling[g] = sqnr({"method": "spiq", "calib_images": len(calib), "overrides": own}, set(groups) - {g}, calib)
+        ceiling[g] = sqnr("spiq", set(groups) - {g}, own, calib)
 
     bits = f"W{args.wbits}A{args.abits}"
     md = [f"Logit SQNR (dB) against the float model, {len(images)} images, only one group's inputs at "
           f"{args.abits} bits (the rest at 16), {args.wbits}-bit weights:", "",
           "| inputs quantized | " + " | ".join(METHODS) + " |", "|---|" + "---|" * len(METHODS)]
     md += [f"| {r['group']} | " + " | ".join(f"{r[m]:.2f}" for m in METHODS) + " |" for r in rows]
-    md += ["", "Static per-channel ceiling (MSE ranges calibrated on 200 of the scored images): "
+    md += ["", f"Static per-channel ceiling (MSE ranges calibrated on {len(calib)} of the scored images): "
            + ", ".join(f"{g} {v:.2f} dB" for g, v in ceiling.items()) + "."]
     text = "\n".join(md) + "\n"
     print(text)

@@ -47,12 +47,11 @@ float32 convolutions, on about 2 %: top-1 parity with a float simulation has tha
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import os
 import tempfile
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -1198,15 +1197,16 @@ def int8_simulation(qmodel: nn.Module, report: ExportReport) -> nn.Module:
 
 
 def _report_with_graph_grids(source: QuantReport, report: ExportReport) -> QuantReport:
-    """source's report, but each layer the int8 graph re-quantized shows the shared grid it reads
-    (the views show what the twin computes); source's own report is left as it was."""
+    """source's report, but each layer the int8 graph re-quantized gives the shared grid it reads,
+    so what reads a layer's range (the per-layer breakdown's clipping) sees the twin's; source's
+    own report is left as it was."""
     layers = dict(source.layers)
     for name in report.requantized:
         grid, old = report.plan.layers[name].grid, source.layers[name]
-        layers[name] = dataclasses.replace(
+        layers[name] = replace(
             old, input_bits=8, input_per_channel=True, range=Range(grid.lo.float(), grid.hi.float()),
             data_free_range_from=f"{old.data_free_range_from}; int8 graph: the residual stream's shared grid")
-    return dataclasses.replace(source, layers=layers)
+    return replace(source, layers=layers)
 
 
 def int8_twin(qmodel: nn.Module, input_size: int | None = None) -> nn.Module:
