@@ -301,3 +301,38 @@ def test_transformer_liu_ptq_and_attention_maps(app):
     # a CNN takes no liu-ptq: switching back drops it from the choices
     out = client.predict(module.DEFAULT_MODEL, "liu-ptq", 6, 6, "channel", "method default", api_name="/select_model")
     assert out[0] == module.DEFAULT_MODEL and out[3] == "spiq" and '"method": "spiq"' in out[2]
+
+
+class _ProgressRecorder:
+    """Stands in for gr.Progress: what a handler would show in the browser's progress bar."""
+
+    def __init__(self):
+        self.updates: list[tuple[float, str]] = []
+
+    def __call__(self, fraction, desc=None, **_):
+        self.updates.append((float(fraction), desc))
+
+
+def test_long_handlers_report_progress(app):
+    from spiq.config import QuantConfig
+    from spiq.data import open_image
+    from spiq.quantize import quantizable_layers
+
+    module, _ = app
+    cat = open_image(str(ROOT / "assets" / "cat.jpg"))
+    # bits no other test applies, so the quantization really runs instead of coming from the cache
+    bar = _ProgressRecorder()
+    applied = module.apply(module.DEFAULT_MODEL, QuantConfig().to_json(), "spiq", 7, 3, "channel", "method default",
+                           None, cat, progress=bar)[0]
+    fractions = [f for f, _ in bar.updates]
+    assert fractions == sorted(fractions) and fractions[0] == 0 and fractions[-1] == 1.0
+    layers = [d for _, d in bar.updates if d.startswith("quantizing ")]
+    names = quantizable_layers(module.CACHE.load(module.DEFAULT_MODEL).model)
+    assert len(layers) >= 5 and {d.split()[1] for d in layers} <= set(names)
+    assert len(bar.updates) <= 13   # throttled: every update is a message to the browser
+
+    bar = _ProgressRecorder()
+    out = module.refresh(module.DEFAULT_MODEL, applied, cat, None, None, None, "grad-cam", None, progress=bar)
+    assert [d for _, d in bar.updates] == ["quantizing", "story", "channel ranges", "layer error", "error map",
+                                           "attribution", "attention", "all methods"]
+    assert '"input_bits": 3' in out[-1]

@@ -55,18 +55,24 @@ def _plot_traces(page, elem_id: str) -> int:
                                       "el.querySelectorAll('.trace, .hm, image').length")
 
 
-def test_app_in_chromium(app_url, tmp_path):
+def _open_app(p, url: str, problems: list, args=(), permissions=()):
+    """Chromium on the app's page, its console errors collected in `problems`."""
     if not Path(CHROMIUM).exists():
         pytest.fail(f"Chromium not found at {CHROMIUM}: apt-get install chromium (or set SPIQ_CHROMIUM)")
+    browser = p.chromium.launch(executable_path=CHROMIUM,
+                                args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", *args])
+    page = browser.new_context(viewport={"width": 1400, "height": 1000}, permissions=list(permissions)).new_page()
+    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    page.goto(url, wait_until="domcontentloaded")
+    page.wait_for_selector("#pred-plot .js-plotly-plot", timeout=90_000)
+    return browser, page
+
+
+def test_app_in_chromium(app_url, tmp_path):
     problems = []
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM,
-                                    args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
-        page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-        page.goto(app_url, wait_until="domcontentloaded")
-        page.wait_for_selector("#pred-plot .js-plotly-plot", timeout=90_000)
+        browser, page = _open_app(p, app_url, problems)
 
         # pick an example: the coffee cup
         page.locator("img[src*='coffee']").first.click()
@@ -101,5 +107,39 @@ def test_app_in_chromium(app_url, tmp_path):
         shot = Path(os.environ.get("SPIQ_SCREENSHOT_DIR", tmp_path)) / "app.png"
         page.screenshot(path=str(shot), full_page=True)
         assert shot.stat().st_size > 10_000
+        browser.close()
+    assert not problems, "\n".join(problems)
+
+
+def test_webcam_and_clipboard_images_reach_the_models(app_url):
+    """The image's other two sources: Chromium's fake camera, and a PNG pasted from the clipboard."""
+    problems = []
+    with sync_api.sync_playwright() as p:
+        browser, page = _open_app(p, app_url, problems, permissions=["camera", "clipboard-read", "clipboard-write"],
+                                  args=["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"])
+        page.wait_for_function("document.querySelector('#pred-text').innerText.includes('logit SQNR')", timeout=60_000)
+        example = page.inner_text("#pred-text")
+        assert "espresso" not in example   # the first example is the cat
+
+        page.click("#image button[aria-label='Capture from camera']")
+        page.click("#image [title='grant webcam access'] button")
+        page.wait_for_function("document.querySelector('#image video').videoWidth > 0", timeout=30_000)
+        frame_width = page.eval_on_selector("#image video", "v => v.videoWidth")
+        page.click("#image button[aria-label='capture photo']")
+        page.wait_for_function(f"(t => t.includes('logit SQNR') && t !== {example!r})"
+                               "(document.querySelector('#pred-text').innerText)", timeout=60_000)
+        # the models saw the captured frame itself, not the example left underneath
+        assert page.eval_on_selector("#image img[src*='/file=']", "i => i.naturalWidth") == frame_width
+
+        # a copied image: the coffee example drawn to PNG and put on the clipboard, then pasted
+        page.evaluate("""async () => {
+            const img = document.querySelector("img[src*='coffee']");
+            const canvas = Object.assign(document.createElement('canvas'), {width: img.naturalWidth, height: img.naturalHeight});
+            canvas.getContext('2d').drawImage(img, 0, 0);
+            const png = await new Promise(resolve => canvas.toBlob(resolve, 'image/png'));
+            await navigator.clipboard.write([new ClipboardItem({'image/png': png})]);
+        }""")
+        page.click("#image button[aria-label='Paste from clipboard']")
+        page.wait_for_function("document.querySelector('#pred-text').innerText.includes('espresso')", timeout=60_000)
         browser.close()
     assert not problems, "\n".join(problems)
