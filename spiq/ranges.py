@@ -120,7 +120,7 @@ def _act_bounds(mod_or_fn, lo, hi):
     return low, torch.maximum(a, b)
 
 
-_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.GELU, nn.Sigmoid, nn.Hardsigmoid,
+ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.GELU, nn.Sigmoid, nn.Hardsigmoid,
                 nn.Tanh, nn.LeakyReLU, ChannelReLU6)
 
 
@@ -232,7 +232,7 @@ def propagate(graph: ModelGraph, bn_stats: dict[str, BNStats], input_lo: torch.T
             src = arg(node.args[0]) if node.args else None
             inner = [m for m in (mod if isinstance(mod, nn.Sequential) else [mod])
                      if not isinstance(m, (nn.Identity, nn.Dropout))]
-            if src is not None and all(isinstance(m, _ACTIVATIONS) for m in inner):
+            if src is not None and all(isinstance(m, ACTIVATIONS) for m in inner):
                 d = src
                 for act in inner:
                     act = act.on_channels if isinstance(act, ChannelReLU6) else act   # laws are (C, K)

@@ -33,6 +33,9 @@ def test_round_trip_with_every_field_and_overrides():
     ("input_granularity", "row", "input_granularity must be one of"),
     ("tail", "cauchy", "tail must be one of"),
     ("equalize", "yes", "equalize must be true or false"),
+    ("bias_images", -1, "bias_images must be an integer from 0 to 256"),
+    ("bias_images", True, "bias_images must be an integer"),
+    ("bias_images", 8.0, "bias_images must be an integer"),
 ])
 def test_bad_fields_are_named(field, value, words):
     with pytest.raises(ConfigError, match=words):
@@ -59,3 +62,8 @@ def test_layer_settings_follow_overrides():
     assert not cfg.for_layer("a").input_per_channel  # a method's own granularity comes with it
     b = cfg.for_layer("b")
     assert b.method == "spiq" and b.input_bits == 8 and not b.input_per_channel
+
+
+def test_bias_images_and_the_int8_graph_are_refused_together():
+    with pytest.raises(ConfigError, match="bias_images and int8_graph"):
+        QuantConfig(int8_graph=True, bias_images=8)

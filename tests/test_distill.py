@@ -1,0 +1,97 @@
+"""Images distilled from BatchNorm statistics, and the bias correction fitted on them."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import spiq
+from spiq import distill
+from spiq.cache import parameter_checksum
+from spiq.evaluate import mean_logit_sqnr_db
+from spiq.graph import analyse
+from spiq.quantize import activated_layers, input_bounds_of, quantizable_layers
+
+
+def _bn_gap(model: nn.Module, x: torch.Tensor) -> float:
+    """Sum over BatchNorms of the RMS gap between batch and running mean and variance."""
+    gaps = []
+
+    def hook(bn, args, _out):
+        a = args[0]
+        gaps.append(float((a.mean((0, 2, 3)) - bn.running_mean).pow(2).mean().sqrt()
+                          + (a.var((0, 2, 3), unbiased=False) - bn.running_var).pow(2).mean().sqrt()))
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    return sum(gaps)
+
+
+def test_distilled_images_take_on_the_batchnorm_statistics(lite0):
+    lo, hi, _ = input_bounds_of(lite0)
+    before = parameter_checksum(lite0)
+    start = distill.distill_images(lite0, 2, lo, hi, steps=0)
+    x = distill.distill_images(lite0, 2, lo, hi, steps=30)
+    assert parameter_checksum(lite0) == before and lite0.training is False
+    assert x.shape == (2, 3, 224, 224) and not x.requires_grad
+    assert (x >= lo.view(1, -1, 1, 1)).all() and (x <= hi.view(1, -1, 1, 1)).all()
+    assert _bn_gap(lite0, x) < 0.5 * _bn_gap(lite0, start)
+    assert torch.equal(x, distill.distill_images(lite0, 2, lo, hi, steps=30))   # seeded
+
+
+def test_distilled_images_are_cached_on_disk(lite0, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPIQ_CACHE", str(tmp_path))
+    lo, hi, _ = input_bounds_of(lite0)
+    first = distill.distilled_images(lite0, 1, lo, hi, steps=3)
+    (path,) = (tmp_path / "distilled").glob("*.pt")
+
+    def no_distilling(*_a, **_k):
+        raise AssertionError("distilled again instead of read from the cache")
+    with monkeypatch.context() as m:
+        m.setattr(distill, "distill_images", no_distilling)
+        assert torch.equal(distill.distilled_images(lite0, 1, lo, hi, steps=3), first)
+    # another model (one weight changed) gets its own images
+    other = copy.deepcopy(lite0)
+    with torch.no_grad():
+        other.conv_stem.weight[0, 0, 0, 0] += 1.0
+    distill.distilled_images(other, 1, lo, hi, steps=3)
+    assert len(list((tmp_path / "distilled").glob("*.pt"))) == 2
+    # a damaged cache file is made again, not trusted
+    path.write_bytes(b"not a tensor")
+    assert torch.equal(distill.distilled_images(lite0, 1, lo, hi, steps=3), first)
+
+
+def test_activated_layers_are_those_before_an_activation(lite0):
+    folded = spiq.quantize(lite0, spiq.QuantConfig()).spiq_report.reference
+    acts = activated_layers(analyse(folded))
+    assert set(acts) == {n for n in quantizable_layers(lite0)
+                         if n.endswith(("conv_stem", "conv_dw", "conv_head")) or
+                         (n.endswith("conv_pw") and not n.startswith("blocks.0."))}
+    assert all(isinstance(a, nn.ReLU6) for a in acts.values())
+
+
+def test_bias_fit_on_distilled_images_lowers_the_error_on_real_images(lite0, subset):
+    x, _, _ = subset
+    with torch.no_grad():
+        fp = lite0(x)
+    law = spiq.quantize(lite0, spiq.QuantConfig(weight_bits=8, input_bits=5))
+    fitted = spiq.quantize(lite0, spiq.QuantConfig(weight_bits=8, input_bits=5, bias_images=8))
+    with torch.no_grad():
+        gain = mean_logit_sqnr_db(fp, fitted(x)) - mean_logit_sqnr_db(fp, law(x))
+    assert gain > 0.2, f"the distilled bias fit gained only {gain:.2f} dB of logit SQNR on real images"
+    acts = activated_layers(analyse(law.spiq_report.reference))
+    for name in quantizable_layers(lite0):
+        same = torch.equal(law.get_submodule(name).layer.bias, fitted.get_submodule(name).layer.bias)
+        assert same == (name not in acts), name   # residual branches and logits keep the law's bias
+
+
+def test_bias_images_without_batchnorm_fall_back_and_say_so(vit):
+    q = spiq.quantize(vit, spiq.QuantConfig(method="static-tensor", bias_images=4))
+    assert "BatchNorm" in q.spiq_report.fallbacks["<bias_images>"]
+
+
+def test_a_model_without_batchnorm_cannot_be_distilled(vit):
+    with pytest.raises(ValueError, match="no BatchNorm2d"):
+        distill.distill_images(vit, 1, torch.zeros(3), torch.ones(3), steps=1)
