@@ -11,6 +11,7 @@ result is cached on disk per model (a checksum of its weights) and per setting.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 from pathlib import Path
@@ -41,8 +42,6 @@ def distill_images(model: nn.Module, n: int, input_lo: torch.Tensor, input_hi: t
     """
     if not has_batchnorm(model):
         raise ValueError(f"{type(model).__name__} has no BatchNorm2d to distill images from")
-    import copy
-
     net = copy.deepcopy(model).eval()
     for p in net.parameters():
         p.requires_grad_(False)
@@ -95,8 +94,11 @@ def distilled_images(model: nn.Module, n: int, input_lo: torch.Tensor, input_hi:
         except Exception:   # a truncated or foreign file: made again below
             pass
     x = distill_images(model, n, input_lo, input_hi, size, steps, progress=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    torch.save(x, tmp)
-    tmp.replace(path)   # atomic: a concurrent reader sees the whole file or none
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        torch.save(x, tmp)
+        tmp.replace(path)   # atomic: a concurrent reader sees the whole file or none
+    except OSError:   # a read-only home: the images still serve this process
+        pass
     return x

@@ -325,7 +325,7 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data: torch.Tensor | N
     if config.bias_images:
         if vit is None and has_batchnorm(model):
             fit_biases_on = prepared.distilled_images(config.bias_images, progress)
-            searched = 0.9 if progress is not None else 0.0
+            searched = 0.9   # of the progress bar: distilling, when the images are not cached yet
         else:
             report.fallbacks["<bias_images>"] = "no BatchNorm to distill images from: law bias correction only"
     if "liu-ptq" in used:

@@ -121,7 +121,7 @@ def _act_bounds(mod_or_fn, lo, hi):
 
 
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.GELU, nn.Sigmoid, nn.Hardsigmoid,
-                nn.Tanh, nn.LeakyReLU, ChannelReLU6)
+               nn.Tanh, nn.LeakyReLU, ChannelReLU6)
 
 
 @dataclass
