@@ -31,14 +31,20 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
 
 
+def batchnorm_gap(bn: nn.BatchNorm2d, a: torch.Tensor) -> torch.Tensor:
+    """How far a batch `a` entering `bn` is from its running statistics: the RMS over channels of
+    the gap in mean plus that in variance, so each layer weighs the same whatever its width."""
+    return ((a.mean((0, 2, 3)) - bn.running_mean).pow(2).mean().sqrt()
+            + (a.var((0, 2, 3), unbiased=False) - bn.running_var).pow(2).mean().sqrt())
+
+
 def distill_images(model: nn.Module, n: int, input_lo: torch.Tensor, input_hi: torch.Tensor, size: int = 224,
                    steps: int = STEPS, seed: int = 0,
                    progress: Callable[[float, str], None] | None = None) -> torch.Tensor:
     """n images (n, 3, size, size) whose BatchNorm batch statistics match the running ones.
 
     `model` is run on a private copy (its BatchNorms in eval mode), so the shared model is never
-    touched. The loss per BN is the RMS gap of the mean and of the variance over channels: each
-    layer weighs the same whatever its width.
+    touched. The loss is the sum of `batchnorm_gap` over every BN.
     """
     if not has_batchnorm(model):
         raise ValueError(f"{type(model).__name__} has no BatchNorm2d to distill images from")
@@ -53,9 +59,7 @@ def distill_images(model: nn.Module, n: int, input_lo: torch.Tensor, input_hi: t
     gaps: list[torch.Tensor] = []
 
     def hook(bn, args, _out):
-        a = args[0]
-        mean, var = a.mean((0, 2, 3)), a.var((0, 2, 3), unbiased=False)
-        gaps.append((mean - bn.running_mean).pow(2).mean().sqrt() + (var - bn.running_var).pow(2).mean().sqrt())
+        gaps.append(batchnorm_gap(bn, args[0]))
 
     handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
     opt = torch.optim.Adam([x], lr=0.05)

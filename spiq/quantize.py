@@ -82,6 +82,7 @@ class Prepared:
     calibrated: dict = field(default_factory=dict, repr=False)   # ranges from `calibrated_on`'s images
     calibrated_on: tuple | None = field(default=None, repr=False)
     distilled: dict = field(default_factory=dict, repr=False)   # bias_images -> images distilled from BN
+    activations: dict | None = field(default=None, repr=False)   # activated_layers of `folded`, once
 
     def cached_weights(self, key, make):
         """Quantized weights of one layer for one setting, made once (methods share unfolded weights)."""
@@ -393,7 +394,9 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data: torch.Tensor | N
     for site, owner in sites.items():
         _quantize_matmul(q.get_submodule(site), site, settings[owner], prepared, config, observed, report.liu)
     if fit_biases_on is not None:
-        fit_biases(q, prepared.folded, fit_biases_on, activated_layers(analyse(prepared.folded)))
+        if prepared.activations is None:
+            prepared.activations = activated_layers(analyse(prepared.folded))
+        fit_biases(q, prepared.folded, fit_biases_on, prepared.activations)
     if progress is not None:
         progress(1.0, "done")
     q.spiq_report = report

@@ -14,13 +14,11 @@ from spiq.quantize import activated_layers, input_bounds_of, quantizable_layers
 
 
 def _bn_gap(model: nn.Module, x: torch.Tensor) -> float:
-    """Sum over BatchNorms of the RMS gap between batch and running mean and variance."""
+    """Sum over BatchNorms of how far the batch is from their running statistics."""
     gaps = []
 
     def hook(bn, args, _out):
-        a = args[0]
-        gaps.append(float((a.mean((0, 2, 3)) - bn.running_mean).pow(2).mean().sqrt()
-                          + (a.var((0, 2, 3), unbiased=False) - bn.running_var).pow(2).mean().sqrt()))
+        gaps.append(float(distill.batchnorm_gap(bn, args[0])))
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     with torch.no_grad():
         model(x)
