@@ -104,22 +104,25 @@ def unavailable_note() -> str:
 
 def _controls(config: QuantConfig):
     return (config.method, config.weight_bits, config.input_bits, config.weight_granularity,
-            config.input_granularity or "method default")
+            config.input_granularity or "method default", config.bias_images != 0)
 
 
-def _config_from_controls(applied: str, method, wbits, abits, wgran, igran, rows) -> QuantConfig:
+def _config_from_controls(applied: str, method, wbits, abits, wgran, igran, bias_fit, rows) -> QuantConfig:
     previous = QuantConfig.from_json(applied)
     # Table rows show what the applied config gave each layer: rows that differ are the user's edits.
     edits = views.config_from_rows(previous, rows).overrides if rows else previous.overrides
     # Settings without a control (an uploaded recipe's clipping, tails, equalization...) stay as
     # they were; liu-ptq's mixed precision only while the method is liu-ptq.
+    # The box switches the bias fit off, or back on with the recipe's own image count (or automatic).
+    bias_images = (previous.bias_images or None) if bias_fit else 0
     return previous.replace(method=method, weight_bits=int(wbits), input_bits=int(abits), weight_granularity=wgran,
-                            input_granularity=None if igran == "method default" else igran, overrides=dict(edits),
+                            input_granularity=None if igran == "method default" else igran, bias_images=bias_images,
+                            overrides=dict(edits),
                             mixed_precision=previous.mixed_precision if method == "liu-ptq" else None)
 
 
 @user_errors
-def select_model(name, applied_model, method, wbits, abits, wgran, igran, progress=gr.Progress()):
+def select_model(name, applied_model, method, wbits, abits, wgran, igran, bias_fit, progress=gr.Progress()):
     problem = availability(name)
     if problem is not None:
         gr.Warning(f"{name} cannot be used here: {problem}")
@@ -129,14 +132,14 @@ def select_model(name, applied_model, method, wbits, abits, wgran, igran, progre
     # the controls carry over (but a method the model cannot take); per-layer overrides belong to
     # the previous model's layers
     method = method if method in methods_for(loaded.model) else QuantConfig().method
-    config = _config_from_controls(QuantConfig().to_json(), method, wbits, abits, wgran, igran, None)
+    config = _config_from_controls(QuantConfig().to_json(), method, wbits, abits, wgran, igran, bias_fit, None)
     return (name, name, views.layer_rows(loaded.model, config), config.to_json(),
             f"Loaded **{name}** with `{config.to_json()}`.", method)
 
 
 @user_errors
-def apply(model_name, applied, method, wbits, abits, wgran, igran, rows, image, progress=gr.Progress()):
-    config = _config_from_controls(applied, method, wbits, abits, wgran, igran, rows)
+def apply(model_name, applied, method, wbits, abits, wgran, igran, bias_fit, rows, image, progress=gr.Progress()):
+    config = _config_from_controls(applied, method, wbits, abits, wgran, igran, bias_fit, rows)
     loaded = CACHE.load(model_name)
     progress(0, desc="quantizing")
     CACHE.quantized(model_name, config, _progress(progress))
@@ -305,6 +308,10 @@ def build() -> gr.Blocks:
                     wgran = gr.Radio(["channel", "tensor"], value="channel", label="Weight granularity")
                     igran = gr.Radio(["method default", "channel", "tensor"], value="method default",
                                      label="Input granularity")
+                bias_fit = gr.Checkbox(value=True, label="Bias fit on distilled images", elem_id="bias-fit",
+                                       info="sequential bias correction on images distilled from the BatchNorm "
+                                            "statistics (data-free); the first use of a model distills them, "
+                                            "which takes minutes (the default model's come ready)")
                 apply_btn = gr.Button("Apply", variant="primary", elem_id="apply")
                 status = gr.Markdown(elem_id="status")
             with gr.Column(scale=3):
@@ -372,11 +379,12 @@ def build() -> gr.Blocks:
         assert len(views_out) == VIEW_OUTPUTS
         refresh_in = [applied_model, applied, image, range_layer, map_layer, channel, attr_method, block]
 
-        model.change(select_model, [model, applied_model, method, wbits, abits, wgran, igran],
+        controls = [method, wbits, abits, wgran, igran, bias_fit]
+        model.change(select_model, [model, applied_model, *controls],
                      [applied_model, model, table, applied, status, method], api_name="select_model"
                      ).success(predict, [applied_model, applied, image], [pred_plot, pred_text], api_name=False
                                ).success(refresh, refresh_in, views_out, api_name=False)
-        apply_btn.click(apply, [applied_model, applied, method, wbits, abits, wgran, igran, table, image],
+        apply_btn.click(apply, [applied_model, applied, *controls, table, image],
                         [applied, table, recipe, download, status, pred_plot, pred_text], api_name="apply"
                         ).success(refresh, refresh_in, views_out, api_name="refresh")
         image.change(predict, [applied_model, applied, image], [pred_plot, pred_text], api_name="predict"
@@ -392,9 +400,9 @@ def build() -> gr.Blocks:
         deploy_btn.click(show_deploy, [applied_model, applied, image], [latency_plot, parity_plot, deploy_text, onnx_file],
                          api_name="deploy")
         # An uploaded recipe replaces the controls and the table, then is applied like a click on Apply.
-        upload.upload(load_recipe, [upload, applied_model], [method, wbits, abits, wgran, igran, table, applied],
+        upload.upload(load_recipe, [upload, applied_model], [*controls, table, applied],
                       api_name="load_recipe"
-                      ).success(apply, [applied_model, applied, method, wbits, abits, wgran, igran, table, image],
+                      ).success(apply, [applied_model, applied, *controls, table, image],
                                 [applied, table, recipe, download, status, pred_plot, pred_text], api_name=False
                                 ).success(refresh, refresh_in, views_out, api_name=False)
         demo.load(predict, [applied_model, applied, image], [pred_plot, pred_text], api_name=False

@@ -95,7 +95,7 @@ def _measure(client, handle_file, pid: int, t_cold: float, args) -> int:
 
     def apply(method, w, a):
         start = time.perf_counter()
-        client.predict(method, w, a, "channel", "method default", table, cat, api_name="/apply")
+        client.predict(method, w, a, "channel", "method default", True, table, cat, api_name="/apply")
         return time.perf_counter() - start
 
     apply("spiq", 8, 8)

@@ -7,6 +7,7 @@ activations. On a 2-core machine nothing is lost by running one computation at a
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import threading
@@ -20,7 +21,7 @@ from torch import nn
 
 from .config import QuantConfig
 from .data import IMAGE_EXTENSIONS, Preprocess, load_batch
-from .quantize import Prepared, prepare, prepared_key, quantize
+from .quantize import Prepared, bias_images_for, prepare, prepared_key, quantize
 from .registry import load_model
 
 
@@ -56,6 +57,7 @@ class ModelCache:
         self._quantized: OrderedDict[tuple[str, str], nn.Module] = OrderedDict()
         self._derived: dict[tuple, object] = {}   # image-independent analyses of the cached models
         self._calib: dict[str, torch.Tensor] = {}
+        self._distilling: dict[str, threading.Lock] = {}
 
     def load(self, name: str) -> Loaded:
         with self.lock:
@@ -109,9 +111,16 @@ class ModelCache:
             if key in self._quantized:
                 self._quantized.move_to_end(key)
                 return self._quantized[key]
+        report = progress
+        if self.distill(name, config, progress) and progress is not None:
+            def report(f, what):
+                progress(0.9 + 0.1 * f, what)
+        with self.lock:
+            if key in self._quantized:   # made by another request meanwhile
+                return self._quantized[key]
             loaded = self.load(name)
             calib = self.calibration(name) if config.needs_calibration else None
-            q = quantize(loaded.model, config, calib_data=calib, progress=progress,
+            q = quantize(loaded.model, config, calib_data=calib, progress=report,
                          prepared=self.prepared(name, config))
             for p in q.parameters():
                 p.requires_grad_(False)
@@ -120,6 +129,26 @@ class ModelCache:
                 gone, _ = self._quantized.popitem(last=False)
                 self._derived = {k: v for k, v in self._derived.items() if k[:2] != gone}
             return q
+
+    def distill(self, name: str, config: QuantConfig, progress: Callable[[float, str], None] | None = None) -> bool:
+        """Make the images config's bias fit needs, if they are not ready, without the shared lock:
+        minutes for a model whose images neither ship nor are cached, during which other models'
+        requests go on (distilling runs a private copy). Requests for the same model wait for one
+        distillation. Whether it distilled (progress went to 0.9)."""
+        loaded = self.load(name)
+        n = bias_images_for(config, loaded.model)
+        if not n:
+            return False
+        prepared = self.prepared(name, config)
+        with self.lock:
+            model_lock = self._distilling.setdefault(name, threading.Lock())
+        with model_lock:
+            if prepared.images_ready(n):
+                return False
+            with self.lock:   # copied while no request has hooks on the shared model
+                private = copy.deepcopy(loaded.model)
+            prepared.distilled_images(n, progress, copy_of_source=private)
+            return True
 
     def derived(self, name: str, config: QuantConfig, what: str, compute: Callable[[], object]):
         """A result that depends only on (model, config), computed once while that model is cached."""

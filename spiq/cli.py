@@ -1,4 +1,5 @@
-"""The `spiq` command: list models, evaluate a method on labelled images, export int8 ONNX."""
+"""The `spiq` command: list models, evaluate a method on labelled images, export int8 ONNX, distill
+the images the bias fit needs ahead of time."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .config import METHODS, ConfigError, QuantConfig
+from .config import AUTO_BIAS_IMAGES, METHODS, ConfigError, QuantConfig
 from .data import DatasetError
 from .export import ExportError
 from .memory import keep_freed_memory
@@ -139,6 +140,36 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_distill(args) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from .distill import has_batchnorm, image_key
+    from .quantize import prepare
+    from .registry import load_model
+
+    if not 1 <= args.images <= 256:
+        raise ConfigError(f"--images must be from 1 to 256, got {args.images}")
+    model, _, _ = load_model(args.model)
+    if not has_batchnorm(model):
+        raise ConfigError(f"{args.model} has no BatchNorm statistics to distill images from")
+    prepared = prepare(model)
+    with tqdm(total=100, desc=f"distilling {args.images} images from {args.model}", unit="%", file=sys.stderr) as bar:
+        def progress(frac, _msg):
+            bar.update(round(frac / 0.9 * 100) - bar.n)
+        images = prepared.distilled_images(args.images, progress)
+        bar.update(100 - bar.n)
+    if args.out:
+        # float16 halves what ships; the images are the same to 1e-3 of their range
+        path = Path(args.out) / f"{image_key(model, args.images, *prepared.distill_bounds())}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(images.half(), path)
+        print(f"wrote {path}")
+    else:
+        print(f"{args.images} images for {args.model} are in the cache")
+    return 0
+
+
 def _bits(text: str) -> int:
     try:
         return int(text)
@@ -181,6 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--limit", type=int, help="with --check: only the first N images")
     x.add_argument("--json", help="write what was exported (and the check) as JSON here")
     x.set_defaults(func=_cmd_export)
+
+    d = sub.add_parser("distill", help="distill the images the bias fit (bias_images) needs, once per model")
+    d.add_argument("--model", required=True, help="a name from `spiq models`")
+    d.add_argument("--images", type=int, default=AUTO_BIAS_IMAGES,
+                   help=f"how many images (default {AUTO_BIAS_IMAGES}: what bias_images=null uses)")
+    d.add_argument("--out", help="also write them to this folder, in float16 (how spiq/distilled/ ships them)")
+    d.set_defaults(func=_cmd_distill)
     return p
 
 

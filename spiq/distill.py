@@ -7,7 +7,9 @@ passes through the network, which the laws of `ranges` cannot give: the sequenti
 correction of `quantize` (`QuantConfig.bias_images`).
 
 Distilling is slow on a CPU (about 20 s per image for EfficientNet-Lite0 on 2 cores), so the
-result is cached on disk per model (a checksum of its weights) and per setting.
+result is cached on disk per model (a checksum of its weights) and per setting. The default
+model's images ship with the package (`spiq/distilled/`, float16), so its first quantization does
+not pay for them.
 """
 from __future__ import annotations
 
@@ -21,6 +23,9 @@ import torch
 from torch import nn
 
 STEPS = 300
+
+
+SHIPPED = Path(__file__).parent / "distilled"
 
 
 def cache_dir() -> Path:
@@ -82,21 +87,36 @@ def distill_images(model: nn.Module, n: int, input_lo: torch.Tensor, input_hi: t
     return x.detach()
 
 
+def image_key(model: nn.Module, n: int, input_lo: torch.Tensor, input_hi: torch.Tensor, size: int = 224,
+              steps: int = STEPS) -> str:
+    """The file name (without .pt) of these images in the cache and among the shipped ones."""
+    from .cache import parameter_checksum
+
+    return hashlib.sha256(f"{parameter_checksum(model)} {n} {size} {steps} "
+                          f"{input_lo.tolist()} {input_hi.tolist()}".encode()).hexdigest()[:24]
+
+
+def find_distilled(model: nn.Module, n: int, input_lo: torch.Tensor, input_hi: torch.Tensor, size: int = 224,
+                   steps: int = STEPS) -> torch.Tensor | None:
+    """These images if the package ships them or the cache holds them, else None."""
+    key = image_key(model, n, input_lo, input_hi, size, steps)
+    for known in (SHIPPED / f"{key}.pt", cache_dir() / f"{key}.pt"):
+        try:
+            x = torch.load(known, weights_only=True)
+            if isinstance(x, torch.Tensor) and x.shape == (n, input_lo.numel(), size, size):
+                return x.float()
+        except Exception:   # absent, truncated or foreign: not there
+            pass
+    return None
+
+
 def distilled_images(model: nn.Module, n: int, input_lo: torch.Tensor, input_hi: torch.Tensor, size: int = 224,
                      steps: int = STEPS, progress: Callable[[float, str], None] | None = None) -> torch.Tensor:
     """`distill_images`, made once per model and setting and then read from the disk cache."""
-    from .cache import parameter_checksum
-
-    key = hashlib.sha256(f"{parameter_checksum(model)} {n} {size} {steps} "
-                         f"{input_lo.tolist()} {input_hi.tolist()}".encode()).hexdigest()[:24]
-    path = cache_dir() / f"{key}.pt"
-    if path.exists():
-        try:
-            x = torch.load(path, weights_only=True)
-            if isinstance(x, torch.Tensor) and x.shape == (n, input_lo.numel(), size, size):
-                return x.float()
-        except Exception:   # a truncated or foreign file: made again below
-            pass
+    x = find_distilled(model, n, input_lo, input_hi, size, steps)
+    if x is not None:
+        return x
+    path = cache_dir() / f"{image_key(model, n, input_lo, input_hi, size, steps)}.pt"
     x = distill_images(model, n, input_lo, input_hi, size, steps, progress=progress)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -408,6 +408,10 @@ def _requantize(qmodel: nn.Module, lp: _LayerPlan, grid: _Grid) -> None:
         dist = report.propagation.inputs.get(lp.name) if report.propagation is not None else None
         dist = dist or unknown_input_dist(grid.step.numel(), config.tail)
         bias = bias - bias_shift(ref, ref.weight.detach(), w_sim, law_moments(dist)[0], range_effect(dist, rng, 8).mean_q)
+    if report is not None and lp.name in report.bias_fit:
+        # what bias_images fitted is mostly the mean error the layers before left, which does not
+        # depend on the grid this layer reads
+        bias = bias - report.bias_fit[lp.name]
     step, zero = _per_channel(inq.scale, grid.step.numel()), _per_channel(inq.zero, grid.step.numel())
     lp.grid = _Grid(step, zero, grid.live.clone())
     lp.codes, lp.wscale = codes.double(), _per_channel(w_scale, w_sim.shape[0])

@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from . import liu
-from .config import CALIBRATED, DATA_FREE, METHODS, NEEDS_CALIBRATION, TRANSFORMER_ONLY, ConfigError, QuantConfig
+from .config import (AUTO_BIAS_IMAGES, CALIBRATED, DATA_FREE, METHODS, NEEDS_CALIBRATION, TRANSFORMER_ONLY, ConfigError,
+                     QuantConfig)
 from .fold import EqualizedPair, equalize, fold_batchnorm
-from .distill import distilled_images, has_batchnorm
+from .distill import distilled_images, find_distilled, has_batchnorm
 from .graph import QUANTIZABLE, ModelGraph, analyse, is_passthrough
 from .hooks import run_with_hooks
 from .qlayers import InputQuant, QuantLayer, channel_axis, input_scale_zero, make_weights
@@ -50,6 +51,10 @@ class QuantReport:
     prepared: "Prepared | None" = field(default=None, repr=False)
     # liu-ptq: the searched intervals, the bits mixed precision chose and the attention rank inversions.
     liu: liu.LiuPlan | None = None
+    # bias_images: how many distilled images the biases were fitted on (0: none), and what the fit
+    # took from each layer's bias, which the int8 graph carries into the layers it re-quantizes.
+    bias_images: int = 0
+    bias_fit: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def reference(self) -> nn.Module:
@@ -83,6 +88,7 @@ class Prepared:
     calibrated_on: tuple | None = field(default=None, repr=False)
     distilled: dict = field(default_factory=dict, repr=False)   # bias_images -> images distilled from BN
     activations: dict | None = field(default=None, repr=False)   # activated_layers of `folded`, once
+    fit_targets: dict = field(default_factory=dict, repr=False)   # bias_images -> activated_means of `folded`
 
     def cached_weights(self, key, make):
         """Quantized weights of one layer for one setting, made once (methods share unfolded weights)."""
@@ -151,14 +157,38 @@ class Prepared:
                         if _calib_key(n, w) not in self.calibrated:
                             self.calibrated[_calib_key(n, w)] = calibrated_range(obs[n], *w)
 
-    def distilled_images(self, n: int, progress: Callable[[float, str], None] | None = None) -> torch.Tensor:
-        """n images distilled from the source model's BN statistics (disk-cached; kept here too)."""
+    def distilled_images(self, n: int, progress: Callable[[float, str], None] | None = None,
+                         copy_of_source: nn.Module | None = None) -> torch.Tensor:
+        """n images distilled from the source model's BN statistics (disk-cached; kept here too).
+        `copy_of_source`: an identical model to distill on where the source may be in use."""
         if n not in self.distilled:
-            lo, hi, _ = input_bounds_of(self.source)
-            size = getattr(getattr(self.source, "spiq_preprocess", None), "crop", 224)
             report = (lambda f, m: progress(0.9 * f, m)) if progress is not None else None
-            self.distilled[n] = distilled_images(self.source, n, lo, hi, size, progress=report)
+            self.distilled[n] = distilled_images(copy_of_source or self.source, n, *self.distill_bounds(),
+                                                 progress=report)
         return self.distilled[n]
+
+    def fit_targets_for(self, n: int) -> dict[str, torch.Tensor]:
+        """What `fit_biases` matches on the n distilled images: the float model's activated means,
+        the same for every config (half the fit's cost, computed once)."""
+        if self.activations is None:
+            self.activations = activated_layers(analyse(self.folded))
+        if n not in self.fit_targets:
+            self.fit_targets[n] = activated_means(self.folded, self.distilled_images(n), self.activations)
+        return self.fit_targets[n]
+
+    def images_ready(self, n: int) -> bool:
+        """Whether `distilled_images(n)` comes without distilling (held, shipped or cached)."""
+        if n not in self.distilled:
+            found = find_distilled(self.source, n, *self.distill_bounds())
+            if found is None:
+                return False
+            self.distilled[n] = found
+        return True
+
+    def distill_bounds(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The normalised input's per-channel bounds and the image size images are distilled at."""
+        lo, hi, _ = input_bounds_of(self.source)
+        return lo, hi, getattr(getattr(self.source, "spiq_preprocess", None), "crop", 224)
 
     def law_moments(self, name: str, dist: Dist) -> tuple[torch.Tensor, torch.Tensor]:
         if name not in self.moments:
@@ -323,12 +353,13 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data: torch.Tensor | N
         calibrated = prepared.calibrated_ranges(calib_data, config.calib_images, wanted)
     searched = 0.0
     fit_biases_on = None
-    if config.bias_images:
-        if vit is None and has_batchnorm(model):
-            fit_biases_on = prepared.distilled_images(config.bias_images, progress)
-            searched = 0.9   # of the progress bar: distilling, when the images are not cached yet
-        else:
-            report.fallbacks["<bias_images>"] = "no BatchNorm to distill images from: law bias correction only"
+    bias_images = bias_images_for(config, model, vit)
+    if bias_images and vit is None and has_batchnorm(model):
+        if not prepared.images_ready(bias_images):
+            searched = 0.9   # of the progress bar: distilling is nearly all the work
+        fit_biases_on = prepared.distilled_images(bias_images, progress)
+    elif bias_images:
+        report.fallbacks["<bias_images>"] = "no BatchNorm to distill images from: law bias correction only"
     if "liu-ptq" in used:
         report.liu = _liu_plan(prepared, settings, config, calib_data, progress)
         searched = 0.9  # of the progress bar: the search is nearly all the work
@@ -394,9 +425,8 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data: torch.Tensor | N
     for site, owner in sites.items():
         _quantize_matmul(q.get_submodule(site), site, settings[owner], prepared, config, observed, report.liu)
     if fit_biases_on is not None:
-        if prepared.activations is None:
-            prepared.activations = activated_layers(analyse(prepared.folded))
-        fit_biases(q, prepared.folded, fit_biases_on, prepared.activations)
+        report.bias_fit = fit_biases(q, prepared.fit_targets_for(bias_images), fit_biases_on, prepared.activations)
+        report.bias_images = bias_images
     if progress is not None:
         progress(1.0, "done")
     q.spiq_report = report
@@ -409,6 +439,14 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data: torch.Tensor | N
         except ExportError as exc:
             raise ConfigError(f"int8_graph: {exc}") from None
     return q
+
+
+def bias_images_for(config: QuantConfig, model: nn.Module, vit: VitGraph | None = None) -> int:
+    """config.bias_images, with None resolved: AUTO_BIAS_IMAGES where the model has BatchNorm
+    statistics to distill images from, none where it has not."""
+    if config.bias_images is not None:
+        return config.bias_images
+    return AUTO_BIAS_IMAGES if vit is None and has_batchnorm(model) else 0
 
 
 def activated_layers(graph: ModelGraph) -> dict[str, nn.Module]:
@@ -434,35 +472,47 @@ def _channel_mean(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fit_biases(q: nn.Module, reference: nn.Module, images: torch.Tensor, activations: dict[str, nn.Module]) -> None:
+def activated_means(model: nn.Module, images: torch.Tensor, activations: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """Per channel, the mean over `images` of each layer's output through its activation."""
+    means = {}
+
+    def record(name, act):
+        def hook(_mod, _args, out):
+            means[name] = _channel_mean(act(out.clone()))   # clone: the activation may work in place
+        return hook
+
+    run_with_hooks(model, {n: record(n, a) for n, a in activations.items()}, images, batch=len(images))
+    return means
+
+
+@torch.no_grad()
+def fit_biases(q: nn.Module, targets: dict[str, torch.Tensor], images: torch.Tensor,
+               activations: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     """Sequential bias correction of `q` in place: in one pass over `images`, each layer of
-    `activations` has its bias shifted by the gap between the per-channel means of its activated
-    output and of the float `reference`'s, and the layers after it see the corrected output.
+    `activations` has its bias shifted by the gap between the per-channel mean of its activated
+    output and `targets` (the float model's `activated_means` on the same images), and the layers
+    after it see the corrected output.
 
     The per-layer law correction sees only a layer's own rounding; this sees the mean error the
     layers before it left, which grows with depth (5-15 % of the error power of blocks 2-6 of
     EfficientNet-Lite0 at 5 bits). Shifting by the gap after the activation rather than before it
-    leaves alone the values the activation zeroes or caps.
+    leaves alone the values the activation zeroes or caps. Returns each layer's shift (subtracted).
     """
-    target = {}
-
-    def record(name, act):
-        def hook(_mod, _args, out):
-            target[name] = _channel_mean(act(out.clone()))   # clone: the activation may work in place
-        return hook
+    shifts = {}
 
     def correct(name, act):
         def hook(mod, _args, out):
-            gap = _channel_mean(act(out.clone())) - target[name]
+            gap = _channel_mean(act(out.clone())) - targets[name]
             layer = getattr(mod, "layer", mod)
             if layer.bias is None:
                 layer.bias = nn.Parameter(torch.zeros_like(gap), requires_grad=False)
             layer.bias.data = layer.bias.data - gap
+            shifts[name] = gap
             return out - (gap.view(1, -1, 1, 1) if out.dim() == 4 else gap)
         return hook
 
-    run_with_hooks(reference, {n: record(n, a) for n, a in activations.items()}, images, batch=len(images))
     run_with_hooks(q, {n: correct(n, a) for n, a in activations.items()}, images, batch=len(images))
+    return shifts
 
 
 def _liu_plan(prepared: Prepared, settings: dict, config: QuantConfig, calib_data: torch.Tensor,

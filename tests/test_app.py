@@ -39,8 +39,8 @@ def app():
         app_module.demo.close()
 
 
-def _apply(client, method, wbits, abits, image):
-    return client.predict(method, wbits, abits, "channel", "method default", EMPTY_TABLE, handle_file(image),
+def _apply(client, method, wbits, abits, image, bias_fit=True):
+    return client.predict(method, wbits, abits, "channel", "method default", bias_fit, EMPTY_TABLE, handle_file(image),
                           api_name="/apply")
 
 
@@ -200,14 +200,15 @@ def test_uploaded_recipe_keeps_what_has_no_control(app, tmp_path):
 
     module, url = app
     recipe = {"method": "spiq", "weight_bits": 8, "input_bits": 5, "weight_clip": "mse", "fold": "always",
-              "equalize": True, "tail": "t6", "overrides": {"blocks.1.0.conv_pw": {"weight_granularity": "tensor"}}}
+              "equalize": True, "tail": "t6", "bias_images": 0,
+              "overrides": {"blocks.1.0.conv_pw": {"weight_granularity": "tensor"}}}
     path = tmp_path / "recipe.json"
     path.write_text(json.dumps(recipe))
     client = Client(url, verbose=False)
     restored = client.predict(handle_file(str(path)), api_name="/load_recipe")
-    assert tuple(restored[:5]) == ("spiq", 8, 5, "channel", "method default")
+    assert tuple(restored[:6]) == ("spiq", 8, 5, "channel", "method default", False)   # bias fit off
     # the page applies an uploaded recipe at once; the client takes the same step
-    out = client.predict(*restored[:5], restored[5], handle_file(str(ROOT / "assets" / "cat.jpg")), api_name="/apply")
+    out = client.predict(*restored[:6], restored[6], handle_file(str(ROOT / "assets" / "cat.jpg")), api_name="/apply")
     assert json.loads(out[1]) == recipe
     # a recipe for another kind of model is refused before the session takes it
     path.write_text(json.dumps({"method": "liu-ptq", "weight_bits": 8, "input_bits": 8}))
@@ -215,8 +216,22 @@ def test_uploaded_recipe_keeps_what_has_no_control(app, tmp_path):
         client.predict(handle_file(str(path)), api_name="/load_recipe")
     _, text = client.predict(handle_file(str(ROOT / "assets" / "coffee.jpg")), api_name="/predict")
     assert "espresso" in text
-    assert json.loads(client.predict("spiq", 8, 5, "channel", "method default", EMPTY_TABLE,
+    assert json.loads(client.predict("spiq", 8, 5, "channel", "method default", False, EMPTY_TABLE,
                                      handle_file(str(ROOT / "assets" / "cat.jpg")), api_name="/apply")[1]) == recipe
+
+
+def test_bias_fit_box_switches_the_distilled_bias_fit(app):
+    from spiq.config import QuantConfig
+
+    module, url = app
+    client = Client(url, verbose=False)
+    cat = str(ROOT / "assets" / "cat.jpg")
+    off = json.loads(_apply(client, "spiq", 8, 5, cat, bias_fit=False)[1])
+    assert off == {"method": "spiq", "weight_bits": 8, "input_bits": 5, "bias_images": 0}
+    assert module.CACHE.quantized(module.DEFAULT_MODEL, QuantConfig.from_dict(off)).spiq_report.bias_images == 0
+    on = json.loads(_apply(client, "spiq", 8, 5, cat)[1])
+    assert on == {"method": "spiq", "weight_bits": 8, "input_bits": 5}   # back to automatic
+    assert module.CACHE.quantized(module.DEFAULT_MODEL, QuantConfig.from_dict(on)).spiq_report.bias_images == 8
 
 
 def test_recipe_round_trip_with_per_layer_table(app, tmp_path):
@@ -228,7 +243,7 @@ def test_recipe_round_trip_with_per_layer_table(app, tmp_path):
     names = [r[0] for r in rows]
     rows[names.index("conv_head")][5] = 8              # input bits of one layer
     rows[names.index("classifier")][7] = True          # keep the classifier float
-    out = client.predict("spiq", 8, 4, "channel", "method default", {"headers": table["headers"], "data": rows},
+    out = client.predict("spiq", 8, 4, "channel", "method default", True, {"headers": table["headers"], "data": rows},
                          handle_file(str(ROOT / "assets" / "cat.jpg")), api_name="/apply")
     applied = json.loads(out[1])
     assert applied["overrides"] == {"conv_head": {"input_bits": 8}, "classifier": {"skip": True}}
@@ -236,8 +251,8 @@ def test_recipe_round_trip_with_per_layer_table(app, tmp_path):
     downloaded = Path(out[2])
     assert json.loads(downloaded.read_text()) == applied
     restored = Client(url, verbose=False).predict(handle_file(str(downloaded)), api_name="/load_recipe")
-    assert tuple(restored[:5]) == ("spiq", 8, 4, "channel", "method default")
-    rows = {r[0]: r for r in restored[5]["data"]}
+    assert tuple(restored[:6]) == ("spiq", 8, 4, "channel", "method default", True)
+    rows = {r[0]: r for r in restored[6]["data"]}
     assert rows["conv_head"][5] == 8 and rows["classifier"][7] is True and rows["blocks.0.0.conv_pw"][5] == 4
 
 
@@ -249,7 +264,7 @@ def test_unavailable_model_is_refused_and_the_session_keeps_its_model(app):
     if not offline:
         pytest.skip("torchvision weights are cached here: nothing is unavailable")
     client = Client(url, verbose=False)
-    out = client.predict(offline[0], "spiq", 8, 4, "channel", "method default", api_name="/select_model")
+    out = client.predict(offline[0], "spiq", 8, 4, "channel", "method default", True, api_name="/select_model")
     assert out[0] == module.DEFAULT_MODEL  # the dropdown goes back to the model in use
     fig, text = client.predict(handle_file(str(ROOT / "assets" / "coffee.jpg")), api_name="/predict")
     assert "espresso" in text
@@ -285,7 +300,7 @@ def test_transformer_liu_ptq_and_attention_maps(app):
     module, url = app
     client = Client(url, verbose=False)
     cat = str(ROOT / "assets" / "cat.jpg")
-    out = client.predict(VIT, "liu-ptq", 6, 6, "channel", "method default", api_name="/select_model")
+    out = client.predict(VIT, "liu-ptq", 6, 6, "channel", "method default", True, api_name="/select_model")
     assert out[0] == VIT and "liu-ptq" in out[2] and out[3] == "liu-ptq"   # model, table, status, method
     applied = _apply(client, "liu-ptq", 6, 6, cat)[1]   # table, recipe, download, status, plot, text
     assert json.loads(applied)["method"] == "liu-ptq"
@@ -299,7 +314,7 @@ def test_transformer_liu_ptq_and_attention_maps(app):
     reversed_pairs, pairs = am.inversions[0]
     assert f"**{reversed_pairs:,}** of {pairs:,}" in text and reversed_pairs > 0
     # a CNN takes no liu-ptq: switching back drops it from the choices
-    out = client.predict(module.DEFAULT_MODEL, "liu-ptq", 6, 6, "channel", "method default", api_name="/select_model")
+    out = client.predict(module.DEFAULT_MODEL, "liu-ptq", 6, 6, "channel", "method default", True, api_name="/select_model")
     assert out[0] == module.DEFAULT_MODEL and out[3] == "spiq" and '"method": "spiq"' in out[2]
 
 
@@ -323,7 +338,7 @@ def test_long_handlers_report_progress(app):
     # bits no other test applies, so the quantization really runs instead of coming from the cache
     bar = _ProgressRecorder()
     applied = module.apply(module.DEFAULT_MODEL, QuantConfig().to_json(), "spiq", 7, 3, "channel", "method default",
-                           None, cat, progress=bar)[0]
+                           True, None, cat, progress=bar)[0]
     fractions = [f for f, _ in bar.updates]
     assert fractions == sorted(fractions) and fractions[0] == 0 and fractions[-1] == 1.0
     layers = [d for _, d in bar.updates if d.startswith("quantizing ")]

@@ -117,3 +117,41 @@ def test_views_on_a_real_image():
     assert emap.data[1].z.shape == (112, 112) and (emap.data[1].x0, emap.data[1].dx) == (0.5, 2.0)
     with pytest.raises(ValueError, match="channels 0 to"):
         views.error_map(cache, sc, "blocks.2.0.conv_dw", channel=10_000)
+
+
+def test_distilling_a_new_model_leaves_the_shared_lock_to_other_models(monkeypatch, tmp_path):
+    import threading
+
+    import torchvision
+
+    from spiq import distill, registry
+
+    monkeypatch.setenv("SPIQ_CACHE", str(tmp_path))   # nothing cached for the new model
+    lite0_spec = registry.get_spec("efficientnet_lite0")
+    monkeypatch.setitem(registry._REGISTRY, "cnn", registry.ModelSpec(
+        "cnn", "random weights (tests)", lambda: torchvision.models.resnet18(weights=None).eval(), lambda: None,
+        lite0_spec.preprocess, "random ResNet-18"))
+    started, release = threading.Event(), threading.Event()
+
+    def slow_distill(model, n, lo, hi, size=224, *_a, **_k):   # stands in for minutes of distilling
+        started.set()
+        assert release.wait(120)
+        return torch.zeros(n, lo.numel(), size, size)
+    monkeypatch.setattr(distill, "distill_images", slow_distill)
+    cache = ModelCache()
+    made, bar = [], []
+    worker = threading.Thread(target=lambda: made.append(cache.quantized("cnn", QuantConfig(), progress=lambda f, _m:
+                                                                          bar.append(f))))
+    worker.start()
+    try:
+        assert started.wait(120)
+        # while "cnn" distills, another model is quantized through the shared lock
+        other = cache.quantized("efficientnet_lite0", QuantConfig(input_bits=6))
+        assert other.spiq_report.bias_images == 8 and worker.is_alive()
+    finally:
+        release.set()
+        worker.join(120)
+    assert made[0].spiq_report.bias_images == 8 and made[0].spiq_report.bias_fit
+    assert bar == sorted(bar) and bar[-1] == 1.0 and min(bar) >= 0.9   # quantizing after the distilling
+    # the second request for the model waits for nothing
+    assert cache.distill("cnn", QuantConfig(input_bits=5)) is False

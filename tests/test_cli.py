@@ -84,3 +84,25 @@ def test_evaluate_liu_ptq_on_a_transformer_with_calibration_folder(tmp_path, mon
     rc = cli.main(["evaluate", "--model", "efficientnet_lite0", "--images", str(SAMPLE_DIR), "--limit", "8",
                    "--method", "liu-ptq", "--calib", str(calib)])
     assert rc == 2 and "vision transformers" in capsys.readouterr().err
+
+
+def test_distill_writes_the_shipped_form_and_refuses_what_it_cannot_do(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from spiq import cli, distill, registry
+    from spiq.vit import toy_vit
+
+    monkeypatch.setenv("SPIQ_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "ship"
+    assert cli.main(["distill", "--model", "efficientnet_lite0", "--out", str(out)]) == 0, capsys.readouterr().err
+    (written,) = out.glob("*.pt")
+    shipped = distill.SHIPPED / written.name
+    assert shipped.exists()   # the package's own images, found by the same key
+    x = torch.load(written, weights_only=True)
+    assert x.dtype == torch.float16 and torch.equal(x, torch.load(shipped, weights_only=True))
+    assert cli.main(["distill", "--model", "efficientnet_lite0", "--images", "0"]) == 2
+    assert "--images must be from 1 to 256" in capsys.readouterr().err
+    monkeypatch.setitem(registry._REGISTRY, "toy_vit", registry.ModelSpec(
+        "toy_vit", "random weights (tests)", lambda: toy_vit()[0], lambda: None, toy_vit()[1], "toy ViT", ("vit",)))
+    assert cli.main(["distill", "--model", "toy_vit"]) == 2
+    assert "no BatchNorm" in capsys.readouterr().err

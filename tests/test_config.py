@@ -64,6 +64,8 @@ def test_layer_settings_follow_overrides():
     assert b.method == "spiq" and b.input_bits == 8 and not b.input_per_channel
 
 
-def test_bias_images_and_the_int8_graph_are_refused_together():
-    with pytest.raises(ConfigError, match="bias_images and int8_graph"):
-        QuantConfig(int8_graph=True, bias_images=8)
+def test_bias_images_default_is_automatic_and_stays_out_of_the_json():
+    assert QuantConfig().bias_images is None
+    assert QuantConfig.from_json('{"method": "spiq", "weight_bits": 8, "input_bits": 4, "bias_images": null}') == \
+        QuantConfig(input_bits=4)
+    assert QuantConfig(bias_images=0).to_dict() == {"method": "spiq", "weight_bits": 8, "input_bits": 8, "bias_images": 0}

@@ -10,7 +10,7 @@ from spiq import distill
 from spiq.cache import parameter_checksum
 from spiq.evaluate import mean_logit_sqnr_db
 from spiq.graph import analyse
-from spiq.quantize import activated_layers, input_bounds_of, quantizable_layers
+from spiq.quantize import activated_layers, input_bounds_of, prepare, quantizable_layers
 
 
 def _bn_gap(model: nn.Module, x: torch.Tensor) -> float:
@@ -74,8 +74,9 @@ def test_bias_fit_on_distilled_images_lowers_the_error_on_real_images(lite0, sub
     x, _, _ = subset
     with torch.no_grad():
         fp = lite0(x)
-    law = spiq.quantize(lite0, spiq.QuantConfig(weight_bits=8, input_bits=5))
-    fitted = spiq.quantize(lite0, spiq.QuantConfig(weight_bits=8, input_bits=5, bias_images=8))
+    law = spiq.quantize(lite0, spiq.QuantConfig(weight_bits=8, input_bits=5, bias_images=0))
+    fitted = spiq.quantize(lite0, spiq.QuantConfig(weight_bits=8, input_bits=5))   # automatic: 8 images
+    assert fitted.spiq_report.bias_images == 8 and law.spiq_report.bias_images == 0
     with torch.no_grad():
         gain = mean_logit_sqnr_db(fp, fitted(x)) - mean_logit_sqnr_db(fp, law(x))
     assert gain > 0.2, f"the distilled bias fit gained only {gain:.2f} dB of logit SQNR on real images"
@@ -85,9 +86,27 @@ def test_bias_fit_on_distilled_images_lowers_the_error_on_real_images(lite0, sub
         assert same == (name not in acts), name   # residual branches and logits keep the law's bias
 
 
+def test_the_default_models_images_ship_with_the_package(lite0, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPIQ_CACHE", str(tmp_path))   # an empty cache, as on a fresh Space
+
+    def no_distilling(*_a, **_k):
+        raise AssertionError("distilled instead of read from the package")
+    monkeypatch.setattr(distill, "distill_images", no_distilling)
+    prepared = prepare(lite0)
+    x = prepared.distilled_images(8)
+    lo, hi, _ = prepared.distill_bounds()
+    assert x.shape == (8, 3, 224, 224) and x.dtype == torch.float32
+    assert (x >= lo.view(1, -1, 1, 1)).all() and (x <= hi.view(1, -1, 1, 1)).all()
+    noise = torch.rand(x.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert _bn_gap(lite0, x) < 0.2 * _bn_gap(lite0, noise)   # 111 against 1062
+    assert not list(tmp_path.rglob("*.pt"))   # nothing written to the cache either
+
+
 def test_bias_images_without_batchnorm_fall_back_and_say_so(vit):
     q = spiq.quantize(vit, spiq.QuantConfig(method="static-tensor", bias_images=4))
     assert "BatchNorm" in q.spiq_report.fallbacks["<bias_images>"]
+    auto = spiq.quantize(vit, spiq.QuantConfig(method="static-tensor"))   # automatic: nothing to fit on
+    assert "<bias_images>" not in auto.spiq_report.fallbacks and auto.spiq_report.bias_images == 0
 
 
 def test_a_model_without_batchnorm_cannot_be_distilled(vit):

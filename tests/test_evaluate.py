@@ -30,7 +30,7 @@ def test_logit_sqnr_orders_bit_widths_and_leaves_the_scores_as_they_were(lite0, 
     # the paired difference is the difference of the agreements; its interval is set by the images
     # on which the two differ, and vanishes for a method against itself
     diff, half = paired_difference(agrees[8], agrees[4])
-    assert abs(diff - (agrees[8].float().mean() - agrees[4].float().mean()).item()) < 1e-9
+    assert abs(diff - (agrees[8].double().mean() - agrees[4].double().mean()).item()) < 1e-9
     assert diff > 0 and 0 < half < 1
     assert paired_difference(agrees[4], agrees[4]) == (0.0, 0.0)
     assert paired_difference(agrees[4], agrees[8]) == (-diff, half)

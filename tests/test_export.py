@@ -11,6 +11,7 @@ import spiq
 from spiq import export as ex
 from spiq import runtime as rt
 from spiq.cli import main
+from spiq.evaluate import mean_logit_sqnr_db
 from spiq.export import ExportError
 from spiq.qlayers import GridQuant, QuantLayer
 
@@ -127,6 +128,25 @@ def test_int8_graph_config_simulates_what_onnx_runtime_runs(spiq_w8a8, exported,
         spiq.QuantConfig(method="spiq", weight_bits=8, input_bits=4, int8_graph=True)
 
 
+def test_int8_graph_carries_the_bias_fit_into_the_layers_it_requantizes(spiq_w8a8, exported, images, tmp_path):
+    x, _ = images
+    source = spiq_w8a8.spiq_report.prepared.source
+    config = spiq.QuantConfig(method="spiq", weight_bits=8, input_bits=8, int8_graph=True)
+    fitted = spiq.quantize(source, config)   # bias_images automatic: 8 on a model with BatchNorm
+    plain = spiq.quantize(source, config.replace(bias_images=0))
+    fit = fitted.spiq_int8_source.spiq_report.bias_fit
+    assert fitted.spiq_report.bias_images == 8 and not plain.spiq_report.bias_fit
+    # the graph's biases in original units, before the int32 rounding
+    got = ex.export_onnx(fitted, tmp_path / "fitted.onnx").plan.layers
+    base = ex.export_onnx(plain, tmp_path / "plain.onnx").plan.layers
+    carried = {n for n in fit if got[n].requantized}
+    assert len(carried) >= 10 and set(fit) - carried   # re-quantized layers and the others
+    for name, shift in fit.items():
+        torch.testing.assert_close(got[name].bias - base[name].bias, -shift.double(), atol=1e-6, rtol=1e-4, msg=name)
+    fp = source(x)
+    assert mean_logit_sqnr_db(fp, fitted(x)) > mean_logit_sqnr_db(fp, plain(x))
+
+
 def test_equalized_model_exports_with_per_channel_caps(lite0, images, tmp_path):
     """After cross-layer equalization each ReLU6 caps every channel at its own value."""
     x, y = images
@@ -178,7 +198,7 @@ class _SiluNet(nn.Module):
 def test_per_channel_mul_where_the_fold_is_not_legal(tmp_path):
     net = _SiluNet()
     # the classifier reads its pooled input per tensor, so conv2's output can be quantized before the pool
-    config = spiq.QuantConfig(method="spiq", weight_bits=8, input_bits=8, fold="always",
+    config = spiq.QuantConfig(method="spiq", weight_bits=8, input_bits=8, fold="always", bias_images=0,
                               overrides={"fc": {"input_granularity": "tensor"}})
     q = spiq.quantize(net, config)
     report = ex.export_onnx(q, tmp_path / "silu.onnx", input_size=32)
@@ -195,7 +215,8 @@ def test_per_channel_mul_where_the_fold_is_not_legal(tmp_path):
 
 def test_per_channel_pooled_grid_keeps_the_pool_path_in_float(tmp_path):
     # one per-tensor scale cannot give every channel of the tensor before the pool its ReLU range
-    q = spiq.quantize(_SiluNet(), spiq.QuantConfig(method="spiq", weight_bits=8, input_bits=8, fold="always"))
+    q = spiq.quantize(_SiluNet(), spiq.QuantConfig(method="spiq", weight_bits=8, input_bits=8, fold="always",
+                                                   bias_images=0))
     report = ex.export_onnx(q, tmp_path / "silu.onnx", input_size=32)
     assert any("before the global pool" in n for n in report.notes)
     ops = rt.optimized_op_counts(report.path)
@@ -225,7 +246,8 @@ def test_unsupported_op_is_named_and_nothing_is_written(tmp_path):
 @pytest.mark.parametrize("changes, message", [({"method": "dynamic-tensor"}, "dynamic input quantization"),
                                               ({"input_bits": 4}, "needs 8-bit inputs")])
 def test_configs_without_an_int8_graph_are_refused(changes, message, tmp_path):
-    q = spiq.quantize(_SiluNet(), spiq.QuantConfig(method="spiq", weight_bits=8, input_bits=8).replace(**changes))
+    q = spiq.quantize(_SiluNet(), spiq.QuantConfig(method="spiq", weight_bits=8, input_bits=8, bias_images=0)
+                      .replace(**changes))
     with pytest.raises(ExportError, match=message):
         ex.export_onnx(q, tmp_path / "x.onnx", input_size=32)
     assert os.listdir(tmp_path) == []

@@ -8,7 +8,7 @@ import spiq
 from spiq.fold import fold_batchnorm
 from spiq.graph import analyse
 from spiq.qlayers import QuantLayer
-from spiq.quantize import quantizable_layers
+from spiq.quantize import prepare, quantizable_layers
 from spiq.ranges import propagate
 
 
@@ -43,9 +43,15 @@ def test_se_hardswish_silu_models_are_analysed_without_crash(sample):
     x = sample[0][:2]
     for arch in ("mobilenet_v3_large", "efficientnet_b0", "resnet18"):
         model = torchvision.models.get_model(arch, weights=None).eval()
-        q = spiq.quantize(model, spiq.QuantConfig(method="spiq", weight_bits=8, input_bits=8))
+        config = spiq.QuantConfig(method="spiq", weight_bits=8, input_bits=8, bias_images=2)
+        prepared = prepare(model, config)
+        prepared.distilled[2] = x   # real images stand in for distilled ones: the graph is what is tested here
+        q = spiq.quantize(model, config, prepared=prepared)
         report = q.spiq_report
         assert set(report.layers) == set(quantizable_layers(model))
+        assert report.bias_images == 2 and len(report.bias_fit) >= 9, arch   # layers before SiLU/Hardswish/ReLU
+        if arch == "resnet18":   # the stem and each block's first conv; the second feeds the residual add
+            assert set(report.bias_fit) == {"conv1"} | {f"layer{i}.{j}.conv1" for i in range(1, 5) for j in (0, 1)}
         assert report.fallbacks.get("<input>")  # no preprocess attached: ImageNet stats assumed, and said
         with torch.no_grad():
             assert torch.isfinite(q(x)).all()
@@ -67,7 +73,7 @@ class _Odd(nn.Module):
 def test_unmodelled_producer_falls_back_and_is_reported():
     model = _Odd().eval()
     q = spiq.quantize(model, spiq.QuantConfig())
-    assert "conv2" in q.spiq_report.fallbacks
+    assert "conv2" in q.spiq_report.fallbacks and q.spiq_report.bias_images == 0   # no BatchNorm to distill from
     assert q.spiq_report.layers["conv2"].data_free_range_from != "bn"
     assert isinstance(q.conv2, QuantLayer)
     with torch.no_grad():
