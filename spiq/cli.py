@@ -141,10 +141,9 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_distill(args) -> int:
-    import torch
     from tqdm import tqdm
 
-    from .distill import has_batchnorm, image_key
+    from .distill import has_batchnorm, image_key, to_pixels, write_pixels
     from .quantize import prepare
     from .registry import load_model
 
@@ -160,11 +159,10 @@ def _cmd_distill(args) -> int:
         images = prepared.distilled_images(args.images, progress)
         bar.update(100 - bar.n)
     if args.out:
-        # float16 halves what ships; the images are the same to 1e-3 of their range
-        path = Path(args.out) / f"{image_key(model, args.images, *prepared.distill_bounds())}.pt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(images.half(), path)
-        print(f"wrote {path}")
+        lo, hi, _ = prepared.distill_bounds()
+        folder = Path(args.out) / image_key(model, args.images, *prepared.distill_bounds())
+        write_pixels(folder, to_pixels(images, lo, hi))
+        print(f"wrote {folder}")
     else:
         print(f"{args.images} images for {args.model} are in the cache")
     return 0
@@ -217,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", required=True, help="a name from `spiq models`")
     d.add_argument("--images", type=int, default=AUTO_BIAS_IMAGES,
                    help=f"how many images (default {AUTO_BIAS_IMAGES}: what bias_images=null uses)")
-    d.add_argument("--out", help="also write them to this folder, in float16 (how spiq/distilled/ ships them)")
+    d.add_argument("--out", help="also write them to this folder (as spiq/distilled/ ships them)")
     d.set_defaults(func=_cmd_distill)
     return p
 

@@ -7,19 +7,23 @@ passes through the network, which the laws of `ranges` cannot give: the sequenti
 correction of `quantize` (`QuantConfig.bias_images`).
 
 Distilling is slow on a CPU (about 20 s per image for EfficientNet-Lite0 on 2 cores), so the
-result is cached on disk per model (a checksum of its weights) and per setting. The default
-model's images ship with the package (`spiq/distilled/`, float16), so its first quantization does
-not pay for them.
+result is cached on disk per model (a checksum of its weights) and per setting, as what it is: RGB
+images, 8-bit PNGs, one folder per model and setting (no pickle to load; the bias fit gains the
+same from them as from float32 images). The default model's images ship with the package
+(`spiq/distilled/`), so its first quantization does not pay for them.
 """
 from __future__ import annotations
 
 import copy
 import hashlib
 import os
+import shutil
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 STEPS = 300
@@ -89,40 +93,79 @@ def distill_images(model: nn.Module, n: int, input_lo: torch.Tensor, input_hi: t
 
 def image_key(model: nn.Module, n: int, input_lo: torch.Tensor, input_hi: torch.Tensor, size: int = 224,
               steps: int = STEPS) -> str:
-    """The file name (without .pt) of these images in the cache and among the shipped ones."""
+    """The folder name of these images in the cache and among the shipped ones."""
     from .cache import parameter_checksum
 
     return hashlib.sha256(f"{parameter_checksum(model)} {n} {size} {steps} "
                           f"{input_lo.tolist()} {input_hi.tolist()}".encode()).hexdigest()[:24]
 
 
+def to_pixels(x: torch.Tensor, input_lo: torch.Tensor, input_hi: torch.Tensor) -> torch.Tensor:
+    """Normalised images (n, C, H, W) within the bounds as 8-bit pixels, the bounds mapped to 0 and 255."""
+    lo, hi = input_lo.view(1, -1, 1, 1), input_hi.view(1, -1, 1, 1)
+    return torch.round((x - lo) / (hi - lo) * 255).clamp(0, 255).to(torch.uint8)
+
+
+def from_pixels(pixels: torch.Tensor, input_lo: torch.Tensor, input_hi: torch.Tensor) -> torch.Tensor:
+    lo, hi = input_lo.view(1, -1, 1, 1), input_hi.view(1, -1, 1, 1)
+    return pixels.float() / 255 * (hi - lo) + lo
+
+
+def read_pixels(folder: Path, n: int, size: int) -> torch.Tensor | None:
+    """The n RGB images `0.png`... of `folder` as (n, 3, size, size) uint8, or None if any is missing,
+    damaged or of another size."""
+    images = []
+    for i in range(n):
+        try:
+            with Image.open(folder / f"{i}.png") as im:
+                if im.format != "PNG" or im.mode != "RGB" or im.size != (size, size):
+                    return None
+                images.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
+        except (OSError, ValueError):
+            return None
+    return torch.stack(images)
+
+
+def write_pixels(folder: Path, pixels: torch.Tensor) -> None:
+    """Write (n, 3, H, W) uint8 images as `folder`/0.png...; the folder appears whole or not at all."""
+    tmp = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    for i, p in enumerate(pixels):
+        Image.fromarray(p.permute(1, 2, 0).contiguous().numpy(), "RGB").save(tmp / f"{i}.png")
+    try:
+        tmp.replace(folder)
+    except OSError:   # made meanwhile by another process (or a damaged one is in the way)
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.replace(folder)
+
+
 def find_distilled(model: nn.Module, n: int, input_lo: torch.Tensor, input_hi: torch.Tensor, size: int = 224,
                    steps: int = STEPS) -> torch.Tensor | None:
     """These images if the package ships them or the cache holds them, else None."""
+    if input_lo.numel() != 3:
+        return None
     key = image_key(model, n, input_lo, input_hi, size, steps)
-    for known in (SHIPPED / f"{key}.pt", cache_dir() / f"{key}.pt"):
-        try:
-            x = torch.load(known, weights_only=True)
-            if isinstance(x, torch.Tensor) and x.shape == (n, input_lo.numel(), size, size):
-                return x.float()
-        except Exception:   # absent, truncated or foreign: not there
-            pass
+    for folder in (SHIPPED / key, cache_dir() / key):
+        pixels = read_pixels(folder, n, size)
+        if pixels is not None:
+            return from_pixels(pixels, input_lo, input_hi)
     return None
 
 
 def distilled_images(model: nn.Module, n: int, input_lo: torch.Tensor, input_hi: torch.Tensor, size: int = 224,
                      steps: int = STEPS, progress: Callable[[float, str], None] | None = None) -> torch.Tensor:
-    """`distill_images`, made once per model and setting and then read from the disk cache."""
+    """`distill_images` on the 8-bit pixel grid, made once per model and setting and then read from
+    the disk cache (or the package). Rounded whether or not it can be cached, so that a model gets
+    the same images on every run."""
     x = find_distilled(model, n, input_lo, input_hi, size, steps)
     if x is not None:
         return x
-    path = cache_dir() / f"{image_key(model, n, input_lo, input_hi, size, steps)}.pt"
     x = distill_images(model, n, input_lo, input_hi, size, steps, progress=progress)
+    if input_lo.numel() != 3:   # not an RGB image: kept in memory only
+        return x
+    pixels = to_pixels(x, input_lo, input_hi)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        torch.save(x, tmp)
-        tmp.replace(path)   # atomic: a concurrent reader sees the whole file or none
+        write_pixels(cache_dir() / image_key(model, n, input_lo, input_hi, size, steps), pixels)
     except OSError:   # a read-only home: the images still serve this process
         pass
-    return x
+    return from_pixels(pixels, input_lo, input_hi)

@@ -39,26 +39,31 @@ def test_distilled_images_take_on_the_batchnorm_statistics(lite0):
     assert torch.equal(x, distill.distill_images(lite0, 2, lo, hi, steps=30))   # seeded
 
 
-def test_distilled_images_are_cached_on_disk(lite0, tmp_path, monkeypatch):
+def test_distilled_images_are_cached_on_disk_as_png(lite0, tmp_path, monkeypatch):
     monkeypatch.setenv("SPIQ_CACHE", str(tmp_path))
     lo, hi, _ = input_bounds_of(lite0)
-    first = distill.distilled_images(lite0, 1, lo, hi, steps=3)
-    (path,) = (tmp_path / "distilled").glob("*.pt")
+    first = distill.distilled_images(lite0, 2, lo, hi, steps=3)
+    (folder,) = (tmp_path / "distilled").iterdir()
+    assert sorted(p.name for p in folder.iterdir()) == ["0.png", "1.png"]
+    # on the 8-bit grid already, so the first run and the later ones fit on the same images
+    assert torch.equal(distill.from_pixels(distill.to_pixels(first, lo, hi), lo, hi), first)
 
     def no_distilling(*_a, **_k):
         raise AssertionError("distilled again instead of read from the cache")
     with monkeypatch.context() as m:
         m.setattr(distill, "distill_images", no_distilling)
-        assert torch.equal(distill.distilled_images(lite0, 1, lo, hi, steps=3), first)
+        assert torch.equal(distill.distilled_images(lite0, 2, lo, hi, steps=3), first)
     # another model (one weight changed) gets its own images
     other = copy.deepcopy(lite0)
     with torch.no_grad():
         other.conv_stem.weight[0, 0, 0, 0] += 1.0
-    distill.distilled_images(other, 1, lo, hi, steps=3)
-    assert len(list((tmp_path / "distilled").glob("*.pt"))) == 2
-    # a damaged cache file is made again, not trusted
-    path.write_bytes(b"not a tensor")
-    assert torch.equal(distill.distilled_images(lite0, 1, lo, hi, steps=3), first)
+    distill.distilled_images(other, 2, lo, hi, steps=3)
+    assert len(list((tmp_path / "distilled").iterdir())) == 2
+    # a damaged or missing image is made again, not trusted
+    (folder / "1.png").write_bytes(b"not an image")
+    assert torch.equal(distill.distilled_images(lite0, 2, lo, hi, steps=3), first)
+    (folder / "0.png").unlink()
+    assert torch.equal(distill.distilled_images(lite0, 2, lo, hi, steps=3), first)
 
 
 def test_activated_layers_are_those_before_an_activation(lite0):
@@ -99,7 +104,7 @@ def test_the_default_models_images_ship_with_the_package(lite0, tmp_path, monkey
     assert (x >= lo.view(1, -1, 1, 1)).all() and (x <= hi.view(1, -1, 1, 1)).all()
     noise = torch.rand(x.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
     assert _bn_gap(lite0, x) < 0.2 * _bn_gap(lite0, noise)   # 111 against 1062
-    assert not list(tmp_path.rglob("*.pt"))   # nothing written to the cache either
+    assert not list(tmp_path.rglob("*.png"))   # nothing written to the cache either
 
 
 def test_bias_images_without_batchnorm_fall_back_and_say_so(vit):
