@@ -140,13 +140,16 @@ class ModelCache:
         if not n:
             return False
         prepared = self.prepared(name, config)
-        with self.lock:
+        if prepared.images_ready(n):
+            return False
+        with self.lock:   # copied while no request has hooks on the shared model
             model_lock = self._distilling.setdefault(name, threading.Lock())
+            private = copy.deepcopy(loaded.model)
+        # Never wait for the shared lock while holding model_lock: a view holding the shared lock
+        # may be waiting for this model's images.
         with model_lock:
             if prepared.images_ready(n):
                 return False
-            with self.lock:   # copied while no request has hooks on the shared model
-                private = copy.deepcopy(loaded.model)
             prepared.distilled_images(n, progress, copy_of_source=private)
             return True
 

@@ -159,8 +159,8 @@ def _cmd_distill(args) -> int:
         images = prepared.distilled_images(args.images, progress)
         bar.update(100 - bar.n)
     if args.out:
-        lo, hi, _ = prepared.distill_bounds()
-        folder = Path(args.out) / image_key(model, args.images, *prepared.distill_bounds())
+        lo, hi, size = prepared.distill_bounds()
+        folder = Path(args.out) / image_key(model, args.images, lo, hi, size)
         write_pixels(folder, to_pixels(images, lo, hi))
         print(f"wrote {folder}")
     else:
