@@ -31,7 +31,7 @@ MAX_RECIPE_BYTES = 1_000_000
 MAX_UPLOAD = "25mb"   # a photo; spiq.data.open_image also refuses > 40 Mpx, whatever the file size
 ATTRIBUTIONS = ["grad-cam", "integrated-gradients"]
 NO_ATTENTION = "Attention maps are for vision transformers; pick a DeiT or ViT model to see them."
-VIEW_OUTPUTS = 17   # what `refresh` fills: the components of `views_out` in build()
+VIEW_OUTPUTS = 15   # what `refresh` fills: the components of `views_out` in build()
 
 keep_freed_memory()   # before the worker threads: each would get an arena of its own
 
@@ -182,13 +182,25 @@ def refresh(model_name, applied, image, range_layer, map_layer, channel, attr_me
     emap = views.error_map(CACHE, sc, map_layer, _channel(channel))
     progress(0.6, desc="attribution")
     attr = views.attribution(CACHE, sc, attr_method)
-    progress(0.7, desc="attention")
+    progress(0.8, desc="attention")
     attention = _attention(sc, block)
-    progress(0.8, desc="all methods")
-    mfig, mrows = views.methods(CACHE, model_name, config, image)
     return (story, gr.update(choices=ranges_layers, value=range_layer), ranges, sqnr, breakdown, fold, table,
-            gr.update(choices=map_layers, value=map_layer), emap, attr, mfig, views.methods_table(mrows),
+            gr.update(choices=map_layers, value=map_layer), emap, attr,
             *attention, f"Views show `{config.to_json()}` on `{model_name}`.")
+
+
+@user_errors
+def show_methods(model_name, applied, image, progress=gr.Progress()):
+    """The Methods tab: after new bits every method quantizes anew (each with its own bias fit),
+    over a second of work, so it is drawn when the tab is shown rather than on every refresh."""
+    if image is None:
+        return gr.update(), gr.update()
+    fig, rows = views.methods(CACHE, model_name, QuantConfig.from_json(applied), image, _progress(progress))
+    return fig, views.methods_table(rows)
+
+
+def methods_if_shown(shown, model_name, applied, image, progress=gr.Progress()):
+    return show_methods(model_name, applied, image, progress) if shown else (gr.update(), gr.update())
 
 
 def _attention(sc, block):
@@ -324,7 +336,8 @@ def build() -> gr.Blocks:
                                  datatype=["str", "str", "number", "str", "number", "number", "str", "bool"],
                                  type="array", interactive=True, static_columns=[0, 1, 2], elem_id="layer-table")
         views_note = gr.Markdown(elem_id="views-note")
-        with gr.Tabs():
+        methods_shown = gr.State(False)   # whether the Methods tab is the one in view
+        with gr.Tabs() as tabs:
             with gr.Tab("Predictions", id="predictions"):
                 pred_text = gr.Markdown(elem_id="pred-text")
                 pred_plot = gr.Plot(label="Top-5, float vs quantized", elem_id="pred-plot")
@@ -352,7 +365,7 @@ def build() -> gr.Blocks:
                 attention_text = gr.Markdown(NO_ATTENTION, elem_id="attention-text")
                 attention_plot = gr.Plot(label="Attention maps per head", elem_id="attention-plot")
                 inversions_plot = gr.Plot(label="Rank inversions per block", elem_id="inversions-plot")
-            with gr.Tab("Methods", id="methods"):
+            with gr.Tab("Methods", id="methods") as methods_tab:
                 methods_plot = gr.Plot(label="All methods on this image", elem_id="methods-plot")
                 methods_table = gr.Dataframe(headers=views.METHODS_HEADERS, type="array", interactive=False)
             with gr.Tab("Deploy", id="deploy"):
@@ -374,21 +387,28 @@ def build() -> gr.Blocks:
                     upload = gr.File(file_types=[".json"], type="filepath", label="Upload a recipe JSON")
 
         views_out = [story_plot, range_layer, ranges_plot, sqnr_plot, breakdown_plot, fold_plot, error_table,
-                     map_layer, emap_plot, attr_plot, methods_plot, methods_table,
-                     block, attention_plot, inversions_plot, attention_text, views_note]
+                     map_layer, emap_plot, attr_plot, block, attention_plot, inversions_plot, attention_text, views_note]
         assert len(views_out) == VIEW_OUTPUTS
         refresh_in = [applied_model, applied, image, range_layer, map_layer, channel, attr_method, block]
+        methods_in, methods_out = [applied_model, applied, image], [methods_plot, methods_table]
+
+        def then_views(event, api_name=False):
+            """Every view after `event`; the Methods tab's too while it is the one shown."""
+            return event.success(refresh, refresh_in, views_out, api_name=api_name
+                                 ).success(methods_if_shown, [methods_shown, *methods_in], methods_out, api_name=False)
+
+        for tab in tabs.children:
+            tab.select(lambda shown=tab is methods_tab: shown, None, methods_shown, api_name=False)
+        methods_tab.select(show_methods, methods_in, methods_out, api_name="methods")
 
         controls = [method, wbits, abits, wgran, igran, bias_fit]
-        model.change(select_model, [model, applied_model, *controls],
-                     [applied_model, model, table, applied, status, method], api_name="select_model"
-                     ).success(predict, [applied_model, applied, image], [pred_plot, pred_text], api_name=False
-                               ).success(refresh, refresh_in, views_out, api_name=False)
-        apply_btn.click(apply, [applied_model, applied, *controls, table, image],
-                        [applied, table, recipe, download, status, pred_plot, pred_text], api_name="apply"
-                        ).success(refresh, refresh_in, views_out, api_name="refresh")
-        image.change(predict, [applied_model, applied, image], [pred_plot, pred_text], api_name="predict"
-                     ).success(refresh, refresh_in, views_out, api_name=False)
+        then_views(model.change(select_model, [model, applied_model, *controls],
+                                [applied_model, model, table, applied, status, method], api_name="select_model"
+                                ).success(predict, [applied_model, applied, image], [pred_plot, pred_text], api_name=False))
+        then_views(apply_btn.click(apply, [applied_model, applied, *controls, table, image],
+                                   [applied, table, recipe, download, status, pred_plot, pred_text], api_name="apply"),
+                   api_name="refresh")
+        then_views(image.change(predict, [applied_model, applied, image], [pred_plot, pred_text], api_name="predict"))
         range_layer.input(show_ranges, [applied_model, applied, image, range_layer], ranges_plot, api_name="ranges")
         map_layer.input(show_error_map, [applied_model, applied, image, map_layer, channel], emap_plot,
                         api_name="error_map")
@@ -400,13 +420,12 @@ def build() -> gr.Blocks:
         deploy_btn.click(show_deploy, [applied_model, applied, image], [latency_plot, parity_plot, deploy_text, onnx_file],
                          api_name="deploy")
         # An uploaded recipe replaces the controls and the table, then is applied like a click on Apply.
-        upload.upload(load_recipe, [upload, applied_model], [*controls, table, applied],
-                      api_name="load_recipe"
-                      ).success(apply, [applied_model, applied, *controls, table, image],
-                                [applied, table, recipe, download, status, pred_plot, pred_text], api_name=False
-                                ).success(refresh, refresh_in, views_out, api_name=False)
-        demo.load(predict, [applied_model, applied, image], [pred_plot, pred_text], api_name=False
-                  ).success(refresh, refresh_in, views_out, api_name=False)
+        then_views(upload.upload(load_recipe, [upload, applied_model], [*controls, table, applied],
+                                 api_name="load_recipe"
+                                 ).success(apply, [applied_model, applied, *controls, table, image],
+                                           [applied, table, recipe, download, status, pred_plot, pred_text],
+                                           api_name=False))
+        then_views(demo.load(predict, [applied_model, applied, image], [pred_plot, pred_text], api_name=False))
     return demo
 
 
