@@ -107,6 +107,26 @@ def test_app_in_chromium(app_url, tmp_path):
         shot = Path(os.environ.get("SPIQ_SCREENSHOT_DIR", tmp_path)) / "app.png"
         page.screenshot(path=str(shot), full_page=True)
         assert shot.stat().st_size > 10_000
+
+        # the Methods tab is drawn while shown: after Apply when it is in view, and when it comes
+        # into view after Applies made while it was not
+        methods_title = "(document.querySelector('#methods-plot .gtitle') || {}).textContent || ''"
+
+        def apply_input_bits(bits):
+            box.fill(str(bits))
+            box.press("Enter")
+            page.click("#apply")
+            page.wait_for_function(f"document.querySelector('#views-note').innerText.includes('\"input_bits\": {bits}')",
+                                   timeout=120_000)
+        page.get_by_role("tab", name="Methods").click()
+        page.wait_for_function(f"({methods_title}).includes('W8A4')", timeout=60_000)
+        apply_input_bits(5)
+        page.wait_for_function(f"({methods_title}).includes('W8A5')", timeout=60_000)
+        page.get_by_role("tab", name="Story").click()
+        apply_input_bits(6)
+        assert "W8A5" in page.evaluate(methods_title)   # not drawn while hidden
+        page.get_by_role("tab", name="Methods").click()
+        page.wait_for_function(f"({methods_title}).includes('W8A6')", timeout=60_000)
         browser.close()
     assert not problems, "\n".join(problems)
 
