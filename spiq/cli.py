@@ -143,8 +143,8 @@ def _cmd_export(args) -> int:
 def _cmd_distill(args) -> int:
     from tqdm import tqdm
 
-    from .distill import has_batchnorm, image_key, to_pixels, write_pixels
-    from .quantize import prepare
+    from .distill import distilled_images, has_batchnorm, image_key, to_pixels, write_pixels
+    from .quantize import distill_bounds
     from .registry import load_model
 
     if not 1 <= args.images <= 256:
@@ -152,14 +152,13 @@ def _cmd_distill(args) -> int:
     model, _, _ = load_model(args.model)
     if not has_batchnorm(model):
         raise ConfigError(f"{args.model} has no BatchNorm statistics to distill images from")
-    prepared = prepare(model)
+    lo, hi, size = distill_bounds(model)
     with tqdm(total=100, desc=f"distilling {args.images} images from {args.model}", unit="%", file=sys.stderr) as bar:
         def progress(frac, _msg):
-            bar.update(round(frac / 0.9 * 100) - bar.n)
-        images = prepared.distilled_images(args.images, progress)
+            bar.update(round(frac * 100) - bar.n)
+        images = distilled_images(model, args.images, lo, hi, size, progress=progress)
         bar.update(100 - bar.n)
     if args.out:
-        lo, hi, size = prepared.distill_bounds()
         folder = Path(args.out) / image_key(model, args.images, lo, hi, size)
         write_pixels(folder, to_pixels(images, lo, hi))
         print(f"wrote {folder}")

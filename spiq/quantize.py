@@ -163,7 +163,7 @@ class Prepared:
         `copy_of_source`: an identical model to distill on where the source may be in use."""
         if n not in self.distilled:
             report = (lambda f, m: progress(0.9 * f, m)) if progress is not None else None
-            self.distilled[n] = distilled_images(copy_of_source or self.source, n, *self.distill_bounds(),
+            self.distilled[n] = distilled_images(copy_of_source or self.source, n, *distill_bounds(self.source),
                                                  progress=report)
         return self.distilled[n]
 
@@ -179,16 +179,11 @@ class Prepared:
     def images_ready(self, n: int) -> bool:
         """Whether `distilled_images(n)` comes without distilling (held, shipped or cached)."""
         if n not in self.distilled:
-            found = find_distilled(self.source, n, *self.distill_bounds())
+            found = find_distilled(self.source, n, *distill_bounds(self.source))
             if found is None:
                 return False
             self.distilled[n] = found
         return True
-
-    def distill_bounds(self) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """The normalised input's per-channel bounds and the image size images are distilled at."""
-        lo, hi, _ = input_bounds_of(self.source)
-        return lo, hi, getattr(getattr(self.source, "spiq_preprocess", None), "crop", 224)
 
     def law_moments(self, name: str, dist: Dist) -> tuple[torch.Tensor, torch.Tensor]:
         if name not in self.moments:
@@ -260,6 +255,12 @@ def check_config(model: nn.Module, config: QuantConfig) -> None:
     if used & set(TRANSFORMER_ONLY) and vit_graph(model) is None:
         raise ConfigError(f"method {sorted(used & set(TRANSFORMER_ONLY))[0]!r} is for vision transformers; "
                           f"{type(model).__name__} is not one")
+
+
+def distill_bounds(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The normalised input's per-channel bounds and the size images are distilled at for `model`."""
+    lo, hi, _ = input_bounds_of(model)
+    return lo, hi, getattr(getattr(model, "spiq_preprocess", None), "crop", 224)
 
 
 def input_bounds_of(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -354,12 +355,12 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data: torch.Tensor | N
     searched = 0.0
     fit_biases_on = None
     bias_images = bias_images_for(config, model, vit)
-    if bias_images and vit is None and has_batchnorm(model):
+    if bias_images and (vit is not None or not has_batchnorm(model)):
+        report.fallbacks["<bias_images>"] = "no BatchNorm to distill images from: law bias correction only"
+    elif bias_images:
         if not prepared.images_ready(bias_images):
             searched = 0.9   # of the progress bar: distilling is nearly all the work
         fit_biases_on = prepared.distilled_images(bias_images, progress)
-    elif bias_images:
-        report.fallbacks["<bias_images>"] = "no BatchNorm to distill images from: law bias correction only"
     if "liu-ptq" in used:
         report.liu = _liu_plan(prepared, settings, config, calib_data, progress)
         searched = 0.9  # of the progress bar: the search is nearly all the work

@@ -10,7 +10,7 @@ from spiq import distill
 from spiq.cache import parameter_checksum
 from spiq.evaluate import mean_logit_sqnr_db
 from spiq.graph import analyse
-from spiq.quantize import activated_layers, input_bounds_of, prepare, quantizable_layers
+from spiq.quantize import activated_layers, distill_bounds, input_bounds_of, prepare, quantizable_layers
 
 
 def _bn_gap(model: nn.Module, x: torch.Tensor) -> float:
@@ -99,7 +99,7 @@ def test_the_default_models_images_ship_with_the_package(lite0, tmp_path, monkey
     monkeypatch.setattr(distill, "distill_images", no_distilling)
     prepared = prepare(lite0)
     x = prepared.distilled_images(8)
-    lo, hi, _ = prepared.distill_bounds()
+    lo, hi, _ = distill_bounds(lite0)
     assert x.shape == (8, 3, 224, 224) and x.dtype == torch.float32
     assert (x >= lo.view(1, -1, 1, 1)).all() and (x <= hi.view(1, -1, 1, 1)).all()
     noise = torch.rand(x.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
