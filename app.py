@@ -5,10 +5,8 @@ point of the Hugging Face Space.
 """
 from __future__ import annotations
 
-import base64
 import functools
 import os
-import tempfile
 import threading
 from pathlib import Path
 
@@ -17,31 +15,41 @@ import gradio as gr
 from spiq import views
 from spiq.cache import ModelCache
 from spiq.config import METHODS, ConfigError, QuantConfig
-from spiq.data import ImageError, open_image
+from gradio.utils import get_upload_folder
+
+from spiq.data import MAX_IMAGE_BYTES, ImageError, decode_data_url, open_allowed_image, open_image
 from spiq.export import ExportError
 from spiq.memory import keep_freed_memory
 from spiq.quantize import check_config, methods_for
 from spiq.registry import ModelUnavailableError, availability, list_models
+from spiq.scratch import ScratchDir
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_MODEL = "efficientnet_lite0"
 # the cat first: at 4-bit inputs its top-1 flips under some methods and not others
 EXAMPLES = [str(ASSETS / f) for f in ("cat.jpg", "coffee.jpg", "rocket.jpg", "astronaut.jpg", "camera.jpg")]
-MAX_RECIPE_BYTES = 1_000_000
-MAX_UPLOAD = "25mb"   # a photo; spiq.data.open_image also refuses > 40 Mpx, whatever the file size
 ATTRIBUTIONS = ["grad-cam", "integrated-gradients"]
 NO_ATTENTION = "Attention maps are for vision transformers; pick a DeiT or ViT model to see them."
 VIEW_OUTPUTS = 15   # what `refresh` fills: the components of `views_out` in build()
 
 keep_freed_memory()   # before the worker threads: each would get an arena of its own
 
-EXPORTS = Path(tempfile.mkdtemp(prefix="spiq-onnx-"))   # this process's exported models
+# Files handed out, one entry per recipe and reused: a few exported models (~15 MB each) and the
+# recipe downloads (bytes).
+EXPORTS = ScratchDir("spiq-onnx-", max_entries=6)
+RECIPES = ScratchDir("spiq-recipe-", max_entries=256)
+DELETE_CACHE = (600, 1800)   # every 10 min, Gradio deletes uploads and copies older than 30 min
+# Served in place rather than copied into Gradio's cache, so the bound above is the whole disk use.
+gr.set_static_paths([EXPORTS.root, RECIPES.root])
 
 CACHE = ModelCache(max_quantized=int(os.environ.get("SPIQ_CACHE_SIZE", "12")), calib_dir=ASSETS)
 
 
 class SafeImage(gr.Image):
-    """An image input decoded by spiq's own safe decoder, so a bad upload is a clear message."""
+    """An image input decoded by spiq's own safe decoder, so a bad upload is a clear message.
+
+    Whatever the payload claims, only files in Gradio's upload folder or the shipped examples are
+    opened: a payload without Gradio's `meta` key skips Gradio's own check."""
 
     def get_block_name(self) -> str:
         return "image"  # the browser side is Gradio's own image component
@@ -51,21 +59,35 @@ class SafeImage(gr.Image):
             return None
         try:
             if payload.url and payload.url.startswith("data:"):
-                return open_image(base64.b64decode(payload.url.split(",", 1)[1]))
-            return open_image(payload.path)
+                return open_image(decode_data_url(payload.url))
+            return open_allowed_image(payload.path, (get_upload_folder(), ASSETS))
         except ImageError as exc:
             raise gr.Error(f"This image cannot be used: {exc}", title="Bad image") from None
 
 
+class BitsSlider(gr.Slider):
+    """A bit-width slider that refuses, by its own name, what the API can send it: 8.5, NaN, "8"."""
+
+    def get_block_name(self) -> str:
+        return "slider"
+
+    def preprocess(self, payload):
+        try:
+            return views.control_bits(self.label, payload)
+        except ConfigError as exc:
+            raise gr.Error(str(exc)) from None
+
+
 def user_errors(fn):
-    """Errors a user can cause become a gr.Error with the library's message; the session stays usable."""
+    """Errors a user can cause become a gr.Error with the library's message, server paths cut to
+    their file names; the session stays usable."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except (ConfigError, ImageError, ModelUnavailableError, KeyError, ValueError) as exc:
             msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-            raise gr.Error(str(msg)) from None
+            raise gr.Error(views.without_paths(str(msg))) from None
     return wrapper
 
 
@@ -98,7 +120,7 @@ def model_choices():
 
 
 def unavailable_note() -> str:
-    lines = [f"- `{n}`: {p}" for n in list_models() if (p := availability(n)) is not None]
+    lines = [f"- `{n}`: {views.without_paths(p)}" for n in list_models() if (p := availability(n)) is not None]
     return "\n".join(lines) if lines else "Every registered model is available."
 
 
@@ -108,24 +130,14 @@ def _controls(config: QuantConfig):
 
 
 def _config_from_controls(applied: str, method, wbits, abits, wgran, igran, bias_fit, rows) -> QuantConfig:
-    previous = QuantConfig.from_json(applied)
-    # Table rows show what the applied config gave each layer: rows that differ are the user's edits.
-    edits = views.config_from_rows(previous, rows).overrides if rows else previous.overrides
-    # Settings without a control (an uploaded recipe's clipping, tails, equalization...) stay as
-    # they were; liu-ptq's mixed precision only while the method is liu-ptq.
-    # The box switches the bias fit off, or back on with the recipe's own image count (or automatic).
-    bias_images = (previous.bias_images or None) if bias_fit else 0
-    return previous.replace(method=method, weight_bits=int(wbits), input_bits=int(abits), weight_granularity=wgran,
-                            input_granularity=None if igran == "method default" else igran, bias_images=bias_images,
-                            overrides=dict(edits),
-                            mixed_precision=previous.mixed_precision if method == "liu-ptq" else None)
+    return views.config_from_controls(QuantConfig.from_json(applied), method, wbits, abits, wgran, igran, bias_fit, rows)
 
 
 @user_errors
 def select_model(name, applied_model, method, wbits, abits, wgran, igran, bias_fit, progress=gr.Progress()):
     problem = availability(name)
     if problem is not None:
-        gr.Warning(f"{name} cannot be used here: {problem}")
+        gr.Warning(views.without_paths(f"{name} cannot be used here: {problem}"))
         return applied_model, applied_model, gr.update(), gr.update(), gr.update(), gr.update()
     progress(0.1, desc=f"loading {name}")
     loaded = CACHE.load(name)
@@ -253,8 +265,9 @@ def show_attribution(model_name, applied, image, method, progress=gr.Progress())
 
 
 def _recipe_file(config: QuantConfig) -> str:
-    path = Path(tempfile.mkdtemp(prefix="spiq-recipe-")) / "spiq_recipe.json"
-    path.write_text(config.to_json(indent=2) + "\n")
+    path = RECIPES.entry(views.recipe_digest(config)) / "spiq_recipe.json"
+    if not path.exists():
+        path.write_text(config.to_json(indent=2) + "\n")
     return str(path)
 
 
@@ -262,14 +275,7 @@ def _recipe_file(config: QuantConfig) -> str:
 def load_recipe(file, model_name):
     if file is None:
         raise gr.Error("Choose a recipe JSON file first.")
-    path = Path(file)
-    if path.stat().st_size > MAX_RECIPE_BYTES:
-        raise ConfigError(f"a recipe is a small JSON file; this one has {path.stat().st_size} bytes")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError("the recipe is not a UTF-8 text file") from None
-    config = QuantConfig.from_json(text)
+    config = views.read_recipe(file, (get_upload_folder(),))
     loaded = CACHE.load(model_name)
     check_config(loaded.model, config)   # before the session takes it: a bad recipe leaves it as it was
     return (*_controls(config), views.layer_rows(loaded.model, config), config.to_json())
@@ -281,7 +287,7 @@ def show_deploy(model_name, applied, image, progress=gr.Progress()):
     try:
         return views.deploy(CACHE, model_name, config, _need_image(image), EXPORTS, _progress(progress))
     except ExportError as exc:
-        raise gr.Error(f"This recipe cannot be exported to int8: {exc}") from None
+        raise gr.Error(views.without_paths(f"This recipe cannot be exported to int8: {exc}")) from None
 
 
 def warm_up():
@@ -301,7 +307,7 @@ the per-channel scales into the weights. Compare it with per-tensor, calibrated 
 def build() -> gr.Blocks:
     default = QuantConfig()
     loaded = CACHE.load(DEFAULT_MODEL)
-    with gr.Blocks(title="SPIQ Explorer") as demo:
+    with gr.Blocks(title="SPIQ Explorer", delete_cache=DELETE_CACHE) as demo:
         applied = gr.State(default.to_json())          # this user's recipe, as last applied
         applied_model = gr.State(DEFAULT_MODEL)
         gr.Markdown(INTRO)
@@ -314,8 +320,8 @@ def build() -> gr.Blocks:
                                      info="spiq: data-free per-channel static; calib-* and liu-ptq (transformers "
                                           "only): calibrated on the example images")
                 with gr.Row():
-                    wbits = gr.Slider(2, 16, value=default.weight_bits, step=1, label="Weight bits", elem_id="wbits")
-                    abits = gr.Slider(2, 16, value=default.input_bits, step=1, label="Input bits", elem_id="abits")
+                    wbits = BitsSlider(2, 16, value=default.weight_bits, step=1, label="Weight bits", elem_id="wbits")
+                    abits = BitsSlider(2, 16, value=default.input_bits, step=1, label="Input bits", elem_id="abits")
                 with gr.Row():
                     wgran = gr.Radio(["channel", "tensor"], value="channel", label="Weight granularity")
                     igran = gr.Radio(["method default", "channel", "tensor"], value="method default",
@@ -434,4 +440,4 @@ demo = build()
 if __name__ == "__main__":
     threading.Thread(target=warm_up, daemon=True).start()
     demo.queue(default_concurrency_limit=4).launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
-                                                   max_file_size=MAX_UPLOAD)
+                                                   max_file_size=MAX_IMAGE_BYTES)

@@ -153,11 +153,12 @@ class ModelCache:
             prepared.distilled_images(n, progress, copy_of_source=private)
             return True
 
-    def derived(self, name: str, config: QuantConfig, what: str, compute: Callable[[], object]):
-        """A result that depends only on (model, config), computed once while that model is cached."""
+    def derived(self, name: str, config: QuantConfig, what: str, compute: Callable[[], object], fresh: bool = False):
+        """A result that depends only on (model, config), computed once while that model is cached
+        (again when `fresh`: the kept one is gone, e.g. its files were deleted)."""
         key = (name, config_key(config), what)
         with self.lock:
-            if key not in self._derived:
+            if fresh or key not in self._derived:
                 self._derived[key] = compute()
             return self._derived[key]
 

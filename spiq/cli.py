@@ -3,15 +3,25 @@ the images the bias fit needs ahead of time."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 from .config import AUTO_BIAS_IMAGES, METHODS, ConfigError, QuantConfig
-from .data import DatasetError
-from .export import ExportError
+from .data import DatasetError, ImageError
+from .export import ExportError, check_exportable
 from .memory import keep_freed_memory
 from .registry import ModelUnavailableError, get_spec, list_models
+
+# A recipe is a few hundred bytes; this refuses a wrong file before reading it whole.
+MAX_CONFIG_BYTES = 1_000_000
+
+
+class UsageError(ValueError):
+    """A command line that cannot work: an output path that cannot be written, a bad file."""
 
 
 def _cmd_models(args) -> int:
@@ -27,12 +37,26 @@ def _cmd_models(args) -> int:
     return 0
 
 
+def _read_config(path: str) -> str:
+    try:
+        size = os.stat(path).st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"--config {path} has {size} bytes; a recipe is a small JSON file (at most 1 MB)")
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)   # a device or pipe has no size to check beforehand
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"--config {path} has more than 1 MB; a recipe is a small JSON file")
+    try:
+        return data.decode("utf-8-sig")   # -sig: a byte-order mark as some editors write it
+    except UnicodeDecodeError:
+        raise ConfigError(f"--config {path} is not UTF-8 text") from None
+
+
 def _build_config(args) -> QuantConfig | None:
     if args.config:
-        try:
-            base = QuantConfig.from_json(Path(args.config).read_text())
-        except OSError as exc:
-            raise ConfigError(f"cannot read config {args.config}: {exc.strerror}") from None
+        base = QuantConfig.from_json(_read_config(args.config))
     else:
         base = QuantConfig()
         if args.method is None:
@@ -52,6 +76,72 @@ def _build_config(args) -> QuantConfig | None:
     return base.replace(**changes)
 
 
+def _check_output(path: str | None, flag: str, replaced: bool = False) -> None:
+    """Refuse an output file that cannot be written, before the work whose result it is to hold.
+
+    `replaced`: the file is written beside its place and moved there, so its folder must take new
+    files even when the file exists.
+    """
+    if path is None:
+        return
+    target = Path(path)
+    try:
+        if target.is_dir():
+            raise UsageError(f"{flag} {path} is a directory; give a file path")
+        if replaced and target.exists() and not target.is_file():   # os.replace would swap out a device
+            raise UsageError(f"{flag} {path} exists and is not a regular file")
+        if target.exists() and not replaced:
+            if not os.access(target, os.W_OK):
+                raise UsageError(f"{flag} {path} is not writable")
+            return
+    except OSError as exc:
+        raise UsageError(f"{flag} {path} cannot be written: {exc.strerror or exc}") from None
+    _check_output_folder(target.parent, flag, path)
+
+
+def _check_output_folder(folder: str | Path, flag: str, path: str | None = None) -> None:
+    """Refuse unless `folder` is, or can be made, a folder that takes new files: create one and remove it."""
+    path = path or str(folder)
+    folder = Path(folder)
+    try:
+        while not folder.exists():   # created at the end, inside the nearest folder that exists
+            folder = folder.parent
+        if not folder.is_dir():
+            raise UsageError(f"{flag} {path}: {folder} is not a directory")
+        fd, probe = tempfile.mkstemp(prefix=".spiq-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UsageError(f"{flag} {path} cannot be written: {exc.strerror or exc}") from None
+
+
+def _write_json(path: str, data: dict) -> None:
+    target, opened = Path(path), False
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "w") as f:
+            opened = True
+            f.write(json.dumps(data, indent=2) + "\n")
+    except OSError as exc:
+        if opened and target.is_file():   # cut short (a full disk): half a result must not be read as one
+            with contextlib.suppress(OSError):
+                target.unlink()
+        raise UsageError(f"--json {path} could not be written: {exc.strerror or exc}") from None
+
+
+def _skipper(args, skipped: dict):
+    """The on_skip of the image loaders: None under --strict, else warn once per file and count it."""
+    if args.strict:
+        return None
+    from tqdm import tqdm
+
+    def skip(path, exc):
+        if path not in skipped:
+            tqdm.write(f"warning: skipped {exc}", file=sys.stderr)   # above the progress bars
+        skipped[path] = exc
+    return skip
+
+
 def _cmd_evaluate(args) -> int:
     from tqdm import tqdm
 
@@ -60,8 +150,10 @@ def _cmd_evaluate(args) -> int:
     from .registry import load_model
 
     config = _build_config(args)
+    _check_output(args.json, "--json")
     model, preprocess, _ = load_model(args.model)
     n = len(find_images(args.images)[: args.limit])
+    skipped = {}
     calib = None
     if config is not None and config.needs_calibration:
         src = args.calib or args.images
@@ -69,11 +161,13 @@ def _cmd_evaluate(args) -> int:
             print(f"note: calibrating on {config.calib_images} images drawn from {src} "
                   "(pass --calib DIR for images kept apart from the evaluation)", file=sys.stderr)
         with tqdm(total=config.calib_images, desc="calibration images", unit="img", file=sys.stderr) as bar:
-            calib = load_calibration(src, preprocess, config.calib_images, progress=bar.update)
+            calib = load_calibration(src, preprocess, config.calib_images, progress=bar.update,
+                                     on_skip=_skipper(args, skipped))
     with tqdm(total=n, desc="loading images", unit="img", file=sys.stderr) as bar:
-        images, labels, _ = load_images(args.images, preprocess, args.limit, progress=bar.update)
+        images, labels, _ = load_images(args.images, preprocess, args.limit, progress=bar.update,
+                                        on_skip=_skipper(args, skipped))
     passes = 1 if config is None else 2
-    with tqdm(total=n * passes, desc=f"evaluating {args.model} {args.method or config.method}", unit="img",
+    with tqdm(total=len(labels) * passes, desc=f"evaluating {args.model} {args.method or config.method}", unit="img",
               file=sys.stderr) as bar, \
             tqdm(total=100, desc="quantizing", unit="%", file=sys.stderr, disable=config is None) as qbar:
         def quantizing(frac, _msg):
@@ -85,8 +179,7 @@ def _cmd_evaluate(args) -> int:
         result.wbits = result.abits = None
     print(result.summary())
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        _write_json(args.json, {**result.to_dict(), "n_skipped": len(skipped)})
     return 0
 
 
@@ -100,20 +193,29 @@ def _cmd_export(args) -> int:
     from .registry import load_model
 
     config = _build_config(args)
+    if config is not None:
+        check_exportable(config)
+    _check_output(args.out, "--out", replaced=True)
+    _check_output(args.json, "--json")
     model, preprocess, _ = load_model(args.model)
     calib = None
+    skipped = {}
     if config is not None and config.needs_calibration:
         if not args.calib:
             raise ConfigError(f"method {config.method} calibrates on images: give --calib DIR")
         with tqdm(total=config.calib_images, desc="calibration images", unit="img", file=sys.stderr) as bar:
-            calib = load_calibration(args.calib, preprocess, config.calib_images, progress=bar.update)
+            calib = load_calibration(args.calib, preprocess, config.calib_images, progress=bar.update,
+                                     on_skip=_skipper(args, skipped))
     qmodel = model
     if config is not None:
         with tqdm(total=100, desc=f"quantizing {args.model} {config.method}", unit="%", file=sys.stderr) as bar:
             def progress(frac, _msg):
                 bar.update(round(frac * 100) - bar.n)
             qmodel = quantize(model, config, calib_data=calib, progress=progress)
-    report = export_onnx(qmodel, args.out, batch=args.batch)
+    try:
+        report = export_onnx(qmodel, args.out, batch=args.batch)
+    except OSError as exc:   # export_onnx leaves nothing behind
+        raise UsageError(f"--out {args.out} could not be written: {exc.strerror or exc}") from None
     print(report.summary())
     ops = optimized_op_counts(args.out)
     print("ONNX Runtime runs: " + ", ".join(f"{n} {c}" for n, c in sorted(ops.items(), key=lambda kv: -kv[1])))
@@ -130,13 +232,13 @@ def _cmd_export(args) -> int:
 
         n = len(find_images(args.check)[: args.limit])
         with tqdm(total=n, desc="loading images", unit="img", file=sys.stderr) as bar:
-            images, labels, _ = load_images(args.check, preprocess, args.limit, progress=bar.update)
+            images, labels, _ = load_images(args.check, preprocess, args.limit, progress=bar.update,
+                                            on_skip=_skipper(args, skipped))
         par = parity(qmodel, args.out, images, labels)
         print(par.summary())
         result["parity"] = vars(par)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        _write_json(args.json, {**result, "n_skipped": len(skipped)})
     return 0
 
 
@@ -149,6 +251,8 @@ def _cmd_distill(args) -> int:
 
     if not 1 <= args.images <= 256:
         raise ConfigError(f"--images must be from 1 to 256, got {args.images}")
+    if args.out:
+        _check_output_folder(args.out, "--out")
     model, _, _ = load_model(args.model)
     if not has_batchnorm(model):
         raise ConfigError(f"{args.model} has no BatchNorm statistics to distill images from")
@@ -174,8 +278,24 @@ def _bits(text: str) -> int:
         raise argparse.ArgumentTypeError(f"bits must be an integer from 2 to 16, got {text!r}") from None
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # one line, as every other error of spiq: `usage` would bury it under the whole synopsis
+        self.exit(2, f"spiq: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="spiq", description="Data-free post-training quantization of vision networks.")
+    p = _Parser(prog="spiq", description="Data-free post-training quantization of vision networks.")
     sub = p.add_subparsers(dest="command", required=True)
 
     sub.add_parser("models", help="list the models and whether they work offline").set_defaults(func=_cmd_models)
@@ -186,13 +306,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--method", choices=["fp", *METHODS], help="fp (float) or a quantization method")
     e.add_argument("--wbits", type=_bits, help="weight bits (2-16)")
     e.add_argument("--abits", type=_bits, help="input (activation) bits (2-16)")
-    e.add_argument("--limit", type=int, help="evaluate only the first N images")
+    e.add_argument("--limit", type=_positive, help="evaluate only the first N images (unreadable ones included)")
     e.add_argument("--config", help="QuantConfig JSON; --method/--wbits/--abits override its fields")
     e.add_argument("--calib", help="calibration image folder for calib-* and liu-ptq (default: --images)")
-    e.add_argument("--calib-n", type=int, help="number of calibration images")
+    e.add_argument("--calib-n", type=_positive, help="number of calibration images")
     e.add_argument("--mixed-precision", type=float, metavar="BITS",
                    help="liu-ptq: average bits over the attention and MLP modules, one width per module")
-    e.add_argument("--json", help="write the result as JSON here")
+    e.add_argument("--json", help="write the result as JSON here (n_skipped: unreadable images left out)")
+    e.add_argument("--strict", action="store_true", help="refuse an unreadable image instead of skipping it")
     e.set_defaults(func=_cmd_evaluate)
 
     x = sub.add_parser("export", help="write the quantized model as an int8 ONNX graph for ONNX Runtime")
@@ -202,12 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--abits", type=_bits, help="input (activation) bits (8: the int8 kernels take uint8)")
     x.add_argument("--config", help="QuantConfig JSON; --method/--wbits/--abits override its fields")
     x.add_argument("--calib", help="calibration image folder (calib-* methods)")
-    x.add_argument("--calib-n", type=int, help="number of calibration images")
+    x.add_argument("--calib-n", type=_positive, help="number of calibration images")
     x.add_argument("--out", required=True, help="the .onnx file to write (written whole or not at all)")
-    x.add_argument("--batch", type=int, help="fix the batch size (default: symbolic)")
+    x.add_argument("--batch", type=_positive, help="fix the batch size (default: symbolic)")
     x.add_argument("--check", help="labelled image folder: compare ONNX Runtime with the simulation on it")
-    x.add_argument("--limit", type=int, help="with --check: only the first N images")
+    x.add_argument("--limit", type=_positive, help="with --check: only the first N images")
     x.add_argument("--json", help="write what was exported (and the check) as JSON here")
+    x.add_argument("--strict", action="store_true", help="refuse an unreadable image instead of skipping it")
     x.set_defaults(func=_cmd_export)
 
     d = sub.add_parser("distill", help="distill the images the bias fit (bias_images) needs, once per model")
@@ -224,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()
     try:
         return args.func(args)
-    except (ConfigError, DatasetError, ModelUnavailableError, ExportError, KeyError) as exc:
+    except (ConfigError, DatasetError, ImageError, UsageError, ModelUnavailableError, ExportError, KeyError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"spiq: error: {msg}", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from dataclasses import asdict, dataclass, field, fields, replace
 
 METHODS = {
@@ -24,10 +25,27 @@ DYNAMIC = ("dynamic-tensor", "dynamic-channel")
 GRANULARITIES = ("channel", "tensor")
 AUTO_BIAS_IMAGES = 8   # bias_images=None on a model with BatchNorm; 16 add 0.05-0.2 dB for twice the distillation
 MIN_BITS, MAX_BITS = 2, 16
+# A recipe is a flat object with per-layer overrides: depth 3. The bounds refuse a hostile file
+# before the parser recurses into it (200k nested brackets overflow Python's stack).
+MAX_JSON_BYTES = 1_000_000
+MAX_JSON_DEPTH = 8
+_JSON_STRING = re.compile(r'"(?:\\.|[^"\\])*"')
 
 
 class ConfigError(ValueError):
     """A configuration field is missing, unknown, or out of range."""
+
+
+def _json_depth(text: str) -> int:
+    """The deepest nesting of brackets outside strings, without parsing."""
+    depth = deepest = 0
+    for ch in _JSON_STRING.sub("", text):
+        if ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
 
 
 def _suggest(word: str, options) -> str:
@@ -247,6 +265,13 @@ class QuantConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "QuantConfig":
+        if not isinstance(text, str):
+            raise ConfigError(f"a config is JSON text, got {type(text).__name__}")
+        if len(text) > MAX_JSON_BYTES:
+            raise ConfigError(f"a config is a small JSON text; this one has {len(text)} characters "
+                              f"(the limit is {MAX_JSON_BYTES})")
+        if _json_depth(text) > MAX_JSON_DEPTH:
+            raise ConfigError(f"config is nested more than {MAX_JSON_DEPTH} levels deep; a recipe needs 3")
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:

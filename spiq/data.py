@@ -1,6 +1,9 @@
 """Images in, tensors out: safe decoding of any image, preprocessing, labelled image folders."""
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 import os
 from dataclasses import dataclass
 from importlib import resources
@@ -25,6 +28,13 @@ IMAGENET_CLASSES: list[str] = _imagenet_classes()
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 # Far above any real photo, far below what a decompression bomb asks for.
 MAX_PIXELS = 40_000_000
+# Every way an image arrives (file, upload, data URL, clipboard, webcam) is held to this size before
+# it is decoded: a phone photo is under 15 MB.
+MAX_IMAGE_BYTES = 25 * 1024 * 1024
+# Resizing the short side scales the long one with it: 100000x10 pixels pass the pixel bound and
+# resize to 650 Mpx. A side and an aspect bound keep every resize near the crop the model sees.
+MAX_SIDE = 16_384
+MAX_ASPECT = 20
 
 
 class ImageError(ValueError):
@@ -50,22 +60,54 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def open_image(source) -> Image.Image:
-    """Decode a path, bytes or file object into RGB, refusing what is not a sane image."""
-    if isinstance(source, (bytes, bytearray)):
-        import io
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MB"
 
-        if not source:
-            raise ImageError("the file is empty (0 bytes)")
-        source = io.BytesIO(source)
-    elif isinstance(source, (str, os.PathLike)) and os.path.getsize(source) == 0:
-        raise ImageError(f"{source}: the file is empty (0 bytes)")
+
+def check_image_bytes(size: int) -> None:
+    """Refuse an encoded image over MAX_IMAGE_BYTES, or an empty one, before it is read."""
+    if size == 0:
+        raise ImageError("the file is empty (0 bytes)")
+    if size > MAX_IMAGE_BYTES:
+        raise ImageError(f"the file is {_mb(size)}; the limit is {_mb(MAX_IMAGE_BYTES)}")
+
+
+def check_image_size(w: int, h: int) -> None:
+    """Refuse dimensions that would cost far more to decode or resize than a photo does."""
+    if w * h > MAX_PIXELS:
+        raise ImageError(f"image is too large: {w}x{h} = {w * h / 1e6:.0f} Mpx; the limit is "
+                         f"{MAX_PIXELS / 1e6:.0f} Mpx")
+    if max(w, h) > MAX_SIDE:
+        raise ImageError(f"image is {w}x{h}; no side may exceed {MAX_SIDE} px")
+    if max(w, h) > MAX_ASPECT * max(min(w, h), 1):
+        raise ImageError(f"image is {w}x{h}; one side may be at most {MAX_ASPECT} times the other")
+
+
+def _sized_source(source):
+    """`source` as something Image.open reads, after its encoded size passed the bound."""
+    if isinstance(source, (bytes, bytearray)):
+        check_image_bytes(len(source))
+        return io.BytesIO(source)
+    if isinstance(source, (str, os.PathLike)):
+        try:
+            check_image_bytes(os.path.getsize(source))
+        except OSError:
+            raise ImageError("the file cannot be read") from None
+        return source
+    pos = source.tell()
+    check_image_bytes(source.seek(0, os.SEEK_END) - pos)
+    source.seek(pos)
+    return source
+
+
+def open_image(source) -> Image.Image:
+    """Decode a path, bytes or file object into RGB, refusing what is not a sane image.
+
+    Messages never name the file: the caller knows which it gave, and a server must not echo paths."""
+    source = _sized_source(source)
     try:
         img = Image.open(source)
-        w, h = img.size
-        if w * h > MAX_PIXELS:
-            raise ImageError(f"image is too large: {w}x{h} = {w * h / 1e6:.0f} Mpx; the limit is "
-                             f"{MAX_PIXELS / 1e6:.0f} Mpx")
+        check_image_size(*img.size)
         img.load()
     except ImageError:
         raise
@@ -76,6 +118,34 @@ def open_image(source) -> Image.Image:
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"corrupt or truncated image: {exc}") from None
     return to_rgb(img)
+
+
+REFUSED_FILE = "this file is not one that was uploaded here"
+
+
+def open_allowed_image(path: str | os.PathLike, roots) -> Image.Image:
+    """`open_image` of a path a client named, only if it is a regular file inside one of `roots`
+    (symlinks followed). A refusal says the same for every path, so it tells nothing of what exists."""
+    try:
+        real = Path(os.path.realpath(path))
+        ok = real.is_file() and any(real.is_relative_to(os.path.realpath(r)) for r in roots)
+    except (OSError, ValueError):
+        ok = False
+    if not ok:
+        raise ImageError(REFUSED_FILE)
+    return open_image(real)
+
+
+def decode_data_url(url: str) -> bytes:
+    """The bytes of a base64 `data:` URL, refused before decoding when they would exceed MAX_IMAGE_BYTES."""
+    head, comma, body = url.partition(",")
+    if not comma or not head.startswith("data:") or not head.endswith(";base64"):
+        raise ImageError("the image data is not a base64 data URL")
+    check_image_bytes(len(body) * 3 // 4 - (body.endswith("=") + body.endswith("==")))
+    try:
+        return base64.b64decode(body, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageError("the image data URL is not valid base64") from None
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .config import QuantConfig
-from .data import Preprocess, find_images, load_batch
+from .data import DatasetError, ImageError, Preprocess, find_images, open_image
 from .quantize import quantize
 from .registry import load_model
 
@@ -73,24 +73,53 @@ def mean_logit_sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
 
 
 def load_images(root: str | Path, preprocess: Preprocess, limit: int | None = None,
-                progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor, list[Path]]:
-    """Preprocessed images and labels of a labelled folder (first `limit` in sorted order)."""
+                progress: Callable[[int], None] | None = None,
+                on_skip: Callable[[Path, ImageError], None] | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor, list[Path]]:
+    """Preprocessed images, labels and paths of a labelled folder (first `limit` in sorted order).
+
+    An image that does not decode raises ImageError naming it; given `on_skip`, it is left out
+    (absent from the paths returned) and passed to on_skip(path, error) instead.
+    """
     items = find_images(root)
     if limit is not None:
         items = items[:limit]
-    labels = torch.tensor([label for _, label in items])
-    return _decode([p for p, _ in items], preprocess, progress), labels, [p for p, _ in items]
+    images, kept = _decode([p for p, _ in items], preprocess, progress, on_skip)
+    if not kept:
+        raise DatasetError(f"{root}: none of its images could be read ({len(items)} skipped)")
+    return images, torch.tensor([items[i][1] for i in kept]), [items[i][0] for i in kept]
 
 
-def _decode(paths: list[Path], preprocess: Preprocess, progress: Callable[[int], None] | None) -> torch.Tensor:
-    """Preprocessed images, decoded 50 at a time so the progress bar moves."""
-    xs = []
-    for i in range(0, len(paths), 50):
-        chunk = paths[i:i + 50]
-        xs.append(load_batch(chunk, preprocess))
+def _load(path: Path, preprocess: Preprocess) -> torch.Tensor:
+    """One preprocessed image; ImageError with the path in front of the reason."""
+    try:
+        return preprocess(open_image(path))
+    except ImageError as exc:
+        reason = str(exc).removeprefix(f"{path}: ")   # not twice, should open_image name it too
+        raise ImageError(f"{path}: {reason}") from None
+    except OSError as exc:   # a dangling link or an unreadable entry of the folder
+        raise ImageError(f"{path}: {exc.strerror or exc}") from None
+
+
+def _decode(paths: list[Path], preprocess: Preprocess, progress: Callable[[int], None] | None,
+            on_skip: Callable[[Path, ImageError], None] | None = None,
+            want: int | None = None) -> tuple[torch.Tensor, list[int]]:
+    """The first `want` (default: all) of `paths` that decode, preprocessed, and their indices."""
+    xs, kept = [], []
+    for i, path in enumerate(paths):
+        if want is not None and len(kept) == want:
+            break
+        try:
+            xs.append(_load(path, preprocess))
+        except ImageError as exc:
+            if on_skip is None:
+                raise
+            on_skip(path, exc)
+            continue
+        kept.append(i)
         if progress is not None:
-            progress(len(chunk))
-    return torch.cat(xs)
+            progress(1)
+    return (torch.stack(xs) if xs else torch.zeros(0)), kept
 
 
 def calibration_split(count: int, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,12 +148,20 @@ def paired_difference(agree_a: torch.Tensor, agree_b: torch.Tensor, z: float = 1
 
 
 def load_calibration(root: str | Path, preprocess: Preprocess, n: int, seed: int = 0,
-                     progress: Callable[[int], None] | None = None) -> torch.Tensor:
-    """`calibration_subset` of a folder's images, decoding only the n it picks."""
+                     progress: Callable[[int], None] | None = None,
+                     on_skip: Callable[[Path, ImageError], None] | None = None) -> torch.Tensor:
+    """`calibration_subset` of a folder's images, decoding only the n it picks.
+
+    With `on_skip` (see load_images) an image that does not decode is replaced by the next in the
+    same random order, so a folder with good images only gets the same n as before.
+    """
     items = find_images(root)
     g = torch.Generator().manual_seed(seed)
-    picked = [items[i][0] for i in torch.randperm(len(items), generator=g)[:n].tolist()]
-    return _decode(picked, preprocess, progress)
+    order = [items[i][0] for i in torch.randperm(len(items), generator=g).tolist()]
+    images, kept = _decode(order, preprocess, progress, on_skip, want=n)
+    if not kept:
+        raise DatasetError(f"{root}: none of its images could be read for calibration ({len(items)} skipped)")
+    return images
 
 
 def evaluate(model_name: str, images: torch.Tensor, labels: torch.Tensor, config: QuantConfig | None,

@@ -61,7 +61,7 @@ from torch import fx, nn
 from torch.nn import functional as F
 
 from .runtime import ort_session
-from .config import CALIBRATED
+from .config import CALIBRATED, DATA_FREE, TRANSFORMER_ONLY
 from .fold import ChannelReLU6
 from .graph import _LeafTracer
 from .qlayers import GridQuant, InputQuant, QuantLayer, fake_quant_input
@@ -1038,9 +1038,9 @@ class ExportReport:
 
     def summary(self) -> str:
         if not self.quantized or not self.int8_layers:
-            return f"{self.path}: float graph, {len(self.float_layers)} layers"
+            return f"{Path(self.path).name}: float graph, {len(self.float_layers)} layers"
         muls = f" ({', '.join(self.mul_layers)})" if self.mul_layers else ""
-        parts = [f"{self.path}: {len(self.int8_layers)} int8 layers, every activation quantizer per tensor",
+        parts = [f"{Path(self.path).name}: {len(self.int8_layers)} int8 layers, every activation quantizer per tensor",
                  f"per-channel Mul before {len(self.mul_layers)} layer(s){muls}",
                  f"{len(self.requantized)} layer(s) re-quantized for a shared residual-stream grid",
                  f"{len(self.extra_quantizers)} quantizer(s) the simulation does not have"]
@@ -1073,6 +1073,31 @@ def prepare_for_export(model: nn.Module) -> nn.Module:
     return folded
 
 
+_NO_VIT = "int8 ONNX export handles convolutional networks; vision transformers are not exported yet"
+
+
+def check_exportable(config) -> None:
+    """Raise ExportError if the recipe `config` quantizes a layer in a way the int8 graph cannot run.
+
+    Decided on the recipe alone, so that a caller can refuse before quantizing; export_onnx checks
+    the config a quantized model carries with it, then each quantized layer itself.
+    """
+    if config.method in TRANSFORMER_ONLY:
+        raise ExportError(_NO_VIT)
+    layers = [("", config.method, config.input_bits, config.weight_bits)]
+    layers += [(f"overrides[{name!r}]: ", ov.method or config.method, ov.input_bits or config.input_bits,
+                ov.weight_bits or config.weight_bits) for name, ov in config.overrides.items() if not ov.skip]
+    for where, method, abits, wbits in layers:
+        if method not in DATA_FREE + CALIBRATED:
+            raise ExportError(f"{where}method={method!r}: dynamic input quantization has no static int8 graph; "
+                              "export a static method (spiq, static-tensor, calib-*)")
+        if abits != 8:
+            raise ExportError(f"{where}input_bits={abits}: the int8 export needs 8-bit inputs (ONNX Runtime's "
+                              "integer kernels take uint8 activations and saturate at 255)")
+        if wbits > 8:
+            raise ExportError(f"{where}weight_bits={wbits}: the int8 export holds weights of at most 8 bits")
+
+
 def export_onnx(qmodel: nn.Module, path: str | os.PathLike, *, quantized: bool = True, input_size: int | None = None,
                 batch: int | None = None) -> ExportReport:
     """Write `qmodel` (from spiq.quantize, or a float model) as an ONNX graph; return what was done.
@@ -1096,7 +1121,9 @@ def _export(qmodel: nn.Module, path: str, quantized: bool, input_size: int | Non
     from .vit import is_transformer
 
     if is_transformer(qmodel) or getattr(getattr(qmodel, "spiq_report", None), "liu", None) is not None:
-        raise ExportError("int8 ONNX export handles convolutional networks; vision transformers are not exported yet")
+        raise ExportError(_NO_VIT)
+    if getattr(qmodel, "spiq_config", None) is not None:
+        check_exportable(qmodel.spiq_config)
     model = prepare_for_export(qmodel)
     shape = _input_shape_of(model, input_size)
     plan = _plan_export(model, shape)

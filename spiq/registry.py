@@ -153,12 +153,17 @@ def _tv_builder(arch: str) -> Callable[[], nn.Module]:
         weights = _tv_weights(arch)
         path = _tv_cache_path(arch)
         try:
-            return get_model(arch, weights=weights)
+            # torchvision's own loader unpickles with weights_only=False: load the tensors ourselves.
+            state = torch.hub.load_state_dict_from_url(weights.url, map_location="cpu", check_hash=True,
+                                                       weights_only=True)
         except Exception as exc:  # torch.hub raises URLError, HTTPError, OSError, RuntimeError...
             raise ModelUnavailableError(
                 f"{arch}: weights are not cached at {path} and downloading {weights.url} failed "
                 f"({type(exc).__name__}: {exc}). Connect to the internet once, or copy the file there."
             ) from None
+        model = get_model(arch, weights=None, num_classes=len(weights.meta["categories"]))
+        model.load_state_dict(state)
+        return model.eval()
     return build
 
 

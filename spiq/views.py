@@ -7,6 +7,8 @@ same functions. Every model run holds the cache's lock (see `spiq.cache`).
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,8 +20,10 @@ from torch import nn
 from . import analysis, plots
 from .attribution import attribution_drift
 from .cache import Loaded, ModelCache, config_key
-from .config import CALIBRATED, DATA_FREE, GRANULARITIES, METHODS, NEEDS_CALIBRATION, ConfigError, QuantConfig
+from .config import (CALIBRATED, DATA_FREE, GRANULARITIES, MAX_BITS, METHODS, MIN_BITS, NEEDS_CALIBRATION, ConfigError,
+                     QuantConfig)
 from .qlayers import QuantLayer
+from .scratch import ScratchDir
 from .quantize import methods_for, quantizable_layers
 from .vit import is_transformer  # noqa: F401  (the app asks views whether a model has attention)
 
@@ -228,6 +232,74 @@ def _cell_bool(layer: str, value) -> bool:
     raise ConfigError(f"layer {layer}: skip must be true or false, got {value!r}")
 
 
+MAX_RECIPE_BYTES = 1_000_000
+# An absolute path: what an error message must not show a remote user (URLs and ratios stay).
+_SERVER_PATH = re.compile(r"(?<![\w.:/])(?:/[\w.@+-]+)*/([\w.@+-]+)/?")
+
+
+def without_paths(message: str) -> str:
+    """`message` with every absolute path cut to its last part, for a public server's errors."""
+    return _SERVER_PATH.sub(lambda m: m.group(1), message)
+
+
+def recipe_digest(config: QuantConfig) -> str:
+    return hashlib.sha1(config_key(config).encode()).hexdigest()[:16]
+
+
+def read_recipe(path: str, roots) -> QuantConfig:
+    """A recipe file a user uploaded: inside `roots`, at most MAX_RECIPE_BYTES of UTF-8 JSON."""
+    real = Path(os.path.realpath(path))
+    if not real.is_file() or not any(real.is_relative_to(os.path.realpath(r)) for r in roots):
+        raise ConfigError("this recipe file is not one that was uploaded here")
+    if (size := real.stat().st_size) > MAX_RECIPE_BYTES:
+        raise ConfigError(f"a recipe is a small JSON file; this one has {size} bytes (limit {MAX_RECIPE_BYTES})")
+    try:
+        return QuantConfig.from_json(real.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError("the recipe is not a UTF-8 text file") from None
+
+
+CONTROL_GRANULARITIES = ("method default", *GRANULARITIES)
+
+
+def control_bits(label: str, value) -> int:
+    """A slider's value as whole bits, naming the control: the API lets anyone send 8.5, NaN or "8"."""
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+    if not ok or not float(value).is_integer() or not MIN_BITS <= value <= MAX_BITS:
+        raise ConfigError(f"{label} must be a whole number from {MIN_BITS} to {MAX_BITS}, got {value!r}")
+    return int(value)
+
+
+def _control_choice(label: str, value, options) -> str:
+    if not isinstance(value, str) or value not in options:
+        raise ConfigError(f"{label} must be one of {', '.join(options)}; got {value!r}")
+    return value
+
+
+def config_from_controls(applied: QuantConfig, method, wbits, abits, wgran, igran, bias_fit, rows) -> QuantConfig:
+    """The recipe the app's controls describe, on top of the one last applied.
+
+    Every value is checked as the control that sends it, since the API accepts any JSON: a refusal
+    names the control and leaves the session's recipe as it was."""
+    method = _control_choice("Method", method, tuple(METHODS))
+    wbits, abits = control_bits("Weight bits", wbits), control_bits("Input bits", abits)
+    wgran = _control_choice("Weight granularity", wgran, GRANULARITIES)
+    igran = _control_choice("Input granularity", igran, CONTROL_GRANULARITIES)
+    if not isinstance(bias_fit, (bool, np.bool_)):
+        raise ConfigError(f"Bias fit must be true or false, got {bias_fit!r}")
+    if rows is not None and not isinstance(rows, list):
+        raise ConfigError(f"the per-layer table must be a list of rows, got {type(rows).__name__}")
+    # Table rows show what the applied config gave each layer: rows that differ are the user's edits.
+    edits = config_from_rows(applied, rows).overrides if rows else applied.overrides
+    # Settings without a control (an uploaded recipe's clipping, tails, equalization...) stay as
+    # they were; liu-ptq's mixed precision only while the method is liu-ptq. The box switches the
+    # bias fit off, or back on with the recipe's own image count (or automatic).
+    return applied.replace(method=method, weight_bits=wbits, input_bits=abits, weight_granularity=wgran,
+                           input_granularity=None if igran == "method default" else igran,
+                           bias_images=(applied.bias_images or None) if bias_fit else 0, overrides=dict(edits),
+                           mixed_precision=applied.mixed_precision if method == "liu-ptq" else None)
+
+
 def config_from_rows(config: QuantConfig, rows) -> QuantConfig:
     """`config` with per-layer overrides wherever a table row differs from the model-wide settings."""
     base = config.replace(overrides={})
@@ -263,39 +335,55 @@ def config_from_rows(config: QuantConfig, rows) -> QuantConfig:
 
 # --- deploy: the recipe as a real int8 model -------------------------------------------------------
 
-def _baselines(cache: ModelCache, name: str, folder: Path) -> dict[str, str]:
+def _kept(cache: ModelCache, name: str, config: QuantConfig, what: str, exports: ScratchDir, key: str, make):
+    """`make(folder)` once per (model, config) while its files last: the scratch folder deletes the
+    least recently used entries, and a result whose files went is made again."""
+    folder = exports.entry(key)
+    result = cache.derived(name, config, what, lambda: make(folder))
+    if not all(Path(p).exists() for p in _paths(result)):
+        result = cache.derived(name, config, what, lambda: make(exports.entry(key)), fresh=True)
+    return result
+
+
+def _paths(result) -> list[str]:
+    return list(result.values()) if isinstance(result, dict) else [result.path]
+
+
+def _baselines(cache: ModelCache, name: str, exports: ScratchDir) -> dict[str, str]:
     """ONNX files of the float model and of ONNX Runtime's own static and dynamic int8 (once per model)."""
     from . import export, runtime
 
-    def make():
+    def make(folder):
         fp = export.export_onnx(cache.load(name).model, folder / f"{name}_fp32.onnx", quantized=False, batch=1).path
         return {"ORT FP32": fp,
                 "ORT static int8": runtime.ort_static_int8(fp, folder / f"{name}_ort_static.onnx", cache.calibration(name)),
                 "ORT dynamic int8": runtime.ort_dynamic_int8(fp, folder / f"{name}_ort_dynamic.onnx")}
-    return cache.derived(name, QuantConfig(), "onnx_baselines", make)
+    return _kept(cache, name, QuantConfig(), "onnx_baselines", exports, f"{name}-baselines", make)
 
 
 @torch.no_grad()
-def deploy(cache: ModelCache, name: str, config: QuantConfig, image: Image.Image, folder: Path, progress=None):
+def deploy(cache: ModelCache, name: str, config: QuantConfig, image: Image.Image, exports: ScratchDir, progress=None):
     """Export the recipe to ONNX int8, run it on this image, time it against FP32 / static / dynamic int8.
 
-    Returns (latency figure, parity figure, markdown, path of the .onnx)."""
+    Files go to `exports`, one entry per recipe, reused. Returns (latency figure, parity figure,
+    markdown, path of the .onnx)."""
     from . import export, runtime
 
     def step(fraction, text):
         if progress is not None:
             progress(fraction, text)
 
+    export.check_exportable(config)   # before any work
     loaded = cache.load(name)
     x = loaded.preprocess(image)[None]
     with cache.lock:   # nothing else runs while latencies are measured
         qmodel = cache.quantized(name, config)
         step(0.05, "exporting the recipe to ONNX")
-        digest = hashlib.sha1(config_key(config).encode()).hexdigest()[:8]
-        tag = f"{name}_{config.method}_W{config.weight_bits}A{config.input_bits}_{digest}"
-        report = cache.derived(name, config, "onnx", lambda: export.export_onnx(qmodel, folder / f"{tag}.onnx", batch=1))
+        tag = f"{name}_{config.method}_W{config.weight_bits}A{config.input_bits}_{recipe_digest(config)[:8]}"
+        report = _kept(cache, name, config, "onnx", exports, tag,
+                       lambda folder: export.export_onnx(qmodel, folder / f"{tag}.onnx", batch=1))
         step(0.2, "ONNX Runtime baselines (float export, quantize_static, quantize_dynamic)")
-        paths = {**_baselines(cache, name, folder), "SPIQ int8" if config.method == "spiq" else
+        paths = {**_baselines(cache, name, exports), "SPIQ int8" if config.method == "spiq" else
                  f"{config.method} int8 (spiq export)": report.path}
         rows = []
         for i, (variant, path) in enumerate(paths.items()):

@@ -51,3 +51,28 @@ def vit_images():
     _, pre = toy_vit()
     images, _, _ = load_images(SAMPLE_DIR, pre, limit=48)
     return images[:16], images[16:]
+
+
+APP_VIT = "vit_random_test"
+
+
+@pytest.fixture(scope="session")
+def app():
+    """app.py served on a free port, with a small random ViT registered beside the real models
+    (no ViT weights offline). Yields (the app module, its URL)."""
+    import sys
+
+    from spiq import registry
+
+    pre = toy_vit()[1]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(registry._REGISTRY, APP_VIT, registry.ModelSpec(
+            APP_VIT, "random weights (tests)", lambda: toy_vit()[0], lambda: None, pre, "random ViT", ("vit",)))
+        sys.path.insert(0, str(ROOT))
+        import app as app_module
+
+        app_module.demo.queue(default_concurrency_limit=8)
+        _, url, _ = app_module.demo.launch(prevent_thread_lock=True, quiet=True,
+                                           max_file_size=app_module.MAX_IMAGE_BYTES)
+        yield app_module, url
+        app_module.demo.close()

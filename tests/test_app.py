@@ -14,29 +14,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 
 EMPTY_TABLE = {"headers": [], "data": []}
-
-
-VIT = "vit_random_test"
-
-
-@pytest.fixture(scope="module")
-def app():
-    from spiq.vit import toy_vit
-
-    from spiq import registry
-
-    # No ViT weights offline: a small random one, registered before the app lists its models.
-    pre = toy_vit()[1]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(registry._REGISTRY, VIT, registry.ModelSpec(
-            VIT, "random weights (tests)", lambda: toy_vit()[0], lambda: None, pre, "random ViT", ("vit",)))
-        sys.path.insert(0, str(ROOT))
-        import app as app_module
-
-        app_module.demo.queue(default_concurrency_limit=8)
-        _, url, _ = app_module.demo.launch(prevent_thread_lock=True, quiet=True, max_file_size=app_module.MAX_UPLOAD)
-        yield app_module, url
-        app_module.demo.close()
+from conftest import APP_VIT as VIT
 
 
 def _apply(client, method, wbits, abits, image, bias_fit=True):

@@ -1,7 +1,11 @@
 import json
+import os
+import re
+import shutil
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
 from conftest import SAMPLE_DIR
@@ -19,7 +23,9 @@ def test_evaluate_writes_the_json_contract(tmp_path):
     assert "agreement" in r.stdout and len(r.stdout.strip().splitlines()) == 1
     assert "it/s" in r.stderr or "img/s" in r.stderr or "s/img" in r.stderr  # a progress bar ran
     data = json.loads(out.read_text())
-    assert set(data) == {"model", "method", "wbits", "abits", "n_images", "top1", "top1_fp", "agreement", "seconds"}
+    assert set(data) == {"model", "method", "wbits", "abits", "n_images", "top1", "top1_fp", "agreement", "seconds",
+                         "n_skipped"}
+    assert data["n_skipped"] == 0
     assert data["model"] == "efficientnet_lite0" and data["method"] == "spiq"
     assert (data["wbits"], data["abits"], data["n_images"]) == (8, 6, 24)
     assert 0.5 <= data["top1_fp"] <= 1 and 0.8 <= data["agreement"] <= 1 and data["seconds"] > 0
@@ -105,3 +111,156 @@ def test_distill_writes_the_shipped_form_and_refuses_what_it_cannot_do(tmp_path,
         "toy_vit", "random weights (tests)", lambda: toy_vit()[0], lambda: None, toy_vit()[1], "toy ViT", ("vit",)))
     assert cli.main(["distill", "--model", "toy_vit"]) == 2
     assert "no BatchNorm" in capsys.readouterr().err
+
+
+def _folder_with_bad_images(tmp_path):
+    """Three real images, a text file named like an image, and a real JPEG cut short."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    real = sorted(SAMPLE_DIR.iterdir())
+    for f in real[:3]:
+        shutil.copy(f, folder / f.name)
+    (folder / "n01440764_x.jpg").write_text("not a picture")
+    (folder / real[3].name).write_bytes(real[3].read_bytes()[:3000])
+    return folder, real[3].name
+
+
+def _one_error_line(err: str) -> str:
+    """The error of a refused command: its last line, the only one saying `error`, no traceback."""
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if "error" in line]
+    assert line.startswith("spiq: error: ") and err.rstrip().endswith(line)
+    return line
+
+
+def test_a_bad_image_in_a_folder_is_skipped_with_a_warning_or_refused_under_strict(tmp_path, capsys):
+    from spiq import cli
+
+    folder, cut = _folder_with_bad_images(tmp_path)
+    out = tmp_path / "r.json"
+    base = ["evaluate", "--model", "efficientnet_lite0", "--images", str(folder), "--method", "fp"]
+    r = _spiq(*base, "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    skipped = re.findall(r"^warning: skipped (.+?): (.+)$", r.stderr, re.MULTILINE)
+    assert sorted(os.path.basename(p) for p, _ in skipped) == sorted(["n01440764_x.jpg", cut])
+    data = json.loads(out.read_text())
+    assert (data["n_images"], data["n_skipped"]) == (3, 2)
+
+    assert cli.main([*base, "--strict"]) == 2
+    assert "n01440764_x.jpg: not an image" in _one_error_line(capsys.readouterr().err)
+    only_bad = tmp_path / "bad"
+    only_bad.mkdir()
+    shutil.copy(folder / cut, only_bad / cut)
+    assert cli.main(["evaluate", "--model", "efficientnet_lite0", "--images", str(only_bad), "--method", "fp"]) == 2
+    assert "none of its images could be read" in _one_error_line(capsys.readouterr().err)
+
+
+def test_the_loaders_skip_bad_images_only_when_asked(tmp_path):
+    from spiq.data import ImageError, Preprocess
+    from spiq.evaluate import load_calibration, load_images
+
+    folder, cut = _folder_with_bad_images(tmp_path)
+    pre = Preprocess(40, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    with pytest.raises(ImageError, match="n01440764_x.jpg: not an image"):
+        load_images(folder, pre)
+    skipped = {}
+    images, labels, paths = load_images(folder, pre, on_skip=skipped.__setitem__)
+    assert images.shape == (3, 3, 32, 32) and len(labels) == 3 and len(paths) == 3
+    assert sorted(p.name for p in skipped) == sorted(["n01440764_x.jpg", cut]) and not set(skipped) & set(paths)
+    # calibration draws another image for each bad one: all three good ones for four asked
+    assert len(load_calibration(folder, pre, 4, on_skip=lambda p, e: None)) == 3
+    assert len(load_calibration(folder, pre, 2, on_skip=lambda p, e: None)) == 2
+
+
+@pytest.mark.parametrize("args", [["evaluate", "--limit", "0"], ["evaluate", "--limit", "-1"],
+                                  ["evaluate", "--calib-n", "0"], ["export", "--out", "m.onnx", "--batch", "0"],
+                                  ["export", "--out", "m.onnx", "--limit", "-3"]])
+def test_counts_must_be_positive(args, tmp_path, capsys):
+    from spiq import cli
+
+    command, flag = args[0], args[-2]
+    rest = ["--images", str(tmp_path)] if command == "evaluate" else []
+    with pytest.raises(SystemExit) as exit_:   # at parsing, before anything else is looked at
+        cli.main([*args, "--model", "efficientnet_lite0", "--config", str(tmp_path / "missing.json"), *rest])
+    line = _one_error_line(capsys.readouterr().err)
+    assert exit_.value.code == 2 and f"argument {flag}: must be a positive integer" in line
+
+
+def test_output_paths_are_checked_before_any_work(tmp_path, capsys):
+    from spiq import cli
+
+    (tmp_path / "file.txt").write_text("x")
+    evaluate = ["evaluate", "--model", "efficientnet_lite0", "--images", str(SAMPLE_DIR), "--limit", "2",
+                "--method", "fp"]
+    for bad, why in [(tmp_path, "is a directory"), (tmp_path / "file.txt" / "r.json", "file.txt is not a directory"),
+                     (tmp_path / "file.txt" / "sub" / "r.json", "file.txt is not a directory")]:
+        assert cli.main([*evaluate, "--json", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert f"--json {bad}" in _one_error_line(err) and why in err and "loading images" not in err
+    export = ["export", "--model", "efficientnet_lite0", "--method", "spiq"]
+    assert cli.main([*export, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {tmp_path} is a directory" in _one_error_line(err) and "quantizing" not in err
+    assert cli.main([*export, "--out", str(tmp_path / "m.onnx"), "--json", str(tmp_path / "file.txt" / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "--json" in _one_error_line(err) and "quantizing" not in err and not (tmp_path / "m.onnx").exists()
+    assert cli.main(["distill", "--model", "efficientnet_lite0", "--out", str(tmp_path / "file.txt")]) == 2
+    err = capsys.readouterr().err
+    assert "file.txt is not a directory" in _one_error_line(err) and "distilling" not in err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into any folder")
+def test_an_unwritable_folder_is_refused_before_any_work(tmp_path, capsys):
+    from spiq import cli
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    assert cli.main(["evaluate", "--model", "efficientnet_lite0", "--images", str(SAMPLE_DIR), "--limit", "2",
+                     "--method", "fp", "--json", str(locked / "r.json")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be written: Permission denied" in _one_error_line(err) and "loading images" not in err
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_json_write_that_fails_at_the_end_is_one_line(capsys):
+    from spiq import cli
+
+    assert cli.main(["evaluate", "--model", "efficientnet_lite0", "--images", str(SAMPLE_DIR), "--limit", "2",
+                     "--method", "fp", "--json", "/dev/full"]) == 2
+    assert "--json /dev/full could not be written: No space left" in _one_error_line(capsys.readouterr().err)
+
+
+def test_config_files_that_are_not_small_utf8_json_are_refused(tmp_path, capsys):
+    from spiq import cli
+
+    nested = tmp_path / "nested.json"
+    nested.write_text("[" * 100_000 + "]" * 100_000)
+    latin = tmp_path / "latin.json"
+    latin.write_bytes('{"method": "spiq", "note": "caf\u00e9"}'.encode("latin-1"))
+    big = tmp_path / "big.json"
+    big.write_text('{"method": "spiq"' + " " * 1_100_000 + "}")
+    for path, why in [(nested, "nested"), (latin, f"--config {latin} is not UTF-8 text"),
+                      (big, f"--config {big} has 1100018 bytes")]:
+        rc = cli.main(["evaluate", "--model", "efficientnet_lite0", "--images", str(SAMPLE_DIR), "--config", str(path)])
+        assert rc == 2 and why in _one_error_line(capsys.readouterr().err)
+
+
+def test_export_refuses_a_recipe_without_int8_graph_before_quantizing(tmp_path, capsys):
+    from spiq import QuantConfig, cli
+    from spiq.export import ExportError, check_exportable
+
+    base = ["export", "--model", "efficientnet_lite0", "--out", str(tmp_path / "m.onnx")]
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"method": "spiq", "overrides": {"blocks.1.0.conv_pw": {"input_bits": 6}}}))
+    for args, why in [(["--method", "spiq", "--abits", "4"], "input_bits=4: the int8 export needs 8-bit inputs"),
+                      (["--method", "dynamic-tensor"], "dynamic input quantization"),
+                      (["--method", "spiq", "--wbits", "10"], "weight_bits=10"),
+                      (["--config", str(cfg)], "overrides['blocks.1.0.conv_pw']: input_bits=6")]:
+        assert cli.main([*base, *args]) == 2
+        err = capsys.readouterr().err
+        assert why in _one_error_line(err) and "quantizing" not in err
+    assert not any(tmp_path.glob("*.onnx"))
+    check_exportable(QuantConfig(method="calib-mse", overrides={"conv_stem": {"skip": True, "input_bits": 4}}))
+    with pytest.raises(ExportError, match="vision transformers"):
+        check_exportable(QuantConfig(method="liu-ptq"))

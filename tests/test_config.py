@@ -69,3 +69,16 @@ def test_bias_images_default_is_automatic_and_stays_out_of_the_json():
     assert QuantConfig.from_json('{"method": "spiq", "weight_bits": 8, "input_bits": 4, "bias_images": null}') == \
         QuantConfig(input_bits=4)
     assert QuantConfig(bias_images=0).to_dict() == {"method": "spiq", "weight_bits": 8, "input_bits": 8, "bias_images": 0}
+
+
+def test_hostile_json_is_refused_before_parsing():
+    with pytest.raises(ConfigError, match="nested more than"):
+        QuantConfig.from_json("[" * 200_000)
+    with pytest.raises(ConfigError, match="nested more than"):
+        QuantConfig.from_json('{"overrides": {"a": {"b": ' + "[" * 20 + "]" * 20 + "}}}")
+    with pytest.raises(ConfigError, match="small JSON text"):
+        QuantConfig.from_json('{"method": "spiq", "x": "' + "a" * 1_000_001 + '"}')
+    # brackets inside strings are text, not nesting
+    with pytest.raises(ConfigError, match="unknown config field 'note'"):
+        QuantConfig.from_json('{"note": "' + "[" * 50 + '\\\\"}')
+    assert QuantConfig.from_json('{"overrides": {"conv_stem": {"skip": true}}}').overrides["conv_stem"].skip

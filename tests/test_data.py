@@ -1,3 +1,4 @@
+import base64
 import io
 
 import numpy as np
@@ -67,3 +68,47 @@ def test_folders(tmp_path):
     (tmp_path / "n01440764").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "n01440764" / "a.png")
     assert sorted(label for _, label in find_images(tmp_path)) == [0, 1]
+
+
+def test_sides_and_aspect_ratio_are_bounded_before_decoding():
+    from spiq.data import MAX_ASPECT, MAX_SIDE
+
+    for size in [(100_000, 10), (10, 30_000), (MAX_SIDE + 1, 2000)]:
+        with pytest.raises(ImageError, match="times the other|no side may exceed"):
+            open_image(_png(Image.new("RGB", size)))
+    wide = open_image(_png(Image.new("RGB", (MAX_ASPECT * 20, 20))))   # at the bound: accepted
+    assert wide.size == (MAX_ASPECT * 20, 20)
+
+
+def test_every_source_is_held_to_one_byte_limit(tmp_path, monkeypatch):
+    from spiq import data
+
+    payload = _png(Image.new("RGB", (64, 64), (10, 200, 30)))
+    monkeypatch.setattr(data, "MAX_IMAGE_BYTES", len(payload) - 1)
+    path = tmp_path / "x.png"
+    path.write_bytes(payload)
+    for source in (payload, str(path), io.BytesIO(payload)):
+        with pytest.raises(ImageError, match="the limit is"):
+            open_image(source)
+    url = "data:image/png;base64," + base64.b64encode(payload).decode()
+    with pytest.raises(ImageError, match="the limit is"):
+        data.decode_data_url(url)
+    monkeypatch.setattr(data, "MAX_IMAGE_BYTES", len(payload))
+    assert open_image(data.decode_data_url(url)).size == (64, 64)
+
+
+def test_only_files_inside_the_given_folders_are_opened(tmp_path):
+    from spiq.data import REFUSED_FILE, open_allowed_image
+
+    inside, outside = tmp_path / "uploads", tmp_path / "elsewhere"
+    inside.mkdir()
+    outside.mkdir()
+    (inside / "ok.png").write_bytes(_png(Image.new("RGB", (8, 8))))
+    (outside / "secret.png").write_bytes(_png(Image.new("RGB", (8, 8))))
+    (inside / "link.png").symlink_to(outside / "secret.png")
+    assert open_allowed_image(inside / "ok.png", [inside]).size == (8, 8)
+    for path in (outside / "secret.png", inside / "link.png", inside / "missing.png", inside,
+                 inside / ".." / "elsewhere" / "secret.png"):
+        with pytest.raises(ImageError) as err:
+            open_allowed_image(path, [inside])
+        assert str(err.value) == REFUSED_FILE   # the same words whatever the path is

@@ -62,3 +62,31 @@ def test_cli_lists_models_with_offline_availability():
     assert " yes " in lines["efficientnet_lite0"]
     for name in ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0"):
         assert name in lines
+
+
+def test_downloaded_torchvision_checkpoints_are_read_as_tensors_only(tmp_path, monkeypatch):
+    """A checkpoint in the hub cache is loaded with weights_only=True: tensors load, code does not run."""
+    import pickle
+
+    from torchvision.models import resnet18
+
+    from spiq.registry import ModelUnavailableError, _tv_cache_path
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    path = tmp_path / "hub" / "checkpoints" / _tv_cache_path("resnet18").rsplit("/", 1)[1]
+    path.parent.mkdir(parents=True)
+    assert _tv_cache_path("resnet18") == str(path)
+    state = resnet18(num_classes=1000).state_dict()
+    torch.save(state, path)
+    model = get_spec("resnet18").build()
+    assert torch.equal(model.state_dict()["fc.weight"], state["fc.weight"])
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+    path.write_bytes(pickle.dumps({"fc.weight": Payload()}))
+    with pytest.raises(ModelUnavailableError):
+        get_spec("resnet18").build()
+    assert not marker.exists()
