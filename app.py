@@ -1,4 +1,4 @@
-"""SPIQ Explorer, the Gradio app: layout and wiring only. Every number and figure comes from `spiq.views`.
+"""SPIQ Explorer, the Gradio app: layout and wiring only. Every number and figure comes from `spiq.ui.views`.
 
 Run `python app.py` (offline, with the embedded EfficientNet-Lite0); the same file is the entry
 point of the Hugging Face Space.
@@ -12,17 +12,17 @@ from pathlib import Path
 
 import gradio as gr
 
-from spiq import views
-from spiq.cache import ModelCache
+from spiq.ui import views
+from spiq.ui.cache import ModelCache
 from spiq.config import METHODS, ConfigError, QuantConfig
 from gradio.utils import get_upload_folder
 
-from spiq.data import MAX_IMAGE_BYTES, ImageError, decode_data_url, open_allowed_image, open_image
-from spiq.export import ExportError
-from spiq.memory import keep_freed_memory
-from spiq.quantize import check_config, methods_for
-from spiq.registry import ModelUnavailableError, availability, list_models
-from spiq.scratch import ScratchDir
+from spiq.models.data import MAX_IMAGE_BYTES, ImageError, decode_data_url, open_allowed_image, open_image
+from spiq.export.onnx import ExportError
+from spiq.core.memory import keep_freed_memory
+from spiq.quantize.api import check_config, methods_for
+from spiq.models.registry import ModelUnavailableError, availability, list_models
+from spiq.ui.scratch import ScratchDir
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_MODEL = "efficientnet_lite0"

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from common import SAMPLE_DIR, machine, save
 
 import spiq
-from spiq.evaluate import calibration_split, evaluate, load_images, logits, paired_difference
+from spiq.analysis.evaluate import calibration_split, evaluate, load_images, logits, paired_difference
 
 BITS = ["W8A8", "W8A6", "W6A6", "W8A5", "W8A4", "W4A8", "W4A4"]
 # (label, config fields): the calibrated rows per tensor (their default) and the best of them per channel.

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from spiq.memory import keep_freed_memory
+from spiq.core.memory import keep_freed_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"

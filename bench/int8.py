@@ -31,9 +31,9 @@ import torch
 from common import SAMPLE_DIR, machine, save
 
 import spiq
-from spiq import export as ex
-from spiq import runtime as rt
-from spiq.evaluate import calibration_subset, load_images, predict
+from spiq.export import onnx as ex
+from spiq.export import runtime as rt
+from spiq.analysis.evaluate import calibration_subset, load_images, predict
 
 TARGET_VS_STATIC, TARGET_VS_FP32 = 1.10, 0.60
 

@@ -22,7 +22,8 @@ from common import SAMPLE_DIR, machine, save
 
 import spiq
 from spiq.config import LayerOverride
-from spiq.evaluate import load_images, logits, mean_logit_sqnr_db
+from spiq.analysis.evaluate import load_images, logits
+from spiq.core.metrics import mean_logit_sqnr_db
 
 METHODS = ["spiq", "static-tensor", "dynamic-tensor", "dynamic-channel"]
 

@@ -17,8 +17,8 @@ import torch
 from common import SAMPLE_DIR, save
 
 import spiq
-from spiq.analysis import layer_breakdown
-from spiq.evaluate import calibration_subset, load_images
+from spiq.analysis.layers import layer_breakdown
+from spiq.analysis.evaluate import calibration_subset, load_images
 
 
 def main(argv=None) -> int:

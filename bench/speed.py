@@ -18,7 +18,7 @@ import torch
 from common import SAMPLE_DIR, machine, save
 
 import spiq
-from spiq.evaluate import load_images
+from spiq.analysis.evaluate import load_images
 
 METHODS = ["spiq", "static-tensor", "dynamic-tensor", "dynamic-channel"]
 

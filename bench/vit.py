@@ -24,8 +24,8 @@ from tqdm import tqdm
 from common import SAMPLE_DIR, machine, save
 
 import spiq
-from spiq.analysis import tensor_sqnr_db
-from spiq.evaluate import calibration_subset, load_images
+from spiq.core.metrics import tensor_sqnr_db
+from spiq.analysis.evaluate import calibration_subset, load_images
 
 MODELS = ["deit_small_patch16_224", "deit_base_patch16_224"]
 # (label, config fields)
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
 
     models, skipped = {}, {}
     if args.toy:
-        from spiq.vit import toy_vit
+        from spiq.models.vit import toy_vit
 
         models[f"toy_vit_{args.toy_size}"] = lambda: toy_vit(0, **TOY_SIZES[args.toy_size])[:2]
     else:

@@ -10,11 +10,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .config import AUTO_BIAS_IMAGES, METHODS, ConfigError, QuantConfig
-from .data import DatasetError, ImageError
-from .export import ExportError, check_exportable
-from .memory import keep_freed_memory
-from .registry import ModelUnavailableError, get_spec, list_models
+from spiq.config import AUTO_BIAS_IMAGES, METHODS, ConfigError, QuantConfig
+from spiq.models.data import DatasetError, ImageError
+from spiq.export.onnx import ExportError, check_exportable
+from spiq.core.memory import keep_freed_memory
+from spiq.models.registry import ModelUnavailableError, get_spec, list_models
 
 # A recipe is a few hundred bytes; this refuses a wrong file before reading it whole.
 MAX_CONFIG_BYTES = 1_000_000
@@ -145,9 +145,9 @@ def _skipper(args, skipped: dict):
 def _cmd_evaluate(args) -> int:
     from tqdm import tqdm
 
-    from .data import find_images
-    from .evaluate import evaluate, load_calibration, load_images
-    from .registry import load_model
+    from spiq.models.data import find_images
+    from spiq.analysis.evaluate import evaluate, load_calibration, load_images
+    from spiq.models.registry import load_model
 
     config = _build_config(args)
     _check_output(args.json, "--json")
@@ -186,11 +186,11 @@ def _cmd_evaluate(args) -> int:
 def _cmd_export(args) -> int:
     from tqdm import tqdm
 
-    from .evaluate import load_calibration, load_images
-    from .export import export_onnx
-    from .runtime import optimized_op_counts, parity
-    from .quantize import quantize
-    from .registry import load_model
+    from spiq.analysis.evaluate import load_calibration, load_images
+    from spiq.export.onnx import export_onnx
+    from spiq.export.runtime import optimized_op_counts, parity
+    from spiq.quantize.api import quantize
+    from spiq.models.registry import load_model
 
     config = _build_config(args)
     if config is not None:
@@ -228,7 +228,7 @@ def _cmd_export(args) -> int:
     if args.check:
         if config is None:
             raise ConfigError("--check compares the int8 model with its simulation: give a quantization method")
-        from .data import find_images
+        from spiq.models.data import find_images
 
         n = len(find_images(args.check)[: args.limit])
         with tqdm(total=n, desc="loading images", unit="img", file=sys.stderr) as bar:
@@ -245,9 +245,9 @@ def _cmd_export(args) -> int:
 def _cmd_distill(args) -> int:
     from tqdm import tqdm
 
-    from .distill import distilled_images, has_batchnorm, image_key, to_pixels, write_pixels
-    from .quantize import distill_bounds
-    from .registry import load_model
+    from spiq.quantize.distill import distilled_images, has_batchnorm, image_key, to_pixels, write_pixels
+    from spiq.quantize.api import distill_bounds
+    from spiq.models.registry import load_model
 
     if not 1 <= args.images <= 256:
         raise ConfigError(f"--images must be from 1 to 256, got {args.images}")

@@ -23,6 +23,8 @@ NEEDS_CALIBRATION = CALIBRATED + ("liu-ptq",)
 TRANSFORMER_ONLY = ("liu-ptq",)
 DYNAMIC = ("dynamic-tensor", "dynamic-channel")
 GRANULARITIES = ("channel", "tensor")
+# Tail laws of BN-implied pre-activations (spiq.ranges): Gaussian, Laplace, Student t with k dof.
+TAIL_MODELS = ("gauss", "laplace", "t3", "t4", "t6", "t8", "t10")
 AUTO_BIAS_IMAGES = 8   # bias_images=None on a model with BatchNorm; 16 add 0.05-0.2 dB for twice the distillation
 MIN_BITS, MAX_BITS = 2, 16
 # A recipe is a flat object with per-layer overrides: depth 3. The bounds refuse a hostile file
@@ -115,7 +117,7 @@ class QuantConfig:
     bias_correction: bool = True
     # Then fit each activated layer's bias, in order, so that the per-channel mean of its activated
     # output matches the float model's on this many images distilled from the BN statistics
-    # (spiq.distill: data-free, cached on disk per model; the default model's ship with the package).
+    # (spiq.quantize.distill: data-free, cached on disk per model; the default model's ship with the package).
     # It removes the mean error that accumulates from the layers before, which the per-layer law
     # cannot see: +0.2 to +1.4 dB logit SQNR on EfficientNet-Lite0, for every method. None: 8 on a
     # model with BatchNorm, 0 on one without; 0: off.
@@ -146,8 +148,6 @@ class QuantConfig:
     overrides: dict[str, LayerOverride] = field(default_factory=dict)
 
     def __post_init__(self):
-        from .ranges import TAIL_MODELS
-
         _check_choice("method", self.method, METHODS)
         object.__setattr__(self, "weight_bits", _check_bits("weight_bits", self.weight_bits))
         object.__setattr__(self, "input_bits", _check_bits("input_bits", self.input_bits))

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import spiq
-from spiq.evaluate import load_images, predict
-from spiq.memory import keep_freed_memory
-from spiq.vit import toy_vit
+from spiq.analysis.evaluate import load_images, predict
+from spiq.core.memory import keep_freed_memory
+from spiq.models.vit import toy_vit
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = Path(os.environ.get("SPIQ_SAMPLE_DIR", ROOT.parent / "shared" / "data" / "imagenet-sample"))
@@ -62,7 +62,7 @@ def app():
     (no ViT weights offline). Yields (the app module, its URL)."""
     import sys
 
-    from spiq import registry
+    from spiq.models import registry
 
     pre = toy_vit()[1]
     with pytest.MonkeyPatch.context() as mp:

@@ -3,7 +3,9 @@ import math
 import spiq
 import torch
 
-from spiq.analysis import layer_breakdown, sqnr_db
+from spiq.analysis.layers import layer_breakdown
+
+from spiq.core.metrics import sqnr_db
 
 
 def test_breakdown_separates_input_and_weight_error(lite0, sample):

@@ -24,10 +24,11 @@ def _apply(client, method, wbits, abits, image, bias_fit=True):
 
 def test_concurrent_users_each_get_their_own_config(app, tmp_path):
     import spiq
-    from spiq import analysis, views
-    from spiq.cache import parameter_checksum
+    from spiq.analysis import layers as analysis
+    from spiq.ui import views
+    from spiq.core.metrics import parameter_checksum
     from spiq.config import QuantConfig
-    from spiq.data import open_image
+    from spiq.models.data import open_image
 
     module, url = app
     float_model = module.CACHE.load(module.DEFAULT_MODEL).model
@@ -68,7 +69,7 @@ def test_concurrent_users_each_get_their_own_config(app, tmp_path):
 
 
 def test_views_leave_the_shared_float_model_untouched(app):
-    from spiq.cache import parameter_checksum
+    from spiq.core.metrics import parameter_checksum
 
     module, url = app
     model = module.CACHE.load(module.DEFAULT_MODEL).model
@@ -236,7 +237,7 @@ def test_recipe_round_trip_with_per_layer_table(app, tmp_path):
 
 def test_unavailable_model_is_refused_and_the_session_keeps_its_model(app):
     module, url = app
-    from spiq.registry import availability
+    from spiq.models.registry import availability
 
     offline = [n for n in ("resnet18", "mobilenet_v2") if availability(n) is not None]
     if not offline:
@@ -271,9 +272,10 @@ def test_deploy_exports_runs_and_times_the_recipe(app):
 
 def test_transformer_liu_ptq_and_attention_maps(app):
     """A ViT in the app: liu-ptq offered, every view computed, attention maps as the library gives them."""
-    from spiq import analysis, views
+    from spiq.analysis import layers as analysis
+    from spiq.ui import views
     from spiq.config import QuantConfig
-    from spiq.data import open_image
+    from spiq.models.data import open_image
 
     module, url = app
     client = Client(url, verbose=False)
@@ -309,8 +311,8 @@ class _ProgressRecorder:
 
 def test_long_handlers_report_progress(app):
     from spiq.config import QuantConfig
-    from spiq.data import open_image
-    from spiq.quantize import quantizable_layers
+    from spiq.models.data import open_image
+    from spiq.quantize.api import quantizable_layers
 
     module, _ = app
     cat = open_image(str(ROOT / "assets" / "cat.jpg"))

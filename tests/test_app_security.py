@@ -78,7 +78,7 @@ def _png_bytes(size, colour=(120, 40, 200)) -> bytes:
 
 
 def test_data_urls_are_held_to_the_upload_limit(app):
-    from spiq.data import MAX_IMAGE_BYTES
+    from spiq.models.data import MAX_IMAGE_BYTES
 
     _, url = app
     small = "data:image/png;base64," + base64.b64encode(_png_bytes((64, 64))).decode()

@@ -5,11 +5,12 @@ import pytest
 import torch
 
 import spiq
-from spiq import views
-from spiq.cache import ModelCache, parameter_checksum
+from spiq.ui import views
+from spiq.ui.cache import ModelCache
+from spiq.core.metrics import parameter_checksum
 from spiq.config import METHODS, ConfigError, QuantConfig
-from spiq.data import open_image
-from spiq.quantize import prepare
+from spiq.models.data import open_image
+from spiq.quantize.api import prepare
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
@@ -124,7 +125,9 @@ def test_distilling_a_new_model_leaves_the_shared_lock_to_other_models(monkeypat
 
     import torchvision
 
-    from spiq import distill, registry
+    from spiq.quantize import distill
+
+    from spiq.models import registry
 
     monkeypatch.setenv("SPIQ_CACHE", str(tmp_path))   # nothing cached for the new model
     lite0_spec = registry.get_spec("efficientnet_lite0")

@@ -65,8 +65,9 @@ def test_evaluate_bad_input_is_a_clear_error(tmp_path):
 
 
 def test_evaluate_liu_ptq_on_a_transformer_with_calibration_folder(tmp_path, monkeypatch, capsys):
-    from spiq import cli, registry
-    from spiq.vit import toy_vit
+    from spiq import cli
+    from spiq.models import registry
+    from spiq.models.vit import toy_vit
 
     pre = toy_vit()[1]
     monkeypatch.setitem(registry._REGISTRY, "toy_vit", registry.ModelSpec(
@@ -95,8 +96,12 @@ def test_evaluate_liu_ptq_on_a_transformer_with_calibration_folder(tmp_path, mon
 def test_distill_writes_the_shipped_form_and_refuses_what_it_cannot_do(tmp_path, monkeypatch, capsys):
     import torch
 
-    from spiq import cli, distill, registry
-    from spiq.vit import toy_vit
+    from spiq import cli
+
+    from spiq.quantize import distill
+
+    from spiq.models import registry
+    from spiq.models.vit import toy_vit
 
     monkeypatch.setenv("SPIQ_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "ship"
@@ -156,8 +161,8 @@ def test_a_bad_image_in_a_folder_is_skipped_with_a_warning_or_refused_under_stri
 
 
 def test_the_loaders_skip_bad_images_only_when_asked(tmp_path):
-    from spiq.data import ImageError, Preprocess
-    from spiq.evaluate import load_calibration, load_images
+    from spiq.models.data import ImageError, Preprocess
+    from spiq.analysis.evaluate import load_calibration, load_images
 
     folder, cut = _folder_with_bad_images(tmp_path)
     pre = Preprocess(40, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
@@ -247,8 +252,9 @@ def test_config_files_that_are_not_small_utf8_json_are_refused(tmp_path, capsys)
 
 
 def test_export_refuses_a_recipe_without_int8_graph_before_quantizing(tmp_path, capsys):
-    from spiq import QuantConfig, cli
-    from spiq.export import ExportError, check_exportable
+    from spiq import QuantConfig
+    from spiq import cli
+    from spiq.export.onnx import ExportError, check_exportable
 
     base = ["export", "--model", "efficientnet_lite0", "--out", str(tmp_path / "m.onnx")]
     cfg = tmp_path / "c.json"

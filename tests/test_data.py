@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spiq.data import ImageError, find_images, open_image, DatasetError
+from spiq.models.data import ImageError, find_images, open_image, DatasetError
 
 
 def _png(img):
@@ -71,7 +71,7 @@ def test_folders(tmp_path):
 
 
 def test_sides_and_aspect_ratio_are_bounded_before_decoding():
-    from spiq.data import MAX_ASPECT, MAX_SIDE
+    from spiq.models.data import MAX_ASPECT, MAX_SIDE
 
     for size in [(100_000, 10), (10, 30_000), (MAX_SIDE + 1, 2000)]:
         with pytest.raises(ImageError, match="times the other|no side may exceed"):
@@ -81,7 +81,7 @@ def test_sides_and_aspect_ratio_are_bounded_before_decoding():
 
 
 def test_every_source_is_held_to_one_byte_limit(tmp_path, monkeypatch):
-    from spiq import data
+    from spiq.models import data
 
     payload = _png(Image.new("RGB", (64, 64), (10, 200, 30)))
     monkeypatch.setattr(data, "MAX_IMAGE_BYTES", len(payload) - 1)
@@ -98,7 +98,7 @@ def test_every_source_is_held_to_one_byte_limit(tmp_path, monkeypatch):
 
 
 def test_only_files_inside_the_given_folders_are_opened(tmp_path):
-    from spiq.data import REFUSED_FILE, open_allowed_image
+    from spiq.models.data import REFUSED_FILE, open_allowed_image
 
     inside, outside = tmp_path / "uploads", tmp_path / "elsewhere"
     inside.mkdir()

@@ -6,11 +6,11 @@ import torch
 from torch import nn
 
 import spiq
-from spiq import distill
-from spiq.cache import parameter_checksum
-from spiq.evaluate import mean_logit_sqnr_db
-from spiq.graph import analyse
-from spiq.quantize import activated_layers, distill_bounds, input_bounds_of, prepare, quantizable_layers
+from spiq.quantize import distill
+from spiq.core.metrics import parameter_checksum
+from spiq.core.metrics import mean_logit_sqnr_db
+from spiq.graph.trace import analyse
+from spiq.quantize.api import activated_layers, distill_bounds, input_bounds_of, prepare, quantizable_layers
 
 
 def _bn_gap(model: nn.Module, x: torch.Tensor) -> float:

@@ -2,7 +2,8 @@
 import torch
 
 from spiq import QuantConfig
-from spiq.evaluate import calibration_split, calibration_subset, evaluate, logits, mean_logit_sqnr_db, paired_difference
+from spiq.analysis.evaluate import calibration_split, calibration_subset, evaluate, logits, paired_difference
+from spiq.core.metrics import mean_logit_sqnr_db
 
 
 def test_logit_sqnr_orders_bit_widths_and_leaves_the_scores_as_they_were(lite0, subset):

@@ -5,11 +5,11 @@ import torch
 import torchvision
 
 import spiq
-from spiq.evaluate import predict
-from spiq.fold import ChannelReLU6, fold_batchnorm
-from spiq.graph import analyse
-from spiq.qlayers import QuantLayer
-from spiq.quantize import prepare
+from spiq.analysis.evaluate import predict
+from spiq.transforms.fold import ChannelReLU6, fold_batchnorm
+from spiq.graph.trace import analyse
+from spiq.core.quant import QuantLayer
+from spiq.quantize.api import prepare
 
 
 def _rel(a, b):

@@ -5,11 +5,11 @@ import torchvision
 from torch import nn
 
 import spiq
-from spiq.fold import fold_batchnorm
-from spiq.graph import analyse
-from spiq.qlayers import QuantLayer
-from spiq.quantize import prepare, quantizable_layers
-from spiq.ranges import propagate
+from spiq.transforms.fold import fold_batchnorm
+from spiq.graph.trace import analyse
+from spiq.core.quant import QuantLayer
+from spiq.quantize.api import prepare, quantizable_layers
+from spiq.ranges.laws import propagate
 
 
 def test_every_lite0_input_has_a_data_free_law(lite0):

@@ -3,7 +3,7 @@ import resource
 
 import torch
 
-from spiq.memory import keep_freed_memory
+from spiq.core.memory import keep_freed_memory
 
 
 def _minor_faults() -> int:

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import spiq
-from spiq.qlayers import QuantLayer, weight_levels
+from spiq.core.quant import QuantLayer, weight_levels
 
 LAYERS = ["conv_stem", "blocks.1.0.conv_dw", "blocks.2.1.conv_pw", "blocks.4.1.conv_pwl", "classifier"]
 

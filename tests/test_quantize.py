@@ -5,10 +5,10 @@ import torch
 from torch import nn
 
 import spiq
-from spiq.evaluate import predict
-from spiq.qlayers import QuantLayer
-from spiq.quantize import prepare, quantizable_layers
-from spiq.ranges import observe
+from spiq.analysis.evaluate import predict
+from spiq.core.quant import QuantLayer
+from spiq.quantize.api import prepare, quantizable_layers
+from spiq.ranges.laws import observe
 
 
 def _checksum(model):

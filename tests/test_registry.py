@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import spiq
-from spiq.evaluate import predict
-from spiq.registry import get_spec
+from spiq.analysis.evaluate import predict
+from spiq.models.registry import get_spec
 
 
 def test_lite0_classifies_real_images(lite0, sample):
@@ -70,7 +70,7 @@ def test_downloaded_torchvision_checkpoints_are_read_as_tensors_only(tmp_path, m
 
     from torchvision.models import resnet18
 
-    from spiq.registry import ModelUnavailableError, _tv_cache_path
+    from spiq.models.registry import ModelUnavailableError, _tv_cache_path
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     path = tmp_path / "hub" / "checkpoints" / _tv_cache_path("resnet18").rsplit("/", 1)[1]

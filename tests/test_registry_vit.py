@@ -11,8 +11,8 @@ from huggingface_hub import constants as hf_constants
 from torch import nn
 
 import spiq
-from spiq import registry
-from spiq.registry import _tv_vit_to_timm, get_spec
+from spiq.models import registry
+from spiq.models.registry import _tv_vit_to_timm, get_spec
 
 TIMM_VITS = ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224", "vit_base_patch16_224"]
 VITS = TIMM_VITS + ["vit_b_16"]

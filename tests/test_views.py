@@ -7,10 +7,11 @@ import pytest
 import torch
 
 import spiq
-from spiq import analysis, plots
-from spiq.attribution import attribution_drift, last_stage
-from spiq.data import IMAGENET_CLASSES
-from spiq.evaluate import predict
+from spiq.analysis import layers as analysis
+from spiq.ui import plots
+from spiq.analysis.attribution import attribution_drift, last_stage
+from spiq.models.data import IMAGENET_CLASSES
+from spiq.analysis.evaluate import predict
 
 
 @pytest.fixture(scope="module")

@@ -6,14 +6,14 @@ import pytest
 import torch
 
 import spiq
-from spiq import liu
-from spiq.analysis import tensor_sqnr_db
-from spiq.cache import parameter_checksum
-from spiq.qlayers import ActQuant, QuantLayer
-from spiq.quantize import prepare
-from spiq.vit import TapAttention, vit_graph
+from spiq.quantize import liu
+from spiq.core.metrics import tensor_sqnr_db
+from spiq.core.metrics import parameter_checksum
+from spiq.core.quant import ActQuant, QuantLayer
+from spiq.quantize.api import prepare
+from spiq.models.vit import TapAttention, vit_graph
 
-from spiq.vit import toy_vit
+from spiq.models.vit import toy_vit
 
 
 @pytest.fixture(scope="module")

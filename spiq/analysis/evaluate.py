@@ -10,10 +10,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .config import QuantConfig
-from .data import DatasetError, ImageError, Preprocess, find_images, open_image
-from .quantize import quantize
-from .registry import load_model
+from spiq.config import QuantConfig
+from spiq.models.data import DatasetError, ImageError, Preprocess, find_images, open_image
+from spiq.quantize.api import quantize
+from spiq.models.registry import load_model
+from spiq.core.metrics import mean_logit_sqnr_db
 
 
 @dataclass
@@ -65,11 +66,6 @@ def logits(model: nn.Module, images: torch.Tensor, batch: int = 25,
            progress: Callable[[int], None] | None = None) -> torch.Tensor:
     """The logits (N, classes), in the same batches as `predict`, so their argmax is its answer."""
     return torch.cat(_batched(model, images, batch, progress, lambda y: y))
-
-
-def mean_logit_sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
-    """Per image 20·log10(‖y‖/‖y − ŷ‖), averaged: a steadier measure than agreement of top-1s."""
-    return (20 * torch.log10(reference.norm(dim=1) / (reference - test).norm(dim=1).clamp_min(1e-12))).mean().item()
 
 
 def load_images(root: str | Path, preprocess: Preprocess, limit: int | None = None,

@@ -2,7 +2,7 @@
 
 Every function takes the shared `ModelCache` and one user's request (model, config, image) and
 returns plotly figures and plain rows, so the app only lays them out and a notebook can call the
-same functions. Every model run holds the cache's lock (see `spiq.cache`).
+same functions. Every model run holds the cache's lock (see `spiq.ui.cache`).
 """
 from __future__ import annotations
 
@@ -17,15 +17,18 @@ import torch
 from PIL import Image
 from torch import nn
 
-from . import analysis, plots
-from .attribution import attribution_drift
-from .cache import Loaded, ModelCache, config_key
-from .config import (CALIBRATED, DATA_FREE, GRANULARITIES, MAX_BITS, METHODS, MIN_BITS, NEEDS_CALIBRATION, ConfigError,
+from spiq.analysis import layers as analysis
+
+from spiq.ui import plots
+from spiq.analysis.attribution import attribution_drift
+from spiq.ui.cache import Loaded, ModelCache, config_key
+from spiq.config import (CALIBRATED, DATA_FREE, GRANULARITIES, MAX_BITS, METHODS, MIN_BITS, NEEDS_CALIBRATION, ConfigError,
                      QuantConfig)
-from .qlayers import QuantLayer
-from .scratch import ScratchDir
-from .quantize import methods_for, quantizable_layers
-from .vit import is_transformer  # noqa: F401  (the app asks views whether a model has attention)
+from spiq.core.quant import QuantLayer
+from spiq.ui.scratch import ScratchDir
+from spiq.quantize.api import methods_for, quantizable_layers
+from spiq.models.vit import is_transformer  # noqa: F401  (the app asks views whether a model has attention)
+from spiq.core.metrics import tensor_sqnr_db
 
 
 @dataclass
@@ -156,7 +159,7 @@ def methods(cache: ModelCache, name: str, config: QuantConfig, image: Image.Imag
             rows.append(dict(
                 method=m, top1=loaded.classes[int(yq.argmax())], prob=float(p.max()),
                 agrees=bool(yq.argmax() == yf.argmax()),
-                logit_sqnr=analysis.tensor_sqnr_db(yf, yq),
+                logit_sqnr=tensor_sqnr_db(yf, yq),
                 calibrated_on=(f"{len(cache.calibration(name))} example images" if m in NEEDS_CALIBRATION else "")))
     return plots.methods(rows, loaded.classes[int(yf.argmax())], config), rows
 
@@ -351,7 +354,8 @@ def _paths(result) -> list[str]:
 
 def _baselines(cache: ModelCache, name: str, exports: ScratchDir) -> dict[str, str]:
     """ONNX files of the float model and of ONNX Runtime's own static and dynamic int8 (once per model)."""
-    from . import export, runtime
+    from spiq.export import onnx as export
+    from spiq.export import runtime
 
     def make(folder):
         fp = export.export_onnx(cache.load(name).model, folder / f"{name}_fp32.onnx", quantized=False, batch=1).path
@@ -367,7 +371,8 @@ def deploy(cache: ModelCache, name: str, config: QuantConfig, image: Image.Image
 
     Files go to `exports`, one entry per recipe, reused. Returns (latency figure, parity figure,
     markdown, path of the .onnx)."""
-    from . import export, runtime
+    from spiq.export import onnx as export
+    from spiq.export import runtime
 
     def step(fraction, text):
         if progress is not None:
@@ -400,7 +405,7 @@ def deploy(cache: ModelCache, name: str, config: QuantConfig, image: Image.Image
     static = next(r["ms"] for r in rows if r["variant"] == "ORT static int8")
     mine = rows[-1]["ms"]
     classes = loaded.classes
-    logit_sqnr = analysis.tensor_sqnr_db(sim, real)
+    logit_sqnr = tensor_sqnr_db(sim, real)
     text = (f"**{rows[-1]['variant']}**: {mine:.2f} ms per image = {mine / static:.2f}× ORT static int8, "
             f"{mine / fp:.2f}× ORT FP32 (CPU: {cpu}).  \n"
             f"Top-1 on this image: real int8 **{classes[int(real.argmax())]}**, simulation "

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .data import IMAGENET_CLASSES, Preprocess
+from spiq.models.data import IMAGENET_CLASSES, Preprocess
 
 
 class ModelUnavailableError(RuntimeError):

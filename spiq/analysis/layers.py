@@ -11,8 +11,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .hooks import run_with_hooks
-from .qlayers import QuantLayer, fake_quant_input
+from spiq.core.hooks import run_with_hooks
+from spiq.core.quant import QuantLayer, fake_quant_input
+from spiq.core.metrics import sqnr_db, tensor_sqnr_db
 
 
 def reference_of(model: nn.Module, qmodel: nn.Module) -> nn.Module:
@@ -24,21 +25,6 @@ def _data_free_range(qmodel: nn.Module, layer: str, bits: int, per_channel: bool
     """The range the data-free law gives `layer` at `bits`, from quantize()'s memo."""
     report = qmodel.spiq_report
     return report.prepared.data_free_range(layer, report.propagation.inputs[layer], bits, per_channel, report.config)
-
-
-def sqnr_db(signal_energy: float, noise_energy: float) -> float:
-    """20·log10(‖y‖/‖y − ŷ‖) from the two squared norms."""
-    if noise_energy <= 0:
-        return math.inf
-    if signal_energy <= 0:
-        return -math.inf
-    return 10.0 * math.log10(signal_energy / noise_energy)
-
-
-def tensor_sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
-    """sqnr_db of `test` against `reference` (the signal), in float64."""
-    ref = reference.double()
-    return sqnr_db(float((ref ** 2).sum()), float(((test.double() - ref) ** 2).sum()))
 
 
 @dataclass
@@ -157,7 +143,7 @@ class ChannelRanges:
 @torch.no_grad()
 def channel_ranges(model: nn.Module, qmodel: nn.Module, layer: str, images: torch.Tensor) -> ChannelRanges:
     """Per-channel vs per-tensor input ranges of `layer` and how the images fill them."""
-    from .ranges import observe
+    from spiq.ranges.laws import observe
 
     report = qmodel.spiq_report
     if layer not in report.layers:
@@ -197,7 +183,7 @@ class FoldCost:
 @torch.no_grad()
 def fold_cost(model: nn.Module, qmodel: nn.Module) -> list[FoldCost]:
     """For every layer with folded per-channel input scales: weight error added vs input error removed."""
-    from .qlayers import fold_input_scale, quantize_weight
+    from spiq.core.quant import fold_input_scale, quantize_weight
 
     reference = reference_of(model, qmodel)
     report = qmodel.spiq_report
@@ -282,7 +268,7 @@ def token_grid(y: torch.Tensor) -> torch.Tensor:
 
 def spatial_layers(qmodel: nn.Module) -> list[str]:
     """Quantized layers whose outputs have a place in the image: convs, and a transformer's token layers."""
-    from .vit import is_transformer
+    from spiq.models.vit import is_transformer
 
     if is_transformer(qmodel):
         return [n for n, m in qmodel.named_modules() if isinstance(m, QuantLayer) and n != "head"]
@@ -347,8 +333,8 @@ def attention_maps(model: nn.Module, qmodel: nn.Module, x: torch.Tensor, block: 
     An inversion is a pair of keys whose pre-softmax score order the quantized model reverses in
     some query row; `pairs` random key pairs (fixed seed) are compared in every row of every head.
     """
-    from .liu import RankPairs
-    from .vit import vit_graph
+    from spiq.quantize.liu import RankPairs
+    from spiq.models.vit import vit_graph
 
     graph = vit_graph(qmodel)
     if graph is None:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .ranges import Range, broadcast_input
+from spiq.core.tensors import Range, broadcast_input
 
 
 def weight_levels(bits: int) -> int:

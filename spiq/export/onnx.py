@@ -60,15 +60,18 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
-from .runtime import ort_session
-from .config import CALIBRATED, DATA_FREE, TRANSFORMER_ONLY
-from .fold import ChannelReLU6
-from .graph import _LeafTracer
-from .qlayers import GridQuant, InputQuant, QuantLayer, fake_quant_input
-from .ranges import Range, broadcast_input, per_input_channel, unknown_input_dist
+from spiq.export.runtime import ort_session
+from spiq.config import CALIBRATED, DATA_FREE, TRANSFORMER_ONLY, ConfigError
+from spiq.transforms.fold import ChannelReLU6
+from spiq.graph.trace import LeafTracer
+from spiq.core.quant import GridQuant, InputQuant, QuantLayer, fake_quant_input
+from spiq.core.metrics import sqnr_db
+from spiq.core.tensors import Range, broadcast_input, per_input_channel
+from spiq.quantize.api import register_int8_graph
+from spiq.ranges.laws import unknown_input_dist
 
 if TYPE_CHECKING:   # quantize imports this module when a config asks for the int8 graph
-    from .quantize import QuantReport
+    from spiq.quantize.api import QuantReport
 
 OPSET = 17
 IR_VERSION = 8            # the IR that goes with opset 17: readable by every ONNX Runtime since 1.13
@@ -122,7 +125,7 @@ def _trace(model: nn.Module, input_shape: tuple[int, int, int]) -> fx.GraphModul
     from torch.fx.passes.shape_prop import ShapeProp
 
     try:
-        gm = fx.GraphModule(model, _LeafTracer().trace(model))
+        gm = fx.GraphModule(model, LeafTracer().trace(model))
     except Exception as exc:
         raise ExportError(f"cannot trace {type(model).__name__} with torch.fx: {exc}") from exc
     with torch.no_grad():
@@ -391,8 +394,8 @@ def _out_view(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def _requantize(qmodel: nn.Module, lp: _LayerPlan, grid: _Grid) -> None:
     """Quantize layer `lp` again, by the recipe quantize() used, for the input grid it really gets."""
-    from .quantize import bias_shift, plan_layer
-    from .ranges import law_moments, range_effect
+    from spiq.quantize.api import bias_shift, plan_layer
+    from spiq.ranges.laws import law_moments, range_effect
 
     report, config = getattr(qmodel, "spiq_report", None), getattr(qmodel, "spiq_config", None)
     reference = report.reference if report is not None and report.prepared is not None else None
@@ -744,7 +747,7 @@ def _pre_pool_bound(plan: _Plan, pool: _Op, chain: list[str], by_name: dict[str,
     dist = report.propagation.inputs.get(readers[0]) if readers and report and report.propagation else None
     if dist is None:
         return None
-    from .ranges import clip_range
+    from spiq.ranges.laws import clip_range
 
     return float(clip_range(dist, 8, False).hi)
 
@@ -1064,7 +1067,7 @@ def prepare_for_export(model: nn.Module) -> nn.Module:
         return model.spiq_int8_source
     if hasattr(model, "spiq_report"):
         return model
-    from .fold import folded_copy
+    from spiq.transforms.fold import folded_copy
 
     folded = folded_copy(model)
     if any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in folded.modules()):
@@ -1118,7 +1121,7 @@ def _export(qmodel: nn.Module, path: str, quantized: bool, input_size: int | Non
     """The ONNX graph of export_onnx() and its report, in memory."""
     import onnx
 
-    from .vit import is_transformer
+    from spiq.models.vit import is_transformer
 
     if is_transformer(qmodel) or getattr(getattr(qmodel, "spiq_report", None), "liu", None) is not None:
         raise ExportError(_NO_VIT)
@@ -1215,7 +1218,7 @@ def int8_simulation(qmodel: nn.Module, report: ExportReport) -> nn.Module:
     if not report.quantized:
         raise ValueError("int8_simulation needs the int8 graph (export_onnx(..., quantized=True))")
     twin = float_twin(qmodel, report, quantized=True)
-    gm = fx.GraphModule(twin, _LeafTracer().trace(twin))
+    gm = fx.GraphModule(twin, LeafTracer().trace(twin))
     nodes = {n.name: n for n in gm.graph.nodes}
     for k, (name, grid) in enumerate(report.plan.q_points.items()):
         node = nodes[name]
@@ -1306,7 +1309,7 @@ def layer_sqnr(qmodel: nn.Module, report: ExportReport, images: torch.Tensor, ba
     rows = []
     for layer in names:
         lp = plan.layers[layer]
-        rows.append({"layer": layer, "sqnr_db": math.inf if err[layer] == 0 else 10 * math.log10(sig[layer] / err[layer]),
+        rows.append({"layer": layer, "sqnr_db": sqnr_db(sig[layer], err[layer]),
                      "requantized": lp.requantized, "mul": bool(lp.enc_in.convert_for and _has_mul(lp.enc_in))})
     return rows
 
@@ -1315,3 +1318,13 @@ def _decode(codes: torch.Tensor, e: _Enc) -> torch.Tensor:
     shape = (1, -1) + (1,) * (codes.dim() - 2)
     x_t = (codes.double() - e.Z) * e.S
     return (x_t - e.b.view(shape)) / e.a.view(shape)
+
+
+def _int8_graph_for_quantize(qmodel: nn.Module) -> nn.Module:
+    try:
+        return int8_twin(qmodel)
+    except ExportError as exc:
+        raise ConfigError(f"int8_graph: {exc}") from None
+
+
+register_int8_graph(_int8_graph_for_quantize)

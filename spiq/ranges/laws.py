@@ -24,11 +24,12 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
-from .fold import BNStats, ChannelReLU6
-from .graph import ModelGraph, is_passthrough
-from .hooks import run_with_hooks
+from spiq.transforms.fold import BNStats, ChannelReLU6
+from spiq.graph.trace import ModelGraph, is_passthrough
+from spiq.config import TAIL_MODELS
+from spiq.core.hooks import run_with_hooks
+from spiq.core.tensors import Range, broadcast_input, per_input_channel
 
-TAIL_MODELS = ("gauss", "laplace", "t3", "t4", "t6", "t8", "t10")
 
 
 @functools.lru_cache(maxsize=None)
@@ -91,17 +92,6 @@ class Dist:
         return m, ((x - m[:, None]) ** 2 * w).sum(1).clamp_min(0).sqrt()
 
 
-@dataclass(frozen=True)
-class Range:
-    """A quantization range: per channel (C,) or per tensor (scalars), lo <= 0 <= hi."""
-    lo: torch.Tensor
-    hi: torch.Tensor
-
-    @property
-    def per_channel(self) -> bool:
-        return self.lo.dim() == 1
-
-
 # --- propagation through the graph ------------------------------------------------------------
 
 _INF = torch.tensor(float("inf"))
@@ -131,23 +121,6 @@ class Propagation:
     fallbacks: dict[str, str] = field(default_factory=dict)
 
 
-def broadcast_input(v: torch.Tensor, w: torch.Tensor, groups: int = 1) -> torch.Tensor:
-    """A per-input-channel vector (C,) laid out against a linear (O, C) or (grouped) conv weight."""
-    if w.dim() == 2:
-        return v[None, :]
-    cg = w.shape[1]
-    return v.view(groups, cg).repeat_interleave(w.shape[0] // groups, 0)[:, :, None, None]
-
-
-def per_input_channel(t: torch.Tensor, groups: int = 1, reduce: str = "sum") -> torch.Tensor:
-    """Reduce a weight-shaped tensor (O, C) or (O, C/groups, kh, kw) over all but the input channel: (C,)."""
-    if t.dim() == 2:
-        return t.sum(0) if reduce == "sum" else t.amax(0)
-    o, cg = t.shape[:2]
-    t = t.reshape(groups, o // groups, cg, -1)
-    return (t.sum((1, 3)) if reduce == "sum" else t.amax((1, 3))).reshape(-1)
-
-
 def _weight_bounds(mod: nn.Module, d: Dist) -> tuple[torch.Tensor, torch.Tensor]:
     """Interval arithmetic through a conv/linear: the widest output any input in bounds allows."""
     w = mod.weight.detach()
@@ -162,7 +135,7 @@ def _weight_bounds(mod: nn.Module, d: Dist) -> tuple[torch.Tensor, torch.Tensor]
     return torch.minimum(a, c).flatten(1).sum(1) + b, torch.maximum(a, c).flatten(1).sum(1) + b
 
 
-def _moment_layer(mod: nn.Module, d: Dist) -> tuple[torch.Tensor, torch.Tensor]:
+def moment_layer(mod: nn.Module, d: Dist) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std of a conv/linear output with no BN after it, inputs taken as independent."""
     m, s = d.moments()
     w = mod.weight.detach()
@@ -224,7 +197,7 @@ def propagate(graph: ModelGraph, bn_stats: dict[str, BNStats], input_lo: torch.T
                 dw = isinstance(mod, nn.Conv2d) and mod.groups > 1 and mod.groups == mod.in_channels
                 d = Dist(st.mean.clone(), st.std.clone(), lo, hi, tail=(tail_depthwise or tail) if dw else tail)
             elif d_in is not None:
-                mean, std = _moment_layer(mod, d_in)
+                mean, std = moment_layer(mod, d_in)
                 lo, hi = _weight_bounds(mod, d_in)
                 d = Dist(mean, std, lo, hi, tail=tail)
         elif node.op == "call_module":

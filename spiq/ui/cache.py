@@ -19,10 +19,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .config import QuantConfig
-from .data import IMAGE_EXTENSIONS, Preprocess, load_batch
-from .quantize import Prepared, bias_images_for, prepare, prepared_key, quantize
-from .registry import load_model
+from spiq.config import QuantConfig
+from spiq.models.data import IMAGE_EXTENSIONS, Preprocess, load_batch
+from spiq.quantize.api import Prepared, bias_images_for, prepare, prepared_key, quantize
+from spiq.models.registry import load_model
 
 
 @dataclass(frozen=True)
@@ -35,15 +35,6 @@ class Loaded:
 
 def config_key(config: QuantConfig) -> str:
     return json.dumps(config.to_dict(), sort_keys=True)
-
-
-def parameter_checksum(model: nn.Module) -> str:
-    """SHA-256 over every parameter and buffer: proof that a shared model was never changed."""
-    h = hashlib.sha256()
-    for name, t in list(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 class ModelCache:

@@ -94,7 +94,7 @@ def distill_images(model: nn.Module, n: int, input_lo: torch.Tensor, input_hi: t
 def image_key(model: nn.Module, n: int, input_lo: torch.Tensor, input_hi: torch.Tensor, size: int = 224,
               steps: int = STEPS) -> str:
     """The folder name of these images in the cache and among the shipped ones."""
-    from .cache import parameter_checksum
+    from spiq.core.metrics import parameter_checksum
 
     return hashlib.sha256(f"{parameter_checksum(model)} {n} {size} {steps} "
                           f"{input_lo.tolist()} {input_hi.tolist()}".encode()).hexdigest()[:24]

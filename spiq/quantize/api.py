@@ -10,18 +10,19 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import liu
-from .config import (AUTO_BIAS_IMAGES, CALIBRATED, DATA_FREE, METHODS, NEEDS_CALIBRATION, TRANSFORMER_ONLY, ConfigError,
+from spiq.quantize import liu
+from spiq.config import (AUTO_BIAS_IMAGES, CALIBRATED, DATA_FREE, METHODS, NEEDS_CALIBRATION, TRANSFORMER_ONLY, ConfigError,
                      QuantConfig)
-from .fold import EqualizedPair, equalize, fold_batchnorm
-from .distill import distilled_images, find_distilled, has_batchnorm
-from .graph import QUANTIZABLE, ModelGraph, analyse, is_passthrough
-from .hooks import run_with_hooks
-from .qlayers import InputQuant, QuantLayer, channel_axis, input_scale_zero, make_weights
-from .ranges import (ACTIVATIONS, Dist, Propagation, Range, RangeEffect, broadcast_input, calibrated_range, clip_range,
-                     law_moments, observe, per_input_channel, propagate, range_effect, sigma_range, sorted_samples,
-                     unknown_input_dist)
-from .vit import VitGraph, matmul_sites, tap_attention, vit_graph, vit_laws
+from spiq.transforms.fold import EqualizedPair, equalize, fold_batchnorm
+from spiq.quantize.distill import distilled_images, find_distilled, has_batchnorm
+from spiq.graph.trace import QUANTIZABLE, ModelGraph, analyse, is_passthrough
+from spiq.core.hooks import run_with_hooks
+from spiq.core.quant import InputQuant, QuantLayer, channel_axis, input_scale_zero, make_weights
+from spiq.core.tensors import Range, broadcast_input, per_input_channel
+from spiq.ranges.laws import (ACTIVATIONS, Dist, Propagation, RangeEffect, calibrated_range, clip_range, law_moments,
+                              observe, propagate, range_effect, sigma_range, sorted_samples, unknown_input_dist)
+from spiq.models.vit import VitGraph, matmul_sites, tap_attention, vit_graph
+from spiq.ranges.vit import vit_laws
 
 # ImageNet normalisation: the assumption when a model comes without its preprocessing.
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -433,13 +434,20 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data: torch.Tensor | N
     q.spiq_report = report
     q.spiq_config = config
     if config.int8_graph:
-        from .export import ExportError, int8_twin
-
-        try:
-            q = int8_twin(q)
-        except ExportError as exc:
-            raise ConfigError(f"int8_graph: {exc}") from None
+        if not _INT8_GRAPH:
+            raise ConfigError("int8_graph needs spiq.export (import spiq)")
+        q = _INT8_GRAPH[0](q)
     return q
+
+
+# The int8 graph's simulation is built by spiq.export, a layer above this one: it registers its
+# builder here when imported (`import spiq` imports it), so quantize() needs no import of it.
+_INT8_GRAPH: list[Callable[[nn.Module], nn.Module]] = []
+
+
+def register_int8_graph(build: Callable[[nn.Module], nn.Module]) -> None:
+    """What QuantConfig(int8_graph=True) applies to the quantized model (raises ConfigError)."""
+    _INT8_GRAPH[:] = [build]
 
 
 def bias_images_for(config: QuantConfig, model: nn.Module, vit: VitGraph | None = None) -> int:

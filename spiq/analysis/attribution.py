@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from .graph import is_passthrough, trace
+from spiq.graph.trace import is_passthrough, trace
 
 METHODS = ("integrated-gradients", "grad-cam")
 # Gauss-Legendre steps of Integrated Gradients. On EfficientNet-Lite0 W8A4 (8 sample images) the
@@ -25,7 +25,7 @@ def last_stage(model: nn.Module) -> str:
     """Name of the module whose output the global pooling reads: the last conv stage (for Grad-CAM).
 
     For a vision transformer: its last block, whose patch tokens are laid out on their grid."""
-    from .vit import is_transformer
+    from spiq.models.vit import is_transformer
 
     if is_transformer(model):
         return f"blocks.{len(model.blocks) - 1}"
@@ -55,7 +55,7 @@ def attribute(model: nn.Module, x: torch.Tensor, target: int, method: str = "int
         a = IntegratedGradients(model).attribute(x, target=target, n_steps=steps, internal_batch_size=min(steps, 8))
         return a[0].abs().sum(0).detach()
     if method == "grad-cam":
-        from .vit import is_transformer
+        from spiq.models.vit import is_transformer
 
         if is_transformer(model):
             return _token_grad_cam(model, x, target, layer or last_stage(model))
@@ -74,7 +74,7 @@ def _token_grad_cam(model: nn.Module, x: torch.Tensor, target: int, layer: str) 
     """
     from torch.nn import functional as F
 
-    from .analysis import token_grid
+    from spiq.analysis.layers import token_grid
 
     seen = {}
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .analysis import tensor_sqnr_db
+from spiq.core.metrics import tensor_sqnr_db
 
 
 # --- running it: ONNX Runtime sessions, latency, parity with the simulation ----------------------

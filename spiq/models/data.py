@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-IMAGENET_SYNSETS: list[str] = resources.files("spiq").joinpath("imagenet_synsets.txt").read_text().split()
+IMAGENET_SYNSETS: list[str] = resources.files("spiq.models").joinpath("imagenet_synsets.txt").read_text().split()
 _SYNSET_INDEX = {s: i for i, s in enumerate(IMAGENET_SYNSETS)}
 
 

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from .graph import ModelGraph, conv_bn_pairs, is_passthrough
+from spiq.core.tensors import broadcast_input, per_input_channel
+from spiq.graph.trace import ModelGraph, conv_bn_pairs, is_passthrough
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ def folded_copy(model: nn.Module) -> nn.Module:
     """A BN-folded float copy of `model`: the reference every quantized layer is compared with."""
     import copy
 
-    from .graph import analyse
+    from spiq.graph.trace import analyse
 
     folded = copy.deepcopy(model).eval()
     fold_batchnorm(folded, analyse(folded))
@@ -117,8 +118,6 @@ def equalize(model: nn.Module, graph: ModelGraph, bn_stats: dict[str, BNStats], 
     factors settle. ReLU6 caps follow their channels (ChannelReLU6); the BN statistics of the
     producer are divided too, so the data-free laws describe the equalized tensors.
     """
-    from .ranges import broadcast_input, per_input_channel   # ranges reads BNStats from here
-
     pairs = equalization_pairs(graph)
     for _ in range(rounds):
         moved = 0.0

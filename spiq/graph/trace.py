@@ -29,7 +29,7 @@ LEAF_TYPES = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d, nn.LayerNorm
               nn.Flatten) + _timm_leaf_types()
 
 
-class _LeafTracer(fx.Tracer):
+class LeafTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         # fx_leaf: the project's own modules (QuantLayer, GridQuant, ChannelReLU6), traced whole like nn's
         return isinstance(m, LEAF_TYPES) or getattr(m, "fx_leaf", False) or super().is_leaf_module(m, qualname)
@@ -42,7 +42,7 @@ class GraphError(RuntimeError):
 def trace(model: nn.Module) -> fx.GraphModule:
     """Trace `model` (not modified) into an fx graph whose call_module targets are its own names."""
     try:
-        graph = _LeafTracer().trace(model)
+        graph = LeafTracer().trace(model)
     except Exception as exc:
         raise GraphError(f"cannot trace {type(model).__name__} with torch.fx: {exc}") from exc
     return fx.GraphModule(model, graph)

@@ -24,9 +24,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .hooks import run_with_hooks
-from .qlayers import InputQuant
-from .vit import BlockNames, VitGraph
+from spiq.core.hooks import run_with_hooks
+from spiq.core.quant import InputQuant
+from spiq.models.vit import BlockNames, VitGraph
 
 KINDS = ("weight", "signed", "unsigned")
 

@@ -6,11 +6,7 @@ hides both matmuls, so `tap_attention` rebuilds every attention module as `TapAt
 arithmetic with the softmax written out and an `ActQuant` in front of each matmul operand. A float
 model carrying TapAttention is the reference every quantized transformer is compared with, and its
 taps are where hooks observe scores and attention maps.
-
-The data-free laws follow SPIQ's idea with LayerNorm in BatchNorm's place: a LayerNorm output is
-roughly unit-variance per token before its affine map, so channel c spans about β_c ± k·|γ_c|.
-Linears fed by another linear (the attention output projection, the second MLP layer) get the law
-carried through the weights, channels taken as independent.
+The data-free laws of its inputs are in `spiq.ranges.vit`.
 """
 from __future__ import annotations
 
@@ -20,12 +16,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .qlayers import ActQuant
-from .ranges import Dist, Propagation, _moment_layer, image_dist
+from spiq.core.quant import ActQuant
 
 # The operands of the two attention matmuls, as TapAttention names them.
 MATMUL_SITES = ("q_in", "k_in", "p_in", "v_in")
-_GELU_MIN = -0.17
 
 
 class TransformerError(ValueError):
@@ -156,55 +150,6 @@ def matmul_sites(graph: VitGraph) -> dict[str, str]:
     return {f"{b.attn}.{s}": b.qkv for b in graph.blocks for s in MATMUL_SITES}
 
 
-def layernorm_dist(ln: nn.LayerNorm, tail: str) -> Dist:
-    """LayerNorm output per channel: β_c + |γ_c|·Z, Z the normalised token (unit variance)."""
-    c = ln.normalized_shape[0]
-    gamma = ln.weight.detach() if ln.weight is not None else torch.ones(c)
-    beta = ln.bias.detach() if ln.bias is not None else torch.zeros(c)
-    inf = torch.full((c,), float("inf"))
-    return Dist(beta.clone(), gamma.abs().clone(), -inf, inf, tail=tail)
-
-
-def _linear_dist(layer: nn.Linear, d_in: Dist, tail: str, rows: slice = slice(None), gain: float = 1.0,
-                 act: nn.Module | None = None) -> Dist:
-    mean, std = _moment_layer(layer, d_in)
-    mean, std = mean[rows] * gain, std[rows] * gain
-    inf = torch.full_like(mean, float("inf"))
-    if act is None:
-        return Dist(mean, std, -inf, inf, tail=tail)
-    return Dist(mean, std, torch.full_like(mean, _GELU_MIN), inf, (act,), tail=tail)
-
-
-@torch.no_grad()
-def vit_laws(model: nn.Module, graph: VitGraph, input_lo: torch.Tensor, input_hi: torch.Tensor,
-             tail: str) -> tuple[Propagation, dict[str, Dist]]:
-    """Data-free laws of every linear input and of every matmul operand but the attention map."""
-    prop = Propagation()
-    matmuls: dict[str, Dist] = {}
-    prop.inputs[graph.patch] = image_dist(input_lo, input_hi, tail)
-    for b in graph.blocks:
-        attn = model.get_submodule(b.attn)
-        dim = attn.num_heads * attn.head_dim
-        d1 = layernorm_dist(model.get_submodule(b.norm1), tail)
-        prop.inputs[b.qkv] = d1
-        qkv = model.get_submodule(b.qkv)
-        matmuls[f"{b.attn}.q_in"] = _linear_dist(qkv, d1, tail, slice(0, dim), attn.scale)
-        matmuls[f"{b.attn}.k_in"] = _linear_dist(qkv, d1, tail, slice(dim, 2 * dim))
-        v = _linear_dist(qkv, d1, tail, slice(2 * dim, 3 * dim))
-        matmuls[f"{b.attn}.v_in"] = v
-        # The attention output mixes v's rows with convex weights: never wider than v itself.
-        prop.inputs[b.proj] = v
-        d2 = layernorm_dist(model.get_submodule(b.norm2), tail)
-        prop.inputs[b.fc1] = d2
-        prop.inputs[b.fc2] = _linear_dist(model.get_submodule(b.fc1), d2, tail, act=nn.GELU())
-    if graph.head is not None:
-        if graph.head_norm is not None:
-            prop.inputs[graph.head] = layernorm_dist(model.get_submodule(graph.head_norm), tail)
-        else:
-            prop.fallbacks[graph.head] = "pooled tokens without a LayerNorm before the head"
-    return prop, matmuls
-
-
 def toy_vit(seed: int = 0, dim: int = 96, depth: int = 2, heads: int = 3):
     """A small randomly initialised timm ViT shaped like a trained one, and its preprocessing.
 
@@ -217,7 +162,7 @@ def toy_vit(seed: int = 0, dim: int = 96, depth: int = 2, heads: int = 3):
 
     from timm.models.vision_transformer import VisionTransformer
 
-    from .data import Preprocess
+    from spiq.models.data import Preprocess
 
     gen = torch.Generator().manual_seed(seed)
     model = VisionTransformer(img_size=224, patch_size=16, embed_dim=dim, depth=depth, num_heads=heads, num_classes=1000)

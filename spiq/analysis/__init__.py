@@ -1,0 +1,2 @@
+"""Why a quantized model is good or bad: per-layer error, channel ranges, error maps, attention
+(layers), attribution drift (attribution), accuracy over labelled images (evaluate)."""

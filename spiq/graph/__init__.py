@@ -1,0 +1,1 @@
+"""The model as a graph: torch.fx tracing with quantizable layers kept whole, and what feeds what."""

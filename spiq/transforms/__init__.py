@@ -1,0 +1,1 @@
+"""Exact rewrites of the float model before quantization: BatchNorm folding, cross-layer equalization."""

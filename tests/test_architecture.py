@@ -1,0 +1,121 @@
+"""The package's shape: imports go one way between layers (docs/architecture.md), no cycle between
+modules (lazy imports included), and no private name used across modules."""
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "spiq"
+# Lowest first. A module may import its own layer and the layers below it, never one above.
+LAYERS = [
+    {"spiq.config", "spiq.core"},
+    {"spiq.models"},
+    {"spiq.graph"},
+    {"spiq.transforms"},
+    {"spiq.ranges"},
+    {"spiq.quantize"},
+    {"spiq.export"},
+    {"spiq.analysis"},
+    {"spiq.ui"},
+    {"spiq", "spiq.cli", "spiq.__main__"},
+]
+
+
+def layer_of(module: str) -> int:
+    parts = module.split(".")
+    for i, names in enumerate(LAYERS):
+        if ".".join(parts[:2]) in names or module in names:
+            return i
+    raise AssertionError(f"{module} is in no layer: add it to LAYERS and docs/architecture.md")
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+    parts = list(rel.parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path) -> list[tuple[str, list[str], int]]:
+    """(module, names, line) of every import of spiq in the file, at any depth (lazy ones too)."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and node.module.split(".")[0] == "spiq":
+            out.append((node.module, [a.name for a in node.names], node.lineno))
+        elif isinstance(node, ast.ImportFrom) and node.level > 0:
+            raise AssertionError(f"{path}:{node.lineno}: relative import; spiq imports by full name")
+        elif isinstance(node, ast.Import):
+            out += [(a.name, [], node.lineno) for a in node.names if a.name.split(".")[0] == "spiq"]
+    return out
+
+
+def package_imports() -> dict[str, list[tuple[str, list[str], int]]]:
+    return {module_name(p): imports_of(p) for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def resolve(target: str, names: list[str], modules) -> list[str]:
+    """The modules an import statement loads: `from spiq.x import y` loads spiq.x.y when y is a module."""
+    subs = [f"{target}.{n}" for n in names if f"{target}.{n}" in modules]
+    return subs or [target]
+
+
+def direction_errors(graph) -> list[str]:
+    errors = []
+    for module, imports in graph.items():
+        for target, names, line in imports:
+            for dep in resolve(target, names, graph):
+                if layer_of(dep) > layer_of(module):
+                    errors.append(f"{module}:{line} imports {dep}, a layer above it")
+    return errors
+
+
+def find_cycle(graph) -> list[str] | None:
+    edges = {m: {d for t, names, _ in imps for d in resolve(t, names, graph) if d in graph and d != m}
+             for m, imps in graph.items()}
+    # a package's __init__ re-exporting its own modules is not a cycle of code
+    edges = {m: {d for d in ds if not d.startswith(m + ".")} for m, ds in edges.items()}
+    state: dict[str, int] = {}
+
+    def visit(m, stack):
+        state[m] = 1
+        for d in sorted(edges[m]):
+            if state.get(d) == 1:
+                return stack[stack.index(d):] + [d]
+            if d not in state and (c := visit(d, stack + [d])):
+                return c
+        state[m] = 2
+        return None
+    for m in sorted(edges):
+        if m not in state and (c := visit(m, [m])):
+            return c
+    return None
+
+
+def test_imports_go_one_way_between_layers():
+    assert direction_errors(package_imports()) == []
+
+
+def test_no_import_cycle_lazy_imports_included():
+    assert find_cycle(package_imports()) is None
+
+
+def test_no_private_name_crosses_a_module():
+    crossing = [f"{m}:{line} imports {n} from {t}" for m, imps in package_imports().items()
+                for t, names, line in imps for n in names if n.startswith("_")]
+    assert crossing == []
+
+
+def test_the_checks_catch_what_they_forbid():
+    """The checks themselves, on a graph with an upward import and a cycle added."""
+    graph = package_imports()
+    graph["spiq.core.quant"] = graph["spiq.core.quant"] + [("spiq.ui.views", ["scene"], 1)]
+    assert any("spiq.core.quant:1 imports spiq.ui.views" in e for e in direction_errors(graph))
+    graph = package_imports()
+    graph["spiq.core.tensors"] = graph["spiq.core.tensors"] + [("spiq.core.quant", ["InputQuant"], 1)]
+    assert find_cycle(graph) is not None
+
+
+@pytest.mark.parametrize("layer", sorted({n for names in LAYERS for n in names} - {"spiq", "spiq.cli",
+                                                                                    "spiq.__main__", "spiq.config"}))
+def test_every_layer_is_written_down(layer):
+    doc = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    assert f"`{layer.split('.', 1)[1]}/`" in doc, f"{layer} is not described in docs/architecture.md"
