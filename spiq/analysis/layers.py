@@ -12,8 +12,11 @@ import torch
 from torch import nn
 
 from spiq.core.hooks import run_with_hooks
-from spiq.core.quant import QuantLayer, fake_quant_input
 from spiq.core.metrics import sqnr_db, tensor_sqnr_db
+from spiq.core.quant import QuantLayer, fake_quant_input, fold_input_scale, quantize_weight
+from spiq.models.vit import is_transformer, vit_graph
+from spiq.quantize.liu import RankPairs
+from spiq.ranges.laws import observe, quantized_samples
 
 
 def reference_of(model: nn.Module, qmodel: nn.Module) -> nn.Module:
@@ -143,7 +146,6 @@ class ChannelRanges:
 @torch.no_grad()
 def channel_ranges(model: nn.Module, qmodel: nn.Module, layer: str, images: torch.Tensor) -> ChannelRanges:
     """Per-channel vs per-tensor input ranges of `layer` and how the images fill them."""
-    from spiq.ranges.laws import observe
 
     report = qmodel.spiq_report
     if layer not in report.layers:
@@ -183,7 +185,6 @@ class FoldCost:
 @torch.no_grad()
 def fold_cost(model: nn.Module, qmodel: nn.Module) -> list[FoldCost]:
     """For every layer with folded per-channel input scales: weight error added vs input error removed."""
-    from spiq.core.quant import fold_input_scale, quantize_weight
 
     reference = reference_of(model, qmodel)
     report = qmodel.spiq_report
@@ -208,14 +209,10 @@ def fold_cost(model: nn.Module, qmodel: nn.Module) -> list[FoldCost]:
         folded_sqnr = sqnr_db(float((folded ** 2).sum()),
                               float(((q.weight_codes * q.weight_scale.view(shape) - folded) ** 2).sum()))
         dist = report.propagation.inputs[name]
-        x, p = dist.samples()
-        signal = float((x ** 2 * p).sum())
 
         def isqnr(rng):
-            lo, hi = (rng.lo, rng.hi) if rng.per_channel else (rng.lo.expand(x.shape[0]), rng.hi.expand(x.shape[0]))
-            step = ((hi - lo) / (2 ** lr.input_bits - 1))[:, None]
-            xq = torch.clamp(torch.round((x - lo[:, None]) / step), 0, 2 ** lr.input_bits - 1) * step + lo[:, None]
-            return sqnr_db(signal, float(((xq - x) ** 2 * p).sum()))
+            x, p, xq = quantized_samples(dist, rng, lr.input_bits)
+            return sqnr_db(float((x ** 2 * p).sum()), float(((xq - x) ** 2 * p).sum()))
 
         out.append(FoldCost(name, wsqnr(w), folded_sqnr,
                             isqnr(_data_free_range(qmodel, name, lr.input_bits, False)),
@@ -268,7 +265,6 @@ def token_grid(y: torch.Tensor) -> torch.Tensor:
 
 def spatial_layers(qmodel: nn.Module) -> list[str]:
     """Quantized layers whose outputs have a place in the image: convs, and a transformer's token layers."""
-    from spiq.models.vit import is_transformer
 
     if is_transformer(qmodel):
         return [n for n, m in qmodel.named_modules() if isinstance(m, QuantLayer) and n != "head"]
@@ -333,8 +329,6 @@ def attention_maps(model: nn.Module, qmodel: nn.Module, x: torch.Tensor, block: 
     An inversion is a pair of keys whose pre-softmax score order the quantized model reverses in
     some query row; `pairs` random key pairs (fixed seed) are compared in every row of every head.
     """
-    from spiq.quantize.liu import RankPairs
-    from spiq.models.vit import vit_graph
 
     graph = vit_graph(qmodel)
     if graph is None:

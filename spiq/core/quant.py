@@ -17,6 +17,16 @@ from torch.nn import functional as F
 from spiq.core.tensors import Range, broadcast_input
 
 
+def fake_quant(x: torch.Tensor, scale: torch.Tensor | float, zero: torch.Tensor | float, qmin: int,
+               qmax: int) -> torch.Tensor:
+    """The one uniform affine fake quantization: (clamp(round(x / scale) + zero, qmin, qmax) − zero) · scale,
+    `scale` and `zero` broadcast against x, the gradient passed straight through.
+
+    x · (1/scale) rather than x / scale: the arithmetic of torch's fused fake-quant kernels, bit for bit."""
+    q = torch.round(x * (1.0 / scale)).add_(zero).clamp_(qmin, qmax).sub_(zero).mul_(scale)
+    return x + (q - x).detach() if torch.is_grad_enabled() and x.requires_grad else q
+
+
 def weight_levels(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
@@ -136,20 +146,13 @@ def fake_quant_input(x: torch.Tensor, q: InputQuant) -> torch.Tensor:
         shape = [1] * x.dim()
         if q.per_channel:
             shape[axis] = -1
-        scale = q.scale.view(shape)
-        zero = q.zero.to(x.dtype).view(shape)
-        return torch.round(x * (1.0 / scale)).add_(zero).clamp_(0, qmax).sub_(zero).mul_(scale)
+        return fake_quant(x, q.scale.view(shape), q.zero.to(x.dtype).view(shape), 0, qmax)
     # dynamic: each sample's own min/max, per tensor or per channel
     dims = tuple(d for d in range(1, x.dim()) if not (q.per_channel and d == axis))
     lo = x.amin(dim=dims, keepdim=True).clamp_max(0)
     hi = x.amax(dim=dims, keepdim=True).clamp_min(0)
     scale = ((hi - lo) / qmax).clamp_min(1e-12)
-    zero = torch.round(-lo / scale)
-    q_x = torch.clamp(torch.round(x / scale) + zero, 0, qmax)
-    out = (q_x - zero) * scale
-    if not (torch.is_grad_enabled() and x.requires_grad):
-        return out
-    return x + (out - x).detach()  # straight-through
+    return fake_quant(x, scale, torch.round(-lo / scale), 0, qmax)
 
 
 class GridQuant(nn.Module):
@@ -167,9 +170,7 @@ class GridQuant(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        step, zero = self.step.view(shape), self.zero.view(shape)
-        q = (torch.clamp(torch.round(x / step + zero), 0, self.qmax) - zero) * step
-        return x + (q - x).detach() if torch.is_grad_enabled() and x.requires_grad else q
+        return fake_quant(x, self.step.view(shape), self.zero.view(shape), 0, self.qmax)
 
 
 class QuantLayer(nn.Module):

@@ -26,6 +26,7 @@ from torch.nn import functional as F
 
 from spiq.core.hooks import run_with_hooks
 from spiq.core.quant import InputQuant
+from spiq.core.quant import fake_quant as core_fake_quant
 from spiq.models.vit import BlockNames, VitGraph
 
 KINDS = ("weight", "signed", "unsigned")
@@ -47,8 +48,7 @@ def max_interval(x: torch.Tensor, kind: str, bits: int) -> float:
 
 
 def fake_quant(x: torch.Tensor, delta: float, kind: str, bits: int) -> torch.Tensor:
-    lo, hi = levels(kind, bits)
-    return torch.clamp(torch.round(x / delta), lo, hi) * delta
+    return core_fake_quant(x, delta, 0, *levels(kind, bits))
 
 
 def input_quant(delta: float, kind: str, bits: int, axis: int = -1) -> InputQuant:

@@ -28,6 +28,7 @@ from spiq.transforms.fold import BNStats, ChannelReLU6
 from spiq.graph.trace import ModelGraph, is_passthrough
 from spiq.config import TAIL_MODELS
 from spiq.core.hooks import run_with_hooks
+from spiq.core.quant import fake_quant
 from spiq.core.tensors import Range, broadcast_input, per_input_channel
 
 
@@ -356,8 +357,7 @@ def quantized_samples(d: Dist, rng: Range, bits: int) -> tuple[torch.Tensor, tor
     x, w = d.samples()
     lo, hi = (rng.lo, rng.hi) if rng.per_channel else (rng.lo.expand(x.shape[0]), rng.hi.expand(x.shape[0]))
     step = ((hi - lo) / (2 ** bits - 1))[:, None]
-    zero = torch.round(-lo[:, None] / step)
-    return x, w, (torch.clamp(torch.round(x / step) + zero, 0, 2 ** bits - 1) - zero) * step
+    return x, w, fake_quant(x, step, torch.round(-lo[:, None] / step), 0, 2 ** bits - 1)
 
 
 @dataclass(frozen=True)
