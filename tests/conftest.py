@@ -22,13 +22,31 @@ def lite0():
     return model
 
 
+# Tests that read the real ImageNet sample form the `slow` tier: they run whenever the sample is
+# there (CI always has it) and are skipped, with the reason, on a clone without it.
+SAMPLE_FIXTURES = {"sample", "subset", "vit_images", "sample_dir"}
+NO_SAMPLE = f"the ImageNet sample is not at {SAMPLE_DIR}: set SPIQ_SAMPLE_DIR to a folder of <synset>_*.jpg images"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SAMPLE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+            if not SAMPLE_DIR.is_dir():
+                item.add_marker(pytest.mark.skip(reason=NO_SAMPLE))
+
+
 @pytest.fixture(scope="session")
-def sample():
+def sample_dir() -> Path:
+    """The real ImageNet sample folder (the test is skipped without it)."""
+    return SAMPLE_DIR
+
+
+@pytest.fixture(scope="session")
+def sample(sample_dir):
     """All real sample images, preprocessed for EfficientNet-Lite0, with their labels."""
-    if not SAMPLE_DIR.is_dir():
-        pytest.fail(f"the ImageNet sample is missing at {SAMPLE_DIR} (set SPIQ_SAMPLE_DIR)")
     model, preprocess, _ = spiq.load_model("efficientnet_lite0")
-    images, labels, paths = load_images(SAMPLE_DIR, preprocess)
+    images, labels, paths = load_images(sample_dir, preprocess)
     return images, labels
 
 
@@ -46,10 +64,10 @@ def vit():
 
 
 @pytest.fixture(scope="session")
-def vit_images():
+def vit_images(sample_dir):
     """48 real sample images for the ViT: 16 to calibrate on, 32 held out."""
     _, pre = toy_vit()
-    images, _, _ = load_images(SAMPLE_DIR, pre, limit=48)
+    images, _, _ = load_images(sample_dir, pre, limit=48)
     return images[:16], images[16:]
 
 
@@ -73,6 +91,6 @@ def app():
 
         app_module.demo.queue(default_concurrency_limit=8)
         _, url, _ = app_module.demo.launch(prevent_thread_lock=True, quiet=True,
-                                           max_file_size=app_module.MAX_IMAGE_BYTES)
+                                           max_file_size=app_module.MAX_UPLOAD_BYTES)
         yield app_module, url
         app_module.demo.close()

@@ -11,6 +11,8 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
+from spiq.ui import handlers
+
 ROOT = Path(__file__).resolve().parents[1]
 CAT = str(ROOT / "assets" / "cat.jpg")
 EMPTY_TABLE = {"headers": [], "data": []}
@@ -152,11 +154,11 @@ def test_nested_and_oversized_recipes_are_refused(app, tmp_path):
 def test_the_same_recipe_is_written_once(app):
     module, url = app
     client = Client(url, verbose=False)
-    before = set(module.RECIPES.root.iterdir())
+    before = set(handlers.RECIPES.root.iterdir())
     for _ in range(3):
         out = client.predict("static-tensor", 7, 7, "tensor", "method default", True, EMPTY_TABLE, handle_file(CAT),
                              api_name="/apply")
-    new = set(module.RECIPES.root.iterdir()) - before
+    new = set(handlers.RECIPES.root.iterdir()) - before
     assert len(new) <= 1 and json.loads(Path(out[2]).read_text())["weight_bits"] == 7
 
 
@@ -181,9 +183,9 @@ def test_disk_use_stays_bounded_over_20_deploys(app, tmp_path):
                        api_name="/apply")
         *_, onnx_file = client.predict(handle_file(CAT), api_name="/deploy")
         assert Path(onnx_file).stat().st_size > 1_000_000
-        sizes.append(module.EXPORTS.size())
-    entries = list(module.EXPORTS.root.iterdir())
-    assert len(entries) <= module.EXPORTS.max_entries
-    one = max(p.stat().st_size for p in module.EXPORTS.root.rglob("*.onnx"))
-    assert max(sizes) <= (module.EXPORTS.max_entries + 3) * one   # + the model's three baselines
+        sizes.append(handlers.EXPORTS.size())
+    entries = list(handlers.EXPORTS.root.iterdir())
+    assert len(entries) <= handlers.EXPORTS.max_entries
+    one = max(p.stat().st_size for p in handlers.EXPORTS.root.rglob("*.onnx"))
+    assert max(sizes) <= (handlers.EXPORTS.max_entries + 3) * one   # + the model's three baselines
     assert _du(cache) - cache_before < 2 * one   # downloads are served in place, not copied

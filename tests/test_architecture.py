@@ -119,3 +119,17 @@ def test_the_checks_catch_what_they_forbid():
 def test_every_layer_is_written_down(layer):
     doc = (PACKAGE.parent / "docs" / "architecture.md").read_text()
     assert f"`{layer.split('.', 1)[1]}/`" in doc, f"{layer} is not described in docs/architecture.md"
+
+
+def test_the_app_wires_components_to_spiq_ui_only():
+    """app.py lays out and wires; everything it calls comes from spiq.ui or the public API."""
+    app = PACKAGE.parent / "app.py"
+    modules = {m for m, _, _ in imports_of(app)}
+    assert modules <= {"spiq"} | {m for m in modules if m.startswith("spiq.ui")}, modules
+
+
+def test_only_the_ui_imports_gradio():
+    users = [module_name(p) for p in PACKAGE.rglob("*.py")
+             if any(isinstance(n, (ast.Import, ast.ImportFrom)) and "gradio" in ast.unparse(n)
+                    for n in ast.walk(ast.parse(p.read_text())))]
+    assert users and all(u.startswith("spiq.ui") for u in users), users

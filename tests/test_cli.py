@@ -4,20 +4,21 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from conftest import SAMPLE_DIR
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _spiq(*args):
     return subprocess.run([sys.executable, "-m", "spiq", *args], capture_output=True, text=True, timeout=600)
 
 
-def test_evaluate_writes_the_json_contract(tmp_path):
+def test_evaluate_writes_the_json_contract(tmp_path, sample_dir):
     out = tmp_path / "r.json"
-    r = _spiq("evaluate", "--model", "efficientnet_lite0", "--images", str(SAMPLE_DIR), "--method", "spiq",
+    r = _spiq("evaluate", "--model", "efficientnet_lite0", "--images", str(sample_dir), "--method", "spiq",
               "--wbits", "8", "--abits", "6", "--limit", "24", "--json", str(out))
     assert r.returncode == 0, r.stderr
     assert "agreement" in r.stdout and len(r.stdout.strip().splitlines()) == 1
@@ -31,9 +32,9 @@ def test_evaluate_writes_the_json_contract(tmp_path):
     assert 0.5 <= data["top1_fp"] <= 1 and 0.8 <= data["agreement"] <= 1 and data["seconds"] > 0
 
 
-def test_evaluate_fp_and_config_file(tmp_path):
+def test_evaluate_fp_and_config_file(tmp_path, sample_dir):
     out = tmp_path / "fp.json"
-    r = _spiq("evaluate", "--model", "efficientnet_lite0", "--images", str(SAMPLE_DIR), "--method", "fp",
+    r = _spiq("evaluate", "--model", "efficientnet_lite0", "--images", str(sample_dir), "--method", "fp",
               "--limit", "8", "--json", str(out))
     assert r.returncode == 0, r.stderr
     data = json.loads(out.read_text())
@@ -42,13 +43,13 @@ def test_evaluate_fp_and_config_file(tmp_path):
     cfg.write_text(json.dumps({"method": "static-tensor", "weight_bits": 8, "input_bits": 8,
                                "overrides": {"conv_stem": {"skip": True}}}))
     out2 = tmp_path / "c_out.json"
-    r = _spiq("evaluate", "--model", "efficientnet_lite0", "--images", str(SAMPLE_DIR), "--config", str(cfg),
+    r = _spiq("evaluate", "--model", "efficientnet_lite0", "--images", str(sample_dir), "--config", str(cfg),
               "--limit", "8", "--json", str(out2))
     assert r.returncode == 0, r.stderr
     assert json.loads(out2.read_text())["method"] == "static-tensor"
 
 
-def test_evaluate_bad_input_is_a_clear_error(tmp_path):
+def test_evaluate_bad_input_is_a_clear_error(tmp_path, sample_dir):
     base = ["evaluate", "--model", "efficientnet_lite0", "--method", "spiq", "--wbits", "8", "--abits", "8"]
     r = _spiq(*base, "--images", str(tmp_path / "missing"))
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
@@ -57,14 +58,14 @@ def test_evaluate_bad_input_is_a_clear_error(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "cat.jpg")
     r = _spiq(*base, "--images", str(tmp_path))
     assert r.returncode == 2 and "no ImageNet synset" in r.stderr
-    r = _spiq("evaluate", "--model", "efficientnet_lite0", "--images", str(SAMPLE_DIR), "--method", "spiq",
+    r = _spiq("evaluate", "--model", "efficientnet_lite0", "--images", str(sample_dir), "--method", "spiq",
               "--wbits", "8", "--abits", "1")
     assert r.returncode == 2 and "input_bits must be from 2 to 16" in r.stderr
-    r = _spiq("evaluate", "--model", "resnet_18", "--images", str(SAMPLE_DIR), "--method", "fp")
+    r = _spiq("evaluate", "--model", "resnet_18", "--images", str(sample_dir), "--method", "fp")
     assert r.returncode == 2 and "unknown model 'resnet_18'" in r.stderr and "resnet18" in r.stderr
 
 
-def test_evaluate_liu_ptq_on_a_transformer_with_calibration_folder(tmp_path, monkeypatch, capsys):
+def test_evaluate_liu_ptq_on_a_transformer_with_calibration_folder(tmp_path, monkeypatch, capsys, sample_dir):
     from spiq import cli
     from spiq.models import registry
     from spiq.models.vit import toy_vit
@@ -74,10 +75,10 @@ def test_evaluate_liu_ptq_on_a_transformer_with_calibration_folder(tmp_path, mon
         "toy_vit", "random weights (tests)", lambda: toy_vit()[0], lambda: None, pre, "toy ViT", ("vit",)))
     calib = tmp_path / "calib"
     calib.mkdir()
-    for f in sorted(SAMPLE_DIR.iterdir())[-6:]:   # images kept apart from the 8 evaluated
+    for f in sorted(sample_dir.iterdir())[-6:]:   # images kept apart from the 8 evaluated
         (calib / f.name).symlink_to(f)
     out = tmp_path / "r.json"
-    rc = cli.main(["evaluate", "--model", "toy_vit", "--images", str(SAMPLE_DIR), "--limit", "8", "--method", "liu-ptq",
+    rc = cli.main(["evaluate", "--model", "toy_vit", "--images", str(sample_dir), "--limit", "8", "--method", "liu-ptq",
                    "--wbits", "6", "--abits", "6", "--calib", str(calib), "--calib-n", "4", "--mixed-precision", "6",
                    "--json", str(out)])
     err = capsys.readouterr().err
@@ -85,10 +86,10 @@ def test_evaluate_liu_ptq_on_a_transformer_with_calibration_folder(tmp_path, mon
     data = json.loads(out.read_text())
     assert (data["method"], data["wbits"], data["abits"], data["n_images"]) == ("liu-ptq", 6, 6, 8)
     assert "4/4" in err and "quantizing" in err     # four calibration images decoded, the search's progress shown
-    rc = cli.main(["evaluate", "--model", "toy_vit", "--images", str(SAMPLE_DIR), "--limit", "8", "--method", "liu-ptq",
+    rc = cli.main(["evaluate", "--model", "toy_vit", "--images", str(sample_dir), "--limit", "8", "--method", "liu-ptq",
                    "--calib", str(tmp_path / "missing")])
     assert rc == 2 and "does not exist" in capsys.readouterr().err
-    rc = cli.main(["evaluate", "--model", "efficientnet_lite0", "--images", str(SAMPLE_DIR), "--limit", "8",
+    rc = cli.main(["evaluate", "--model", "efficientnet_lite0", "--images", str(sample_dir), "--limit", "8",
                    "--method", "liu-ptq", "--calib", str(calib)])
     assert rc == 2 and "vision transformers" in capsys.readouterr().err
 
@@ -118,16 +119,21 @@ def test_distill_writes_the_shipped_form_and_refuses_what_it_cannot_do(tmp_path,
     assert "no BatchNorm" in capsys.readouterr().err
 
 
+# The shipped example photos under the synset names of what they show.
+EXAMPLES = {"n02123159_tiger_cat.jpg": "cat.jpg", "n07920052_espresso.jpg": "coffee.jpg",
+            "n04266014_space_shuttle.jpg": "rocket.jpg", "n03976467_polaroid_camera.jpg": "camera.jpg"}
+
+
 def _folder_with_bad_images(tmp_path):
-    """Three real images, a text file named like an image, and a real JPEG cut short."""
+    """Three real photos, a text file named like an image, and a real JPEG cut short."""
     folder = tmp_path / "imgs"
     folder.mkdir()
-    real = sorted(SAMPLE_DIR.iterdir())
-    for f in real[:3]:
-        shutil.copy(f, folder / f.name)
+    for name, asset in EXAMPLES.items():
+        shutil.copy(ROOT / "assets" / asset, folder / name)
+    cut = "n03976467_polaroid_camera.jpg"
     (folder / "n01440764_x.jpg").write_text("not a picture")
-    (folder / real[3].name).write_bytes(real[3].read_bytes()[:3000])
-    return folder, real[3].name
+    (folder / cut).write_bytes((folder / cut).read_bytes()[:3000])
+    return folder, cut
 
 
 def _one_error_line(err: str) -> str:
@@ -191,11 +197,11 @@ def test_counts_must_be_positive(args, tmp_path, capsys):
     assert exit_.value.code == 2 and f"argument {flag}: must be a positive integer" in line
 
 
-def test_output_paths_are_checked_before_any_work(tmp_path, capsys):
+def test_output_paths_are_checked_before_any_work(tmp_path, capsys, sample_dir):
     from spiq import cli
 
     (tmp_path / "file.txt").write_text("x")
-    evaluate = ["evaluate", "--model", "efficientnet_lite0", "--images", str(SAMPLE_DIR), "--limit", "2",
+    evaluate = ["evaluate", "--model", "efficientnet_lite0", "--images", str(sample_dir), "--limit", "2",
                 "--method", "fp"]
     for bad, why in [(tmp_path, "is a directory"), (tmp_path / "file.txt" / "r.json", "file.txt is not a directory"),
                      (tmp_path / "file.txt" / "sub" / "r.json", "file.txt is not a directory")]:
@@ -215,28 +221,28 @@ def test_output_paths_are_checked_before_any_work(tmp_path, capsys):
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into any folder")
-def test_an_unwritable_folder_is_refused_before_any_work(tmp_path, capsys):
+def test_an_unwritable_folder_is_refused_before_any_work(tmp_path, capsys, sample_dir):
     from spiq import cli
 
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)
-    assert cli.main(["evaluate", "--model", "efficientnet_lite0", "--images", str(SAMPLE_DIR), "--limit", "2",
+    assert cli.main(["evaluate", "--model", "efficientnet_lite0", "--images", str(sample_dir), "--limit", "2",
                      "--method", "fp", "--json", str(locked / "r.json")]) == 2
     err = capsys.readouterr().err
     assert "cannot be written: Permission denied" in _one_error_line(err) and "loading images" not in err
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
-def test_a_json_write_that_fails_at_the_end_is_one_line(capsys):
+def test_a_json_write_that_fails_at_the_end_is_one_line(capsys, sample_dir):
     from spiq import cli
 
-    assert cli.main(["evaluate", "--model", "efficientnet_lite0", "--images", str(SAMPLE_DIR), "--limit", "2",
+    assert cli.main(["evaluate", "--model", "efficientnet_lite0", "--images", str(sample_dir), "--limit", "2",
                      "--method", "fp", "--json", "/dev/full"]) == 2
     assert "--json /dev/full could not be written: No space left" in _one_error_line(capsys.readouterr().err)
 
 
-def test_config_files_that_are_not_small_utf8_json_are_refused(tmp_path, capsys):
+def test_config_files_that_are_not_small_utf8_json_are_refused(tmp_path, capsys, sample_dir):
     from spiq import cli
 
     nested = tmp_path / "nested.json"
@@ -247,7 +253,7 @@ def test_config_files_that_are_not_small_utf8_json_are_refused(tmp_path, capsys)
     big.write_text('{"method": "spiq"' + " " * 1_100_000 + "}")
     for path, why in [(nested, "nested"), (latin, f"--config {latin} is not UTF-8 text"),
                       (big, f"--config {big} has 1100018 bytes")]:
-        rc = cli.main(["evaluate", "--model", "efficientnet_lite0", "--images", str(SAMPLE_DIR), "--config", str(path)])
+        rc = cli.main(["evaluate", "--model", "efficientnet_lite0", "--images", str(sample_dir), "--config", str(path)])
         assert rc == 2 and why in _one_error_line(capsys.readouterr().err)
 
 

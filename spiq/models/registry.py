@@ -10,7 +10,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -62,7 +62,14 @@ def availability(name: str) -> str | None:
     return get_spec(name).offline_problem()
 
 
-def load_model(name: str) -> tuple[nn.Module, Preprocess, list[str]]:
+class LoadedModel(NamedTuple):
+    """What load_model gives: still unpackable as `model, preprocess, classes`."""
+    model: nn.Module
+    preprocess: Preprocess
+    classes: list[str]
+
+
+def load_model(name: str) -> LoadedModel:
     """Build `name` with its pretrained weights, in eval mode, plus its preprocess and class names."""
     spec = get_spec(name)
     model = spec.build()
@@ -71,7 +78,7 @@ def load_model(name: str) -> tuple[nn.Module, Preprocess, list[str]]:
         p.requires_grad_(False)
     # quantize() reads the input normalisation from here: it is the first layer's data-free range.
     model.spiq_preprocess = spec.preprocess
-    return model, spec.preprocess, list(IMAGENET_CLASSES)
+    return LoadedModel(model, spec.preprocess, list(IMAGENET_CLASSES))
 
 
 # --- EfficientNet-Lite0, embedded -----------------------------------------------------------
