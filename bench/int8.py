@@ -31,7 +31,7 @@ import torch
 from common import SAMPLE_DIR, machine, save
 
 import spiq
-from spiq.export import onnx as ex
+from spiq import export as ex
 from spiq.export import runtime as rt
 from spiq.analysis.evaluate import calibration_subset, load_images, predict
 

@@ -1,7 +1,7 @@
 """SPIQ Explorer: data-free post-training quantization of vision networks."""
 from spiq.config import METHODS, ConfigError, LayerOverride, QuantConfig
 from spiq.models.data import DatasetError, ImageError
-from spiq.export.onnx import ExportError, ExportReport, export_onnx
+from spiq.export import ExportError, ExportReport, export_onnx
 from spiq.quantize.api import quantize
 from spiq.models.registry import LoadedModel, ModelUnavailableError, availability, list_models, load_model
 

@@ -246,7 +246,7 @@ def _cmd_distill(args) -> int:
     from tqdm import tqdm
 
     from spiq.quantize.distill import distilled_images, has_batchnorm, image_key, to_pixels, write_pixels
-    from spiq.quantize.api import distill_bounds
+    from spiq.quantize.prepared import distill_bounds
     from spiq.models.registry import load_model
 
     if not 1 <= args.images <= 256:

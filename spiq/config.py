@@ -4,24 +4,9 @@ from __future__ import annotations
 import difflib
 import json
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 
-METHODS = {
-    "spiq": "static per-input-channel ranges from BN statistics, scales folded into the weights",
-    "static-tensor": "static per-tensor ranges from BN statistics (DFQ-style)",
-    "calib-minmax": "static ranges from calibration images: min/max",
-    "calib-percentile": "static ranges from calibration images: percentile",
-    "calib-mse": "static ranges from calibration images: MSE-optimal clipping",
-    "dynamic-tensor": "per-sample per-tensor ranges computed at run time",
-    "dynamic-channel": "per-sample per-channel ranges computed at run time",
-    "liu-ptq": "vision transformers (Liu et al. 2021): per-tensor intervals searched for output similarity "
-               "on calibration images, ranking loss on attention, bias correction",
-}
-DATA_FREE = ("spiq", "static-tensor")
-CALIBRATED = ("calib-minmax", "calib-percentile", "calib-mse")
-NEEDS_CALIBRATION = CALIBRATED + ("liu-ptq",)
-TRANSFORMER_ONLY = ("liu-ptq",)
-DYNAMIC = ("dynamic-tensor", "dynamic-channel")
 GRANULARITIES = ("channel", "tensor")
 # Tail laws of BN-implied pre-activations (spiq.ranges): Gaussian, Laplace, Student t with k dof.
 TAIL_MODELS = ("gauss", "laplace", "t3", "t4", "t6", "t8", "t10")
@@ -31,11 +16,49 @@ MIN_BITS, MAX_BITS = 2, 16
 # before the parser recurses into it (200k nested brackets overflow Python's stack).
 MAX_JSON_BYTES = 1_000_000
 MAX_JSON_DEPTH = 8
+CONFIG_VERSION = 1   # of the recipe's JSON form; from_dict reads a recipe without it as this version
 _JSON_STRING = re.compile(r'"(?:\\.|[^"\\])*"')
 
 
 class ConfigError(ValueError):
     """A configuration field is missing, unknown, or out of range."""
+
+
+# The methods live in spiq.methods, a layer above, which registers them here when it is imported
+# (`import spiq` imports it): QuantConfig checks names, defaults and each method's own options
+# through them without importing that layer.
+_REGISTERED: dict = {"methods": {}, "validate": None}
+
+
+def use_methods(methods: dict, validate: Callable[[QuantConfig], None]) -> None:
+    """Read the methods from `methods` (name -> spiq.methods Method, filled as they register) and
+    check every config with `validate` (spiq.methods.registry.validate)."""
+    _REGISTERED["methods"], _REGISTERED["validate"] = methods, validate
+
+
+def _methods() -> dict:
+    if not _REGISTERED["methods"]:
+        raise ConfigError("no quantization method is registered: import spiq (spiq.methods registers them)")
+    return _REGISTERED["methods"]
+
+
+class MethodDescriptions(Mapping):
+    """name -> description of every registered method, in the order they registered (the app's)."""
+
+    def __getitem__(self, name: str) -> str:
+        return _methods()[name].description
+
+    def __iter__(self):
+        return iter(_methods())
+
+    def __len__(self) -> int:
+        return len(_methods())
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+
+METHODS = MethodDescriptions()
 
 
 def _json_depth(text: str) -> int:
@@ -50,7 +73,7 @@ def _json_depth(text: str) -> int:
     return deepest
 
 
-def _suggest(word: str, options) -> str:
+def suggest(word: str, options) -> str:
     close = difflib.get_close_matches(str(word), list(options), n=3)
     return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
 
@@ -66,9 +89,9 @@ def _check_bits(where: str, value) -> int:
     return value
 
 
-def _check_choice(where: str, value, options) -> str:
+def check_choice(where: str, value, options) -> str:
     if value not in options:
-        raise ConfigError(f"{where} must be one of {', '.join(options)}; got {value!r}{_suggest(value, options)}")
+        raise ConfigError(f"{where} must be one of {', '.join(options)}; got {value!r}{suggest(value, options)}")
     return value
 
 
@@ -85,6 +108,9 @@ class LayerOverride:
 
 @dataclass(frozen=True)
 class QuantConfig:
+    """How to quantize a model. The fields that belong to one method are checked by that method's
+    module in spiq.methods, whatever method the config names: a recipe keeps them when its method
+    changes."""
     method: str = "spiq"
     weight_bits: int = 8
     input_bits: int = 8
@@ -131,6 +157,7 @@ class QuantConfig:
     # for it), and quantize the residual branches and sums (export.int8_twin). Static methods,
     # 8-bit inputs, weights up to 8 bits.
     int8_graph: bool = False
+    # calib-*: the percentile of calib-percentile, and how many calibration images (liu-ptq's too).
     percentile: float = 99.99
     calib_images: int = 32
     # liu-ptq: candidates per interval search and alternating rounds (the paper's), tokens per image
@@ -148,54 +175,26 @@ class QuantConfig:
     overrides: dict[str, LayerOverride] = field(default_factory=dict)
 
     def __post_init__(self):
-        _check_choice("method", self.method, METHODS)
+        check_choice("method", self.method, METHODS)
         object.__setattr__(self, "weight_bits", _check_bits("weight_bits", self.weight_bits))
         object.__setattr__(self, "input_bits", _check_bits("input_bits", self.input_bits))
         if self.input_granularity is not None:
-            _check_choice("input_granularity", self.input_granularity, GRANULARITIES)
-        _check_choice("weight_granularity", self.weight_granularity, GRANULARITIES)
-        _check_choice("weight_clip", self.weight_clip, ("max", "mse"))
-        _check_choice("weight_rounding", self.weight_rounding, ("nearest", "squant"))
-        _check_choice("tail", self.tail, TAIL_MODELS)
+            check_choice("input_granularity", self.input_granularity, GRANULARITIES)
+        check_choice("weight_granularity", self.weight_granularity, GRANULARITIES)
+        check_choice("weight_clip", self.weight_clip, ("max", "mse"))
+        check_choice("weight_rounding", self.weight_rounding, ("nearest", "squant"))
+        check_choice("tail", self.tail, TAIL_MODELS)
         for name in ("tail_depthwise", "tail_sum"):
             if getattr(self, name) is not None:
-                _check_choice(name, getattr(self, name), TAIL_MODELS)
-        _check_choice("range_rule", self.range_rule, ("mse", "sigma"))
-        _check_choice("fold", self.fold, ("auto", "always"))
-        if isinstance(self.n_sigma, bool) or not isinstance(self.n_sigma, (int, float)) or not 0 < self.n_sigma <= 100:
-            raise ConfigError(f"n_sigma must be a number in (0, 100], got {self.n_sigma!r}")
-        if not isinstance(self.clip_penalty, (int, float)) or isinstance(self.clip_penalty, bool) \
-                or not 0 < self.clip_penalty <= 1000:
-            raise ConfigError(f"clip_penalty must be a number in (0, 1000], got {self.clip_penalty!r}")
+                check_choice(name, getattr(self, name), TAIL_MODELS)
         for name in ("bias_correction", "equalize", "int8_graph"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.bias_images is not None and (isinstance(self.bias_images, bool) or not isinstance(self.bias_images, int)
                                              or not 0 <= self.bias_images <= 256):
             raise ConfigError(f"bias_images must be an integer from 0 to 256 (or null: automatic), got {self.bias_images!r}")
-        if not isinstance(self.percentile, (int, float)) or not 50 < self.percentile <= 100:
-            raise ConfigError(f"percentile must be in (50, 100], got {self.percentile!r}")
-        if isinstance(self.calib_images, bool) or not isinstance(self.calib_images, int) or self.calib_images < 1:
-            raise ConfigError(f"calib_images must be a positive integer, got {self.calib_images!r}")
-        for name in ("search_points", "search_rounds", "search_tokens", "rank_pairs"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100_000:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        for name, top in (("rank_weight", 100.0), ("rank_margin", 1000.0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= top:
-                raise ConfigError(f"{name} must be a number from 0 to {top:g}, got {value!r}")
-        if self.int8_graph and (self.method not in DATA_FREE + CALIBRATED or self.input_bits != 8
-                                or self.weight_bits > 8):
-            raise ConfigError(f"int8_graph simulates the int8 ONNX graph: it needs a static method (spiq, "
-                              f"static-tensor, calib-*), 8-bit inputs and weights of at most 8 bits; got "
-                              f"{self.method!r} W{self.weight_bits}A{self.input_bits}")
-        if self.mixed_precision is not None:
-            mp = self.mixed_precision
-            if isinstance(mp, bool) or not isinstance(mp, (int, float)) or not MIN_BITS <= mp <= MAX_BITS:
-                raise ConfigError(f"mixed_precision must be average bits from {MIN_BITS} to {MAX_BITS}, got {mp!r}")
-            if self.method != "liu-ptq":
-                raise ConfigError(f"mixed_precision is part of method 'liu-ptq', not {self.method!r}")
+        # the options that belong to one method, each checked by its method (spiq.methods)
+        _REGISTERED["validate"](self)
         if not isinstance(self.overrides, dict):
             raise ConfigError("overrides must map layer names to settings")
         clean = {}
@@ -226,18 +225,23 @@ class QuantConfig:
     @property
     def needs_calibration(self) -> bool:
         """Whether some layer's method reads calibration images."""
-        return self.method in NEEDS_CALIBRATION or any(o.method in NEEDS_CALIBRATION for o in self.overrides.values())
+        return any(_methods()[m].needs_calibration for m in self.methods_named())
+
+    def methods_named(self) -> list[str]:
+        """The methods the config names, model-wide and in its overrides (skipped layers' included)."""
+        return list(dict.fromkeys([self.method, *(o.method for o in self.overrides.values() if o.method)]))
 
     def check_layers(self, layer_names) -> None:
         """Raise if an override names a layer the model does not have."""
         names = list(layer_names)
         for name in self.overrides:
             if name not in names:
-                raise ConfigError(f"overrides: the model has no quantizable layer {name!r}{_suggest(name, names)}")
+                raise ConfigError(f"overrides: the model has no quantizable layer {name!r}{suggest(name, names)}")
 
     # --- JSON ------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        out = {"method": self.method, "weight_bits": self.weight_bits, "input_bits": self.input_bits}
+        out = {"version": CONFIG_VERSION, "method": self.method, "weight_bits": self.weight_bits,
+               "input_bits": self.input_bits}
         default = QuantConfig()
         for f in fields(self):
             if f.name in out or f.name == "overrides":
@@ -257,10 +261,14 @@ class QuantConfig:
     def from_dict(cls, data) -> "QuantConfig":
         if not isinstance(data, dict):
             raise ConfigError(f"a config must be a JSON object, got {type(data).__name__}")
+        data = dict(data)
+        version = data.pop("version", CONFIG_VERSION)
+        if isinstance(version, bool) or not isinstance(version, int) or version != CONFIG_VERSION:
+            raise ConfigError(f"version: this spiq reads recipes of version {CONFIG_VERSION}, got {version!r}")
         known = {f.name for f in fields(cls)}
         for key in data:
             if key not in known:
-                raise ConfigError(f"unknown config field {key!r}{_suggest(key, known)}")
+                raise ConfigError(f"unknown config field {key!r}{suggest(key, known)}")
         return cls(**data)
 
     @classmethod
@@ -293,23 +301,24 @@ class LayerSettings:
 
 
 def default_granularity(method: str) -> str:
-    return "channel" if method in ("spiq", "dynamic-channel") else "tensor"
+    """The input granularity `method` gets where the config leaves it open."""
+    return _methods()[method].input_granularity
 
 
 def _override_from_dict(layer: str, data: dict) -> LayerOverride:
     known = {f.name for f in fields(LayerOverride)}
     for key in data:
         if key not in known:
-            raise ConfigError(f"overrides[{layer!r}]: unknown field {key!r}{_suggest(key, known)}")
+            raise ConfigError(f"overrides[{layer!r}]: unknown field {key!r}{suggest(key, known)}")
     where = f"overrides[{layer!r}]"
     if "skip" in data and not isinstance(data["skip"], bool):
         raise ConfigError(f"{where}.skip must be true or false, got {data['skip']!r}")
     if data.get("method") is not None:
-        _check_choice(f"{where}.method", data["method"], METHODS)
+        check_choice(f"{where}.method", data["method"], METHODS)
     for b in ("weight_bits", "input_bits"):
         if data.get(b) is not None:
             data = {**data, b: _check_bits(f"{where}.{b}", data[b])}
     for g in ("input_granularity", "weight_granularity"):
         if data.get(g) is not None:
-            _check_choice(f"{where}.{g}", data[g], GRANULARITIES)
+            check_choice(f"{where}.{g}", data[g], GRANULARITIES)
     return LayerOverride(**data)

@@ -13,6 +13,7 @@ LAYERS = [
     {"spiq.graph"},
     {"spiq.transforms"},
     {"spiq.ranges"},
+    {"spiq.methods"},
     {"spiq.quantize"},
     {"spiq.export"},
     {"spiq.analysis"},

@@ -144,6 +144,7 @@ def _one_error_line(err: str) -> str:
     return line
 
 
+@pytest.mark.slow   # a heavy end-to-end job
 def test_a_bad_image_in_a_folder_is_skipped_with_a_warning_or_refused_under_strict(tmp_path, capsys):
     from spiq import cli
 

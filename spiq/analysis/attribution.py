@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
+from spiq.core.hooks import forward_hooks
+from spiq.graph.ops import GLOBAL_POOL, op_kind
 from spiq.graph.trace import is_passthrough, trace
 
 METHODS = ("integrated-gradients", "grad-cam")
@@ -31,11 +33,7 @@ def last_stage(model: nn.Module) -> str:
         return f"blocks.{len(model.blocks) - 1}"
     gm = trace(model)
     for node in gm.graph.nodes:
-        pooled = (node.op == "call_module" and type(gm.get_submodule(node.target)).__name__ in
-                  ("SelectAdaptivePool2d", "AdaptiveAvgPool2d")) or \
-                 (node.op == "call_function" and getattr(node.target, "__name__", "") == "adaptive_avg_pool2d") or \
-                 (node.op == "call_method" and node.target == "mean")
-        if pooled:
+        if op_kind(gm, node) == GLOBAL_POOL:
             src: fx.Node = node.args[0]
             while is_passthrough(gm, src):
                 src = src.args[0]
@@ -82,12 +80,8 @@ def _token_grad_cam(model: nn.Module, x: torch.Tensor, target: int, layer: str) 
         y.retain_grad()
         seen["y"] = y
 
-    handle = model.get_submodule(layer).register_forward_hook(keep)
-    try:
-        with torch.enable_grad():
-            model(x)[0, target].backward()
-    finally:
-        handle.remove()
+    with forward_hooks(model, {layer: keep}), torch.enable_grad():
+        model(x)[0, target].backward()
     acts, grads = token_grid(seen["y"][0].detach()), token_grid(seen["y"].grad[0])
     cam = torch.relu((grads.mean((1, 2), keepdim=True) * acts).sum(0))
     return F.interpolate(cam[None, None], size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)[0, 0]

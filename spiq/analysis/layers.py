@@ -15,7 +15,7 @@ from spiq.core.hooks import run_with_hooks
 from spiq.core.metrics import sqnr_db, tensor_sqnr_db
 from spiq.core.quant import QuantLayer, fake_quant_input, fold_input_scale, quantize_weight
 from spiq.models.vit import is_transformer, vit_graph
-from spiq.quantize.liu import RankPairs
+from spiq.methods.liu_intervals import RankPairs
 from spiq.ranges.laws import observe, quantized_samples
 
 

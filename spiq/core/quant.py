@@ -18,12 +18,17 @@ from spiq.core.tensors import Range, broadcast_input
 
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor | float, zero: torch.Tensor | float, qmin: int,
-               qmax: int) -> torch.Tensor:
+               qmax: int, graph: bool = False) -> torch.Tensor:
     """The one uniform affine fake quantization: (clamp(round(x / scale) + zero, qmin, qmax) − zero) · scale,
     `scale` and `zero` broadcast against x, the gradient passed straight through.
 
-    x · (1/scale) rather than x / scale: the arithmetic of torch's fused fake-quant kernels, bit for bit."""
-    q = torch.round(x * (1.0 / scale)).add_(zero).clamp_(qmin, qmax).sub_(zero).mul_(scale)
+    By default x · (1/scale) with an integer zero, the arithmetic of torch's fused fake-quant
+    kernels, bit for bit. `graph`: round(x / scale + zero), the int8 ONNX graph's arithmetic,
+    whose per-channel grids can have a fractional zero that the graph adds before rounding."""
+    if graph:
+        q = torch.round(x / scale + zero).clamp_(qmin, qmax).sub_(zero).mul_(scale)
+    else:
+        q = torch.round(x * (1.0 / scale)).add_(zero).clamp_(qmin, qmax).sub_(zero).mul_(scale)
     return x + (q - x).detach() if torch.is_grad_enabled() and x.requires_grad else q
 
 
@@ -159,8 +164,7 @@ class GridQuant(nn.Module):
     """Fake quantization of a tensor on a fixed per-channel grid, x ≈ (code − zero)·step with codes
     0..qmax, gradients passed straight through: a quantizer the int8 graph has where SPIQ's
     simulation has none (a residual branch before its add, the add's output, a pooled tensor)."""
-    fx_leaf = True          # graph tracing keeps it whole...
-    fx_passthrough = True   # ... and a producer search walks through it
+    fx_leaf = True   # traced whole; graph.ops lets a producer search walk through it
 
     def __init__(self, step: torch.Tensor, zero: torch.Tensor, qmax: int = 255):
         super().__init__()
@@ -170,7 +174,7 @@ class GridQuant(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        return fake_quant(x, self.step.view(shape), self.zero.view(shape), 0, self.qmax)
+        return fake_quant(x, self.step.view(shape), self.zero.view(shape), 0, self.qmax, graph=True)
 
 
 class QuantLayer(nn.Module):

@@ -6,27 +6,14 @@ folding, range propagation, the quantized layers) reads this one graph.
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 
-import torch
 from torch import fx, nn
 
-QUANTIZABLE = (nn.Conv2d, nn.Linear)
-BATCHNORMS = (nn.BatchNorm2d, nn.BatchNorm1d)
+from spiq.graph.ops import BATCHNORMS, PASSTHROUGH, QUANTIZABLE, TIMM_BATCHNORM_ACTS, TIMM_POOLS, op_kind
 
-
-def _timm_leaf_types() -> tuple[type, ...]:
-    try:
-        from timm.layers import BatchNormAct2d, SelectAdaptivePool2d
-    except ImportError:  # timm is optional for torchvision-only use
-        return ()
-    return (BatchNormAct2d, SelectAdaptivePool2d)
-
-
-LEAF_TYPES = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d, nn.LayerNorm,
-              nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.MaxPool2d, nn.Dropout, nn.Identity,
-              nn.Flatten) + _timm_leaf_types()
+LEAF_TYPES = QUANTIZABLE + BATCHNORMS + (nn.LayerNorm, nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.MaxPool2d, nn.Dropout,
+                                         nn.Identity, nn.Flatten) + TIMM_BATCHNORM_ACTS + TIMM_POOLS
 
 
 class LeafTracer(fx.Tracer):
@@ -48,21 +35,9 @@ def trace(model: nn.Module) -> fx.GraphModule:
     return fx.GraphModule(model, graph)
 
 
-# Nodes that only move or copy data: a producer search walks through them.
-_PASSTHROUGH_MODULES = (nn.Identity, nn.Dropout, nn.Flatten)
-_PASSTHROUGH_FUNCS = {torch.flatten, operator.getitem}
-_PASSTHROUGH_METHODS = {"flatten", "view", "reshape", "contiguous", "clone"}
-
-
 def is_passthrough(gm: fx.GraphModule, node: fx.Node) -> bool:
-    if node.op == "call_module":
-        mod = gm.get_submodule(node.target)
-        return isinstance(mod, _PASSTHROUGH_MODULES) or getattr(mod, "fx_passthrough", False)
-    if node.op == "call_function":
-        return node.target in _PASSTHROUGH_FUNCS or getattr(node.target, "__name__", "") == "dropout"
-    if node.op == "call_method":
-        return node.target in _PASSTHROUGH_METHODS
-    return False
+    """Whether a node only moves, copies or re-quantizes its input: a producer search walks through it."""
+    return op_kind(gm, node) in PASSTHROUGH
 
 
 @dataclass

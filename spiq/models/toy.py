@@ -47,11 +47,11 @@ class InvertedResidual(nn.Module):
 
 
 class ToyCNN(nn.Module):
-    def __init__(self, classes: int = 10):
+    def __init__(self, classes: int = 10, se: bool = True):
         super().__init__()
         self.stem = _conv_bn(3, 16, 3, 2)
-        self.blocks = nn.Sequential(InvertedResidual(16, 16, 1), InvertedResidual(16, 24, 2, se=True),
-                                    InvertedResidual(24, 24, 1, se=True))
+        self.blocks = nn.Sequential(InvertedResidual(16, 16, 1), InvertedResidual(16, 24, 2, se=se),
+                                    InvertedResidual(24, 24, 1, se=se))
         self.head = _conv_bn(24, 64)
         self.classifier = nn.Linear(64, classes)
 
@@ -63,14 +63,17 @@ TOY_PREPROCESS = Preprocess(resize=72, crop=64, mean=(0.485, 0.456, 0.406), std=
 
 
 @torch.no_grad()
-def toy_cnn(seed: int = 0, classes: int = 10) -> tuple[nn.Module, Preprocess]:
-    """The toy CNN in eval mode, with BatchNorm statistics spread per channel, and its preprocessing."""
+def toy_cnn(seed: int = 0, classes: int = 10, se: bool = True) -> tuple[nn.Module, Preprocess]:
+    """The toy CNN in eval mode, with BatchNorm statistics spread per channel, and its preprocessing
+    (`se=False`: without squeeze-excitation, whose product the int8 export does not write)."""
     g = torch.Generator().manual_seed(seed)
-    model = ToyCNN(classes)
+    model = ToyCNN(classes, se)
     for m in model.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             fan_in = m.weight[0].numel()
             m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2.0 / fan_in) ** 0.5)
+            if m.bias is not None:   # every value from the seed: none from torch's global generator
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
         if isinstance(m, nn.BatchNorm2d):
             c = m.num_features
             wide = torch.where(torch.rand(c, generator=g) < 0.1, 4.0, 1.0)   # a few wide channels

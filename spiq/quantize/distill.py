@@ -26,6 +26,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from spiq.core.hooks import forward_hooks
+
 STEPS = 300
 
 
@@ -70,24 +72,21 @@ def distill_images(model: nn.Module, n: int, input_lo: torch.Tensor, input_hi: t
     def hook(bn, args, _out):
         gaps.append(batchnorm_gap(bn, args[0]))
 
-    handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    bns = {name: hook for name, m in net.named_modules() if isinstance(m, nn.BatchNorm2d)}
     opt = torch.optim.Adam([x], lr=0.05)
-    try:
-        with torch.enable_grad():   # callers such as quantize() run under no_grad
-            for step in range(steps):
-                gaps.clear()
-                net(x)
-                loss = torch.stack(gaps).sum()
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                with torch.no_grad():
-                    x.copy_(torch.minimum(torch.maximum(x, lo), hi))
-                if progress is not None:
-                    progress((step + 1) / steps, f"distilling {n} images from BatchNorm statistics")
-    finally:
-        for h in handles:
-            h.remove()
+    # callers such as quantize() run under no_grad
+    with forward_hooks(net, bns), torch.enable_grad():
+        for step in range(steps):
+            gaps.clear()
+            net(x)
+            loss = torch.stack(gaps).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                x.copy_(torch.minimum(torch.maximum(x, lo), hi))
+            if progress is not None:
+                progress((step + 1) / steps, f"distilling {n} images from BatchNorm statistics")
     return x.detach()
 
 

@@ -15,21 +15,20 @@ MSE on real images) give the same `Range` type, so every method shares the quant
 from __future__ import annotations
 
 import functools
-import operator
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 import torch
 from torch import fx, nn
-from torch.nn import functional as F
 
-from spiq.transforms.fold import BNStats, ChannelReLU6
-from spiq.graph.trace import ModelGraph, is_passthrough
+from spiq.transforms.fold import BNStats
+from spiq.graph.ops import ACT, ADD, GLOBAL_POOL, MAXPOOL, MUL, PASSTHROUGH, POOL, RELU, ChannelReLU6, op_kind
+from spiq.graph.trace import ModelGraph
 from spiq.config import TAIL_MODELS
 from spiq.core.hooks import run_with_hooks
 from spiq.core.quant import fake_quant
-from spiq.core.tensors import Range, broadcast_input, per_input_channel
+from spiq.core.tensors import Range, broadcast_input
 
 
 
@@ -111,8 +110,9 @@ def _act_bounds(mod_or_fn, lo, hi):
     return low, torch.maximum(a, b)
 
 
-ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.GELU, nn.Sigmoid, nn.Hardsigmoid,
-               nn.Tanh, nn.LeakyReLU, ChannelReLU6)
+# Kinds whose output keeps its input's law. Pooling narrows a distribution; keeping it whole is
+# the safe side.
+_CARRIED = PASSTHROUGH | {GLOBAL_POOL, POOL, MAXPOOL}
 
 
 @dataclass
@@ -201,50 +201,47 @@ def propagate(graph: ModelGraph, bn_stats: dict[str, BNStats], input_lo: torch.T
                 mean, std = moment_layer(mod, d_in)
                 lo, hi = _weight_bounds(mod, d_in)
                 d = Dist(mean, std, lo, hi, tail=tail)
-        elif node.op == "call_module":
-            mod = gm.get_submodule(node.target)
-            src = arg(node.args[0]) if node.args else None
-            inner = [m for m in (mod if isinstance(mod, nn.Sequential) else [mod])
-                     if not isinstance(m, (nn.Identity, nn.Dropout))]
-            if src is not None and all(isinstance(m, ACTIVATIONS) for m in inner):
-                d = src
-                for act in inner:
-                    act = act.on_channels if isinstance(act, ChannelReLU6) else act   # laws are (C, K)
-                    lo, hi = _act_bounds(act, d.lo, d.hi)
-                    if d.exact_samples is not None:
-                        d = Dist(d.mean, d.std, lo, hi, tail=d.tail, exact_samples=act(d.exact_samples))
-                    else:
-                        d = Dist(d.mean, d.std, lo, hi, d.acts + (act,), tail=d.tail)
-            elif src is not None and (is_passthrough(gm, node) or isinstance(
-                    mod, (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.MaxPool2d))
-                    or type(mod).__name__ == "SelectAdaptivePool2d"):
-                # Pooling narrows a distribution; keeping it whole is the safe side.
-                d = src
-        elif node.op in ("call_function", "call_method"):
-            fn = node.target
-            a = arg(node.args[0]) if node.args else None
-            b = arg(node.args[1]) if len(node.args) > 1 else None
-            if is_passthrough(gm, node) or fn in (torch.flatten, F.adaptive_avg_pool2d, "mean") \
-                    or getattr(fn, "__name__", "") == "stochastic_depth":
-                d = a
-            elif fn in (operator.add, torch.add, operator.iadd, "add", "add_") and a is not None and b is not None \
-                    and a.channels == b.channels:
-                ma, sa = a.moments()
-                mb, sb = b.moments()
-                d = Dist(ma + mb, torch.sqrt(sa ** 2 + sb ** 2), a.lo + b.lo, a.hi + b.hi, tail=tail_sum or tail)
-            elif fn in (operator.mul, torch.mul, "mul") and a is not None and b is not None:
-                ma, sa = a.moments()
-                mb, sb = b.moments()
-                if ma.numel() != mb.numel():
-                    ma, sa, mb, sb = (t.expand(max(ma.numel(), mb.numel())) for t in (ma, sa, mb, sb))
-                var = (sa ** 2 + ma ** 2) * (sb ** 2 + mb ** 2) - (ma * mb) ** 2
-                ends = torch.stack([a.lo * b.lo, a.lo * b.hi, a.hi * b.lo, a.hi * b.hi]).nan_to_num(0.0)
-                d = Dist(ma * mb, var.clamp_min(0).sqrt(), ends.min(0).values, ends.max(0).values, tail=tail)
+        else:
+            d = _through(gm, node, op_kind(gm, node), arg, tail_sum or tail, tail)
         out[node] = d
     for name in graph.layers:
         if name not in result.inputs and name not in result.fallbacks:
             result.fallbacks[name] = "input produced by an operation the analysis does not model"
     return result
+
+
+def _through(gm: fx.GraphModule, node: fx.Node, kind: str | None, arg, tail_sum: str, tail: str) -> Dist | None:
+    """The law of a node other than a layer, from its inputs' laws; None where it is not modelled."""
+    a = arg(node.args[0]) if node.args else None
+    b = arg(node.args[1]) if len(node.args) > 1 else None
+    if a is None:
+        return None
+    if kind in (RELU, ACT):
+        # a module runs on the law's (C, K) samples as it is; a functional activation is not modelled
+        return _activated(a, gm.get_submodule(node.target)) if node.op == "call_module" else None
+    if kind in _CARRIED:
+        return a
+    if kind == ADD and b is not None and a.channels == b.channels:
+        ma, sa = a.moments()
+        mb, sb = b.moments()
+        return Dist(ma + mb, torch.sqrt(sa ** 2 + sb ** 2), a.lo + b.lo, a.hi + b.hi, tail=tail_sum)
+    if kind == MUL and b is not None:
+        ma, sa = a.moments()
+        mb, sb = b.moments()
+        if ma.numel() != mb.numel():
+            ma, sa, mb, sb = (t.expand(max(ma.numel(), mb.numel())) for t in (ma, sa, mb, sb))
+        var = (sa ** 2 + ma ** 2) * (sb ** 2 + mb ** 2) - (ma * mb) ** 2
+        ends = torch.stack([a.lo * b.lo, a.lo * b.hi, a.hi * b.lo, a.hi * b.hi]).nan_to_num(0.0)
+        return Dist(ma * mb, var.clamp_min(0).sqrt(), ends.min(0).values, ends.max(0).values, tail=tail)
+    return None
+
+
+def _activated(d: Dist, act: nn.Module) -> Dist:
+    fn = act.on_channels if isinstance(act, ChannelReLU6) else act   # laws are (C, K)
+    lo, hi = _act_bounds(fn, d.lo, d.hi)
+    if d.exact_samples is not None:
+        return Dist(d.mean, d.std, lo, hi, tail=d.tail, exact_samples=fn(d.exact_samples))
+    return Dist(d.mean, d.std, lo, hi, d.acts + (fn,), tail=d.tail)
 
 
 # --- choosing a range from a law ----------------------------------------------------------------

@@ -8,6 +8,7 @@ import torch
 from torch import fx, nn
 
 from spiq.core.tensors import broadcast_input, per_input_channel
+from spiq.graph.ops import RELUS, ChannelReLU6
 from spiq.graph.trace import ModelGraph, conv_bn_pairs, is_passthrough
 
 
@@ -55,25 +56,6 @@ def folded_copy(model: nn.Module) -> nn.Module:
 
 # --- cross-layer equalization (Nagel et al., "Data-Free Quantization", ICCV 2019) ------------------
 
-class ChannelReLU6(nn.Module):
-    """A ReLU6 whose channels were divided by s_c: min(max(x, 0), cap_c) with cap_c = 6 / s_c."""
-    fx_leaf = True
-
-    def __init__(self, cap: torch.Tensor):
-        super().__init__()
-        self.register_buffer("cap", cap)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:   # (N, C, ...)
-        return torch.minimum(x.clamp_min(0), self.cap.view(-1, *([1] * (x.dim() - 2))))
-
-    def on_channels(self, x: torch.Tensor) -> torch.Tensor:
-        """The same on channels-first (C,) and (C, K) tensors, as the data-free laws hold them."""
-        return torch.minimum(x.clamp_min(0), self.cap.view(-1, *([1] * (x.dim() - 1))))
-
-
-_SCALE_COMMUTING = (nn.ReLU, nn.ReLU6, ChannelReLU6)   # f(x / s) = f(x) / s, caps divided along
-
-
 @dataclass(frozen=True)
 class EqualizedPair:
     producer: str
@@ -91,7 +73,7 @@ def equalization_pairs(graph: ModelGraph) -> list[EqualizedPair]:
         node, acts = layer.input, []
         while isinstance(node, fx.Node) and node not in layer_of and len(node.users) == 1:
             mod = gm.get_submodule(node.target) if node.op == "call_module" else None
-            if isinstance(mod, _SCALE_COMMUTING):
+            if isinstance(mod, RELUS):   # f(x / s) = f(x) / s, caps divided along
                 acts.append(node.target)
             elif not is_passthrough(gm, node):
                 break

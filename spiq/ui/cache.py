@@ -8,7 +8,6 @@ activations. On a 2-core machine nothing is lost by running one computation at a
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import threading
 from collections import OrderedDict
@@ -21,7 +20,9 @@ from torch import nn
 
 from spiq.config import QuantConfig
 from spiq.models.data import IMAGE_EXTENSIONS, Preprocess, load_batch
-from spiq.quantize.api import Prepared, bias_images_for, prepare, prepared_key, quantize
+from spiq.quantize.api import quantize
+from spiq.quantize.biasfit import bias_images_for
+from spiq.quantize.prepared import Prepared, prepare, prepared_key
 from spiq.models.registry import load_model
 
 

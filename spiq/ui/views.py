@@ -22,11 +22,12 @@ from spiq.analysis import layers as analysis
 from spiq.ui import plots
 from spiq.analysis.attribution import attribution_drift
 from spiq.ui.cache import Loaded, ModelCache, config_key
-from spiq.config import (CALIBRATED, DATA_FREE, GRANULARITIES, MAX_BITS, METHODS, MIN_BITS, NEEDS_CALIBRATION, ConfigError,
-                     QuantConfig)
+from spiq.config import GRANULARITIES, MAX_BITS, METHODS, MIN_BITS, ConfigError, QuantConfig
 from spiq.core.quant import QuantLayer
 from spiq.ui.scratch import ScratchDir
-from spiq.quantize.api import methods_for, quantizable_layers
+from spiq.methods.registry import get_method
+from spiq.quantize.api import methods_for
+from spiq.quantize.prepared import quantizable_layers
 from spiq.models.vit import is_transformer  # noqa: F401  (the app asks views whether a model has attention)
 from spiq.core.metrics import tensor_sqnr_db
 
@@ -138,7 +139,7 @@ def method_config(config: QuantConfig, method: str) -> QuantConfig:
     """`config` with another method, the method's own input granularity, and no per-layer overrides
     (and the int8 graph's simulation only for the static methods that have one)."""
     return config.replace(method=method, input_granularity=None, overrides={},
-                          int8_graph=config.int8_graph and method in DATA_FREE + CALIBRATED)
+                          int8_graph=config.int8_graph and get_method(method).int8_graph)
 
 
 @torch.no_grad()
@@ -160,7 +161,7 @@ def methods(cache: ModelCache, name: str, config: QuantConfig, image: Image.Imag
                 method=m, top1=loaded.classes[int(yq.argmax())], prob=float(p.max()),
                 agrees=bool(yq.argmax() == yf.argmax()),
                 logit_sqnr=tensor_sqnr_db(yf, yq),
-                calibrated_on=(f"{len(cache.calibration(name))} example images" if m in NEEDS_CALIBRATION else "")))
+                calibrated_on=(f"{len(cache.calibration(name))} example images" if get_method(m).needs_calibration else "")))
     return plots.methods(rows, loaded.classes[int(yf.argmax())], config), rows
 
 
@@ -295,12 +296,13 @@ def config_from_controls(applied: QuantConfig, method, wbits, abits, wgran, igra
     # Table rows show what the applied config gave each layer: rows that differ are the user's edits.
     edits = config_from_rows(applied, rows).overrides if rows else applied.overrides
     # Settings without a control (an uploaded recipe's clipping, tails, equalization...) stay as
-    # they were; liu-ptq's mixed precision only while the method is liu-ptq. The box switches the
+    # they were; mixed precision only while the method owns it (liu-ptq). The box switches the
     # bias fit off, or back on with the recipe's own image count (or automatic).
     return applied.replace(method=method, weight_bits=wbits, input_bits=abits, weight_granularity=wgran,
                            input_granularity=None if igran == "method default" else igran,
                            bias_images=(applied.bias_images or None) if bias_fit else 0, overrides=dict(edits),
-                           mixed_precision=applied.mixed_precision if method == "liu-ptq" else None)
+                           mixed_precision=applied.mixed_precision if "mixed_precision" in get_method(method).options
+                           else None)
 
 
 def config_from_rows(config: QuantConfig, rows) -> QuantConfig:
@@ -354,7 +356,7 @@ def _paths(result) -> list[str]:
 
 def _baselines(cache: ModelCache, name: str, exports: ScratchDir) -> dict[str, str]:
     """ONNX files of the float model and of ONNX Runtime's own static and dynamic int8 (once per model)."""
-    from spiq.export import onnx as export
+    from spiq import export
     from spiq.export import runtime
 
     def make(folder):
@@ -371,7 +373,7 @@ def deploy(cache: ModelCache, name: str, config: QuantConfig, image: Image.Image
 
     Files go to `exports`, one entry per recipe, reused. Returns (latency figure, parity figure,
     markdown, path of the .onnx)."""
-    from spiq.export import onnx as export
+    from spiq import export
     from spiq.export import runtime
 
     def step(fraction, text):

@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 from playwright import sync_api
 
-ROOT = Path(__file__).resolve().parents[1]
+# A real browser against a served app: the slow tier.
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = os.environ.get("SPIQ_CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
 PLOTS = {"Predictions": ["pred-plot"], "Story": ["story-plot"], "Channel ranges": ["ranges-plot"],
          "Layer error": ["sqnr-plot", "breakdown-plot", "fold-plot"], "Error map": ["emap-plot"],

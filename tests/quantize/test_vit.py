@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import spiq
-from spiq.quantize import liu
+from spiq.methods import liu
 from spiq.core.metrics import tensor_sqnr_db
 from spiq.core.metrics import parameter_checksum
 from spiq.core.quant import ActQuant, QuantLayer

@@ -10,7 +10,8 @@ from spiq.quantize import distill
 from spiq.core.metrics import parameter_checksum
 from spiq.core.metrics import mean_logit_sqnr_db
 from spiq.graph.trace import analyse
-from spiq.quantize.api import activated_layers, distill_bounds, input_bounds_of, prepare, quantizable_layers
+from spiq.quantize.biasfit import activated_layers
+from spiq.quantize.prepared import distill_bounds, input_bounds_of, prepare, quantizable_layers
 
 
 def _bn_gap(model: nn.Module, x: torch.Tensor) -> float:
@@ -27,6 +28,7 @@ def _bn_gap(model: nn.Module, x: torch.Tensor) -> float:
     return sum(gaps)
 
 
+@pytest.mark.slow   # a heavy end-to-end job
 def test_distilled_images_take_on_the_batchnorm_statistics(lite0):
     lo, hi, _ = input_bounds_of(lite0)
     before = parameter_checksum(lite0)

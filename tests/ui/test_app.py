@@ -1,7 +1,6 @@
 """The app through its real HTTP API (gradio_client): many users at once, bad input, shared models untouched."""
 import json
 import struct
-import sys
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -9,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gradio_client import Client, handle_file
+from conftest import APP_VIT as VIT
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 EMPTY_TABLE = {"headers": [], "data": []}
-from conftest import APP_VIT as VIT
 
 
 def _apply(client, method, wbits, abits, image, bias_fit=True):
@@ -22,6 +21,7 @@ def _apply(client, method, wbits, abits, image, bias_fit=True):
                           api_name="/apply")
 
 
+@pytest.mark.slow   # a heavy end-to-end job
 def test_concurrent_users_each_get_their_own_config(app, tmp_path):
     import spiq
     from spiq.analysis import layers as analysis
@@ -54,7 +54,7 @@ def test_concurrent_users_each_get_their_own_config(app, tmp_path):
     calib = module.CACHE.calibration(module.DEFAULT_MODEL)
     for (method, w, a, img), (out, again) in zip(jobs, results):
         applied = json.loads(out[1])   # outputs: table, recipe, download, status, plot, text
-        assert applied == {"method": method, "weight_bits": w, "input_bits": a}
+        assert applied == {"version": 1, "method": method, "weight_bits": w, "input_bits": a}
         config = QuantConfig.from_dict(applied)
         qmodel = spiq.quantize(model, config, calib_data=calib if config.needs_calibration else None)
         cmp = analysis.compare_predictions(model, qmodel, preprocess(open_image(ROOT / "assets" / img)), classes)
@@ -188,7 +188,7 @@ def test_uploaded_recipe_keeps_what_has_no_control(app, tmp_path):
     assert tuple(restored[:6]) == ("spiq", 8, 5, "channel", "method default", False)   # bias fit off
     # the page applies an uploaded recipe at once; the client takes the same step
     out = client.predict(*restored[:6], restored[6], handle_file(str(ROOT / "assets" / "cat.jpg")), api_name="/apply")
-    assert json.loads(out[1]) == recipe
+    assert json.loads(out[1]) == {"version": 1, **recipe}
     # a recipe for another kind of model is refused before the session takes it
     path.write_text(json.dumps({"method": "liu-ptq", "weight_bits": 8, "input_bits": 8}))
     with pytest.raises(AppError, match="vision transformers"):
@@ -196,7 +196,8 @@ def test_uploaded_recipe_keeps_what_has_no_control(app, tmp_path):
     _, text = client.predict(handle_file(str(ROOT / "assets" / "coffee.jpg")), api_name="/predict")
     assert "espresso" in text
     assert json.loads(client.predict("spiq", 8, 5, "channel", "method default", False, EMPTY_TABLE,
-                                     handle_file(str(ROOT / "assets" / "cat.jpg")), api_name="/apply")[1]) == recipe
+                                     handle_file(str(ROOT / "assets" / "cat.jpg")), api_name="/apply")[1]) == \
+        {"version": 1, **recipe}
 
 
 def test_bias_fit_box_switches_the_distilled_bias_fit(app):
@@ -206,10 +207,10 @@ def test_bias_fit_box_switches_the_distilled_bias_fit(app):
     client = Client(url, verbose=False)
     cat = str(ROOT / "assets" / "cat.jpg")
     off = json.loads(_apply(client, "spiq", 8, 5, cat, bias_fit=False)[1])
-    assert off == {"method": "spiq", "weight_bits": 8, "input_bits": 5, "bias_images": 0}
+    assert off == {"version": 1, "method": "spiq", "weight_bits": 8, "input_bits": 5, "bias_images": 0}
     assert module.CACHE.quantized(module.DEFAULT_MODEL, QuantConfig.from_dict(off)).spiq_report.bias_images == 0
     on = json.loads(_apply(client, "spiq", 8, 5, cat)[1])
-    assert on == {"method": "spiq", "weight_bits": 8, "input_bits": 5}   # back to automatic
+    assert on == {"version": 1, "method": "spiq", "weight_bits": 8, "input_bits": 5}   # back to automatic
     assert module.CACHE.quantized(module.DEFAULT_MODEL, QuantConfig.from_dict(on)).spiq_report.bias_images == 8
 
 
@@ -249,6 +250,7 @@ def test_unavailable_model_is_refused_and_the_session_keeps_its_model(app):
     assert "espresso" in text
 
 
+@pytest.mark.slow   # a heavy end-to-end job
 def test_deploy_exports_runs_and_times_the_recipe(app):
     from gradio_client.exceptions import AppError
 
@@ -270,6 +272,7 @@ def test_deploy_exports_runs_and_times_the_recipe(app):
     assert "logit SQNR" in client.predict(handle_file(cat), api_name="/predict")[-1]
 
 
+@pytest.mark.slow   # a heavy end-to-end job
 def test_transformer_liu_ptq_and_attention_maps(app):
     """A ViT in the app: liu-ptq offered, every view computed, attention maps as the library gives them."""
     from spiq.analysis import layers as analysis

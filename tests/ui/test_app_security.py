@@ -13,7 +13,7 @@ from PIL import Image
 
 from spiq.ui import handlers
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CAT = str(ROOT / "assets" / "cat.jpg")
 EMPTY_TABLE = {"headers": [], "data": []}
 

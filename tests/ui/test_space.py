@@ -2,7 +2,7 @@
 import re
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FREE = ("CC0", "public domain", "CC BY", "MIT", "BSD")
 
 

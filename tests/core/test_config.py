@@ -7,8 +7,20 @@ from spiq import ConfigError, LayerOverride, QuantConfig
 
 def test_flat_json_without_overrides():
     cfg = QuantConfig(method="spiq", weight_bits=8, input_bits=4)
-    assert json.loads(cfg.to_json()) == {"method": "spiq", "weight_bits": 8, "input_bits": 4}
-    assert QuantConfig.from_json('{"method": "spiq", "weight_bits": 8, "input_bits": 4}') == cfg
+    assert json.loads(cfg.to_json()) == {"version": 1, "method": "spiq", "weight_bits": 8, "input_bits": 4}
+    assert QuantConfig.from_json('{"version": 1, "method": "spiq", "weight_bits": 8, "input_bits": 4}') == cfg
+
+
+def test_a_recipe_without_version_is_version_1():
+    assert QuantConfig.from_json('{"method": "spiq", "weight_bits": 8, "input_bits": 4}') == \
+        QuantConfig(method="spiq", weight_bits=8, input_bits=4)
+    assert QuantConfig.from_dict({"method": "calib-mse", "calib_images": 8}).to_dict()["version"] == 1
+
+
+@pytest.mark.parametrize("version", [2, 0, "1", 1.0, True, None])
+def test_an_unknown_version_is_refused_by_name(version):
+    with pytest.raises(ConfigError, match=r"^version: .*version 1, got"):
+        QuantConfig.from_dict({"version": version, "method": "spiq"})
 
 
 def test_round_trip_with_every_field_and_overrides():
@@ -68,7 +80,8 @@ def test_bias_images_default_is_automatic_and_stays_out_of_the_json():
     assert QuantConfig().bias_images is None
     assert QuantConfig.from_json('{"method": "spiq", "weight_bits": 8, "input_bits": 4, "bias_images": null}') == \
         QuantConfig(input_bits=4)
-    assert QuantConfig(bias_images=0).to_dict() == {"method": "spiq", "weight_bits": 8, "input_bits": 8, "bias_images": 0}
+    assert QuantConfig(bias_images=0).to_dict() == {"version": 1, "method": "spiq", "weight_bits": 8, "input_bits": 8,
+                                                     "bias_images": 0}
 
 
 def test_hostile_json_is_refused_before_parsing():

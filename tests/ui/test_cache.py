@@ -12,7 +12,7 @@ from spiq.config import METHODS, ConfigError, QuantConfig
 from spiq.models.data import open_image
 from spiq.quantize.api import prepare
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
 
 
 def _same_model(a, b):
@@ -53,6 +53,7 @@ def test_prepared_from_another_model_is_refused(lite0, prepared):
         spiq.quantize(other, QuantConfig(), prepared=prepared)
 
 
+@pytest.mark.slow   # a heavy end-to-end job
 def test_cache_shares_models_bounds_the_lru_and_never_touches_the_float_model():
     cache = ModelCache(max_quantized=2, calib_dir=ASSETS)
     model = cache.load("efficientnet_lite0").model
@@ -94,6 +95,7 @@ def test_layer_table_round_trip_and_cell_errors(lite0):
             views.config_from_rows(config, bad)
 
 
+@pytest.mark.slow   # a heavy end-to-end job
 def test_views_on_a_real_image():
     cache = ModelCache(calib_dir=ASSETS)
     img = open_image(ASSETS / "cat.jpg")

@@ -11,8 +11,8 @@ Choices the paper leaves open, made here: each layer is searched in isolation (f
 the float model computes them), on a fixed random subsample of `search_tokens` tokens (query rows
 for the attention matmuls; keys stay whole) so the cost does not grow with the token count; the
 ranking term is the mean hinge over `rank_pairs` random key pairs per query row (the same pairs in
-every row, fixed seed) on the pre-softmax scores; softmax outputs use an unsigned grid [0, 2^b−1]
-(a signed grid would waste its negative half on them); weights use [−(2^(b−1)−1), 2^(b−1)−1].
+every row, fixed seed) on the pre-softmax scores. The grids and the search itself:
+spiq.methods.liu_intervals.
 """
 from __future__ import annotations
 
@@ -24,148 +24,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from spiq.config import MAX_BITS, MIN_BITS, ConfigError, QuantConfig
 from spiq.core.hooks import run_with_hooks
-from spiq.core.quant import InputQuant
-from spiq.core.quant import fake_quant as core_fake_quant
+from spiq.methods.liu_intervals import (RankPairs, Search, Similarity, candidate_bits, choose_bits, fake_quant, levels,
+                                        nuclear_norm, search_intervals)
+from spiq.methods.registry import Method, register
 from spiq.models.vit import BlockNames, VitGraph
 
-KINDS = ("weight", "signed", "unsigned")
-
-
-def levels(kind: str, bits: int) -> tuple[int, int]:
-    if kind == "weight":
-        return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
-    if kind == "signed":
-        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    return 0, 2 ** bits - 1
-
-
-def max_interval(x: torch.Tensor, kind: str, bits: int) -> float:
-    """The interval that just covers the tensor's largest magnitude: the search's unit."""
-    top = levels(kind, bits)[1]
-    peak = x.max() if kind == "unsigned" else x.abs().max()
-    return max(float(peak) / top, 1e-12)
-
-
-def fake_quant(x: torch.Tensor, delta: float, kind: str, bits: int) -> torch.Tensor:
-    return core_fake_quant(x, delta, 0, *levels(kind, bits))
-
-
-def input_quant(delta: float, kind: str, bits: int, axis: int = -1) -> InputQuant:
-    """The searched interval as the affine input quantizer the quantized layers run."""
-    zero = 0 if kind == "unsigned" else 2 ** (bits - 1)
-    return InputQuant("static", bits, False, torch.tensor(delta, dtype=torch.float32),
-                      torch.tensor(zero, dtype=torch.int32), axis)
-
-
-def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Mean over the samples (dim 0) of the Pearson correlation of each sample's values."""
-    return Similarity(b)(a)
-
-
-class Similarity:
-    """Mean per-sample Pearson correlation with a fixed target, its centring and norm done once.
-
-    A search scores hundreds of candidates against one target: each costs a centring, a dot
-    product and a norm, in float32 with float64 only where the target is normalised.
-    """
-
-    def __init__(self, target: torch.Tensor):
-        t = target.reshape(target.shape[0], -1).double()
-        t = t - t.mean(1, keepdim=True)
-        self.unit = (t / t.norm(dim=1, keepdim=True).clamp_min(1e-30)).float()
-
-    def __call__(self, out: torch.Tensor) -> torch.Tensor:
-        o = out.reshape(out.shape[0], -1)
-        o = o - o.mean(1, keepdim=True)
-        return (torch.linalg.vecdot(o, self.unit) / o.norm(dim=1).clamp_min(1e-30)).mean()
-
-
-@dataclass(frozen=True)
-class RankPairs:
-    """Key pairs (i, j) compared in every query row of the attention scores."""
-    i: torch.Tensor
-    j: torch.Tensor
-
-    @classmethod
-    def sample(cls, keys: int, pairs: int, seed: int = 0) -> "RankPairs":
-        gen = torch.Generator().manual_seed(seed)
-        i = torch.randint(0, keys, (pairs,), generator=gen)
-        j = (i + torch.randint(1, keys, (pairs,), generator=gen)) % keys   # never i itself
-        return cls(i, j)
-
-    def signs(self, scores: torch.Tensor) -> torch.Tensor:
-        return torch.sign(scores[..., self.i] - scores[..., self.j])
-
-    def hinge(self, target_signs: torch.Tensor, scores: torch.Tensor, margin: float) -> torch.Tensor:
-        """Mean of max(θ − (ŝ_i − ŝ_j)·sign(s_i − s_j), 0) over the pairs whose float order is strict."""
-        gap = (scores[..., self.i] - scores[..., self.j]) * target_signs
-        strict = target_signs != 0
-        return (torch.relu(margin - gap) * strict).sum() / strict.sum().clamp_min(1)
-
-    def inversions(self, target: torch.Tensor, scores: torch.Tensor) -> tuple[int, int]:
-        """(pairs whose order the quantized scores reverse, pairs with a strict float order)."""
-        t = self.signs(target)
-        return int(((self.signs(scores) * t) < 0).sum()), int((t != 0).sum())
-
-
-@dataclass
-class Search:
-    """One site's searched intervals: operand a (the input) and b (the weight or second input)."""
-    delta_a: float
-    delta_b: float
-    max_a: float
-    max_b: float
-    score: float          # objective at the searched intervals, on the calibration samples
-    max_score: float      # ... at the max-based intervals
-    rounds: int
-
-
-def search_intervals(a: torch.Tensor, kind_a: str, bits_a: int, b: torch.Tensor, kind_b: str, bits_b: int,
-                     fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], target: torch.Tensor,
-                     points: int = 100, rounds: int = 20,
-                     penalty: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Search:
-    """Alternating interval search: fix a, pick b's interval on the grid, fix b, pick a's; repeat.
-
-    Candidates are `points` intervals evenly spaced over [0.5, 1.2] × the max-based interval, plus
-    the max-based interval itself, so the search never ends below where it started.
-    """
-    grid = torch.unique(torch.cat([torch.linspace(0.5, 1.2, points), torch.ones(1)])).tolist()
-    max_a, max_b = max_interval(a, kind_a, bits_a), max_interval(b, kind_b, bits_b)
-    similarity = Similarity(target)
-
-    def objective(aq, bq) -> float:
-        out = fn(aq, bq)
-        s = similarity(out)
-        return float(s - penalty(out)) if penalty is not None else float(s)
-
-    da, db = max_a, max_b
-    aq, bq = fake_quant(a, da, kind_a, bits_a), fake_quant(b, db, kind_b, bits_b)
-    best = start = objective(aq, bq)
-    done = 0
-    # Liu et al.'s order: the weight (or second operand) first, with the input fixed. A half-step
-    # that changes nothing ends the search: the other operand would face the partner it already
-    # answered, and give the same answer.
-    for step in range(2 * rounds):
-        search_b = step % 2 == 0
-        done += search_b
-        if search_b:
-            scores = [objective(aq, fake_quant(b, g * max_b, kind_b, bits_b)) for g in grid]
-        else:
-            scores = [objective(fake_quant(a, g * max_a, kind_a, bits_a), bq) for g in grid]
-        k = max(range(len(grid)), key=scores.__getitem__)
-        if scores[k] <= best:
-            if step > 0:
-                break
-            continue
-        best = scores[k]
-        if search_b:
-            db = grid[k] * max_b
-            bq = fake_quant(b, db, kind_b, bits_b)
-        else:
-            da = grid[k] * max_a
-            aq = fake_quant(a, da, kind_a, bits_a)
-    return Search(da, db, max_a, max_b, best, start, done)
+NAME = "liu-ptq"
+SEARCH_OPTIONS = ("search_points", "search_rounds", "search_tokens", "rank_pairs")
+OPTIONS = SEARCH_OPTIONS + ("rank_weight", "rank_margin", "mixed_precision", "calib_images")
 
 
 # --- the calibration data each site is searched on ---------------------------------------------
@@ -421,51 +289,37 @@ class _Searcher:
         return pairs.inversions(o.scores, site.quantize_a(o.q) @ site.quantize_b(o.k).transpose(-2, -1))
 
 
-def nuclear_norm(y: torch.Tensor) -> float:
-    """Mean over samples of the nuclear norm of each sample's (tokens × channels) output."""
-    return float(torch.linalg.matrix_norm(y.double(), ord="nuc").mean())
+class _Progress:
+    """A plan's progress: one step per module searched, then the patch embedding and head."""
+
+    def __init__(self, report: Callable[[float, str], None] | None, steps: int):
+        self.report, self.steps, self.step = report, steps, 0
+
+    def tick(self, what: str) -> None:
+        if self.report is not None:
+            self.report(self.step / self.steps, what)
+        self.step += 1
 
 
-def choose_bits(costs: dict[str, dict[int, float]], sizes: dict[str, int], budget_bits: float) -> dict[str, int]:
-    """One bit width per module minimising Σ cost under Σ size·bits = budget_bits·Σ size.
-
-    Exact dynamic programme over sizes in units of their greatest common divisor. When no
-    assignment lands exactly on the budget, the largest total below it is used.
-    """
-    import math
-
-    names = list(costs)
-    unit = 0
-    for n in names:
-        unit = math.gcd(unit, sizes[n])
-    units = {n: sizes[n] // unit for n in names}
-    total = sum(units.values())
-    cap = int(math.floor(budget_bits * total + 1e-9))
-    # best[c] = (cost, choice) for a used capacity c
-    best: dict[int, tuple[float, tuple[int, ...]]] = {0: (0.0, ())}
-    for n in names:
-        nxt: dict[int, tuple[float, tuple[int, ...]]] = {}
-        for used, (cost, picks) in best.items():
-            for bits, c in sorted(costs[n].items()):
-                u = used + units[n] * bits
-                if u > cap:
-                    continue
-                cand = (cost + c, picks + (bits,))
-                if u not in nxt or cand[0] < nxt[u][0]:
-                    nxt[u] = cand
-        best = nxt
-    if not best:
-        low = min(min(c) for c in costs.values())
-        raise ValueError(f"a budget of {budget_bits} bits is below the smallest candidate ({low} bits)")
-    used = cap if cap in best else max(best)
-    return dict(zip(names, best[used][1]))
-
-
-def candidate_bits(budget: float) -> list[int]:
-    """Bit widths offered to each module: the budget's neighbourhood, two either side."""
-    import math
-
-    return list(range(max(2, math.floor(budget) - 2), min(16, math.ceil(budget) + 2) + 1))
+def _module_bits(sr: _Searcher, modules: list, bits: Callable[[str], tuple[int, int] | None], budget: float,
+                 progress: _Progress) -> dict[str, int]:
+    """One width per attention and MLP module, from nuclear norm × output error under `budget` bits."""
+    costs: dict[str, dict[int, float]] = {}
+    sizes: dict[str, int] = {}
+    for b, kind, layers in modules:
+        if any(bits(n) is None for n in layers):
+            continue
+        mod = b.attn if kind == "attn" else b.mlp
+        progress.tick(f"mixed precision: {mod}")
+        run = sr.attention if kind == "attn" else sr.mlp
+        output = sr.attention_output if kind == "attn" else sr.mlp_output
+        ref = output(b, None)
+        nuc = nuclear_norm(ref)
+        costs[mod] = {c: nuc * float(((output(b, run(b, (c, c))) - ref) ** 2).mean()) for c in candidate_bits(budget)}
+        sizes[mod] = sum(sr.model.get_submodule(n).weight.numel() for n in layers)
+        if kind == "mlp":
+            sr.ops.pop(b.attn, None)
+    return choose_bits(costs, sizes, budget) if costs else {}
 
 
 def plan(model: nn.Module, graph: VitGraph, calib: Calibration, bits: Callable[[str], tuple[int, int] | None],
@@ -477,47 +331,21 @@ def plan(model: nn.Module, graph: VitGraph, calib: Calibration, bits: Callable[[
     attention matmuls follow their qkv layer. With `mixed_precision` (average bits), one width per
     attention and per MLP module replaces those of the blocks' layers.
     """
-    memo = {} if memo is None else memo
-    sr = _Searcher(model, graph, calib, settings, memo)
+    sr = _Searcher(model, graph, calib, settings, {} if memo is None else memo)
     out = LiuPlan()
     # block by block, so each block's activations can be dropped once both its modules are done
     modules = [m for b in graph.blocks for m in ((b, "attn", b.attention_layers), (b, "mlp", b.mlp_layers))]
-    steps = len(modules) + 2
-    step = 0
-
-    def tick(what):
-        nonlocal step
-        if progress is not None:
-            progress(step / steps, what)
-        step += 1
-
+    ticks = _Progress(progress, len(modules) + 2)
     if mixed_precision is not None:
-        costs: dict[str, dict[int, float]] = {}
-        sizes: dict[str, int] = {}
-        for b, kind, layers in modules:
-            if any(bits(n) is None for n in layers):
-                continue
-            mod = b.attn if kind == "attn" else b.mlp
-            tick(f"mixed precision: {mod}")
-            run = sr.attention if kind == "attn" else sr.mlp
-            output = sr.attention_output if kind == "attn" else sr.mlp_output
-            ref = output(b, None)
-            nuc = nuclear_norm(ref)
-            costs[mod] = {c: nuc * float(((output(b, run(b, (c, c))) - ref) ** 2).mean())
-                          for c in candidate_bits(mixed_precision)}
-            sizes[mod] = sum(model.get_submodule(n).weight.numel() for n in layers)
-            if kind == "mlp":
-                sr.ops.pop(b.attn, None)
-        if costs:
-            out.module_bits = choose_bits(costs, sizes, mixed_precision)
-        step = len(modules)
+        out.module_bits = _module_bits(sr, modules, bits, mixed_precision, ticks)
+        ticks.step = len(modules)
     for b, kind, layers in modules:
         active = [n for n in layers if bits(n) is not None]
         if not active:
             continue
         mod = b.attn if kind == "attn" else b.mlp
         if mixed_precision is None:
-            tick(f"searching {mod}")
+            ticks.tick(f"searching {mod}")
 
         def width(name, mod=mod):
             return (out.module_bits[mod],) * 2 if mod in out.module_bits else bits(name)
@@ -531,7 +359,7 @@ def plan(model: nn.Module, graph: VitGraph, calib: Calibration, bits: Callable[[
             out.inversions[f"{b.attn}.qk"] = sr.inversions(b, out.matmuls[f"{b.attn}.qk"])
         if kind == "mlp":
             sr.ops.pop(b.attn, None)
-    tick("patch embedding and head")
+    ticks.tick("patch embedding and head")
     for name in (graph.patch, graph.head):
         if name is not None and bits(name) is not None and (name != graph.head or calib.head_in is not None):
             out.layers[name] = sr.site(name, *bits(name))
@@ -561,7 +389,8 @@ def score(model: nn.Module, graph: VitGraph, plan: LiuPlan, calib: Calibration) 
             y = y + site.bias_shift
         y_max = op.fn(max_site.quantize_a(op.a), max_site.quantize_b(op.b))
         err = (op.target - y).reshape(-1, y.shape[-1]).mean(0).abs().mean()
-        out[name] = SiteScore(float(pearson(y, op.target)), float(pearson(y_max, op.target)), float(err))
+        similarity = Similarity(op.target)
+        out[name] = SiteScore(float(similarity(y)), float(similarity(y_max)), float(err))
     return out
 
 
@@ -572,3 +401,39 @@ def inversions(model: nn.Module, graph: VitGraph, plan: LiuPlan, calib: Calibrat
     sr = _Searcher(model, graph, calib, LiuSettings(rank_pairs=pairs), {})
     return {f"{b.attn}.qk": sr.inversions(b, plan.matmuls[f"{b.attn}.qk"])
             for b in graph.blocks if f"{b.attn}.qk" in plan.matmuls}
+
+
+# --- the method --------------------------------------------------------------------------------
+
+def validate(config: QuantConfig) -> None:
+    """The search's settings, and mixed precision, which only liu-ptq has."""
+    for name in SEARCH_OPTIONS:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100_000:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    for name, top in (("rank_weight", 100.0), ("rank_margin", 1000.0)):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= top:
+            raise ConfigError(f"{name} must be a number from 0 to {top:g}, got {value!r}")
+    mp = config.mixed_precision
+    if mp is not None:
+        if isinstance(mp, bool) or not isinstance(mp, (int, float)) or not MIN_BITS <= mp <= MAX_BITS:
+            raise ConfigError(f"mixed_precision must be average bits from {MIN_BITS} to {MAX_BITS}, got {mp!r}")
+        if config.method != NAME:
+            raise ConfigError(f"mixed_precision is part of method {NAME!r}, not {config.method!r}")
+
+
+def search(model: nn.Module, graph: VitGraph, images: torch.Tensor, bits: Callable[[str], tuple[int, int] | None],
+           config: QuantConfig, memo: dict | None = None,
+           progress: Callable[[float, str], None] | None = None) -> LiuPlan:
+    """The plan of `config` for a transformer: its activations on `images`, then every site searched."""
+    calib = collect(model, graph, images, config.search_tokens)
+    settings = LiuSettings(config.search_points, config.search_rounds, config.rank_weight, config.rank_margin,
+                           config.rank_pairs, config.bias_correction)
+    return plan(model, graph, calib, bits, settings, config.mixed_precision, memo=memo, progress=progress)
+
+
+LIU_PTQ = register(Method(
+    NAME, "vision transformers (Liu et al. 2021): per-tensor intervals searched for output similarity "
+          "on calibration images, ranking loss on attention, bias correction",
+    needs_calibration=True, transformer_only=True, options=OPTIONS, search=search, validate=validate))

@@ -8,11 +8,11 @@ import torch
 from torch import nn
 
 import spiq
-from spiq.export import onnx as ex
+from spiq import export as ex
 from spiq.export import runtime as rt
 from spiq.cli import main
 from spiq.core.metrics import mean_logit_sqnr_db
-from spiq.export.onnx import ExportError
+from spiq.export import ExportError
 from spiq.core.quant import GridQuant, QuantLayer
 
 

@@ -56,6 +56,7 @@ def test_torchvision_model_offline_is_a_clear_error(tmp_path, monkeypatch):
     assert str(tmp_path) in msg and "resnet18" in msg and "URLError" in msg
 
 
+@pytest.mark.slow   # a heavy end-to-end job
 def test_cli_lists_models_with_offline_availability():
     out = subprocess.run([sys.executable, "-m", "spiq", "models"], capture_output=True, text=True, check=True).stdout
     lines = {line.split()[0]: line for line in out.splitlines() if line and not line.startswith(" ")}
