@@ -28,6 +28,7 @@ the per-channel scales into the weights. Compare it with per-tensor, calibrated 
 *why* a setting works: channel ranges, per-layer error, error maps, attribution drift."""
 
 
+# long: one page, laid out top to bottom as it appears, then its events
 def build() -> gr.Blocks:
     default = QuantConfig()
     loaded = CACHE.load(DEFAULT_MODEL)

@@ -134,3 +134,21 @@ def test_only_the_ui_imports_gradio():
              if any(isinstance(n, (ast.Import, ast.ImportFrom)) and "gradio" in ast.unparse(n)
                     for n in ast.walk(ast.parse(p.read_text())))]
     assert users and all(u.startswith("spiq.ui") for u in users), users
+
+
+def _long_functions(path: Path, limit: int = 60) -> list[str]:
+    lines = path.read_text().split("\n")
+    found = []
+    for node in ast.walk(ast.parse("\n".join(lines))):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= limit:
+            first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+            if not lines[first - 2].strip().startswith("# long:"):
+                found.append(f"{path.name}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    return found
+
+
+def test_modules_and_functions_are_short_or_say_why():
+    """No module over 500 lines; a function over 60 lines carries a `# long: <why>` line above it."""
+    files = sorted(PACKAGE.rglob("*.py")) + [PACKAGE.parent / "app.py"]
+    assert [f"{p} ({n} lines)" for p in files if (n := len(p.read_text().splitlines())) > 500] == []
+    assert [f for p in files for f in _long_functions(p)] == []

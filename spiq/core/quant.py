@@ -18,17 +18,20 @@ from spiq.core.tensors import Range, broadcast_input
 
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor | float, zero: torch.Tensor | float, qmin: int,
-               qmax: int, graph: bool = False) -> torch.Tensor:
+               qmax: int, arithmetic: str = "torch") -> torch.Tensor:
     """The one uniform affine fake quantization: (clamp(round(x / scale) + zero, qmin, qmax) − zero) · scale,
     `scale` and `zero` broadcast against x, the gradient passed straight through.
 
-    By default x · (1/scale) with an integer zero, the arithmetic of torch's fused fake-quant
-    kernels, bit for bit. `graph`: round(x / scale + zero), the int8 ONNX graph's arithmetic,
-    whose per-channel grids can have a fractional zero that the graph adds before rounding."""
-    if graph:
-        q = torch.round(x / scale + zero).clamp_(qmin, qmax).sub_(zero).mul_(scale)
+    Runtimes round differently at the last bit, and a simulation matches one of them exactly:
+    "torch", x · (1/scale), torch's fused fake-quant kernels; "divide", x / scale, ONNX's
+    QuantizeLinear with an integer zero (and the data-free laws' samples, which the ranges are
+    searched with); "graph", round(x / scale + zero), the int8 graph's grids whose per-channel
+    zero can be fractional."""
+    if arithmetic == "graph":
+        q = torch.round(x / scale + zero)
     else:
-        q = torch.round(x * (1.0 / scale)).add_(zero).clamp_(qmin, qmax).sub_(zero).mul_(scale)
+        q = torch.round(x / scale if arithmetic == "divide" else x * (1.0 / scale)).add_(zero)
+    q = q.clamp_(qmin, qmax).sub_(zero).mul_(scale)
     return x + (q - x).detach() if torch.is_grad_enabled() and x.requires_grad else q
 
 
@@ -157,7 +160,7 @@ def fake_quant_input(x: torch.Tensor, q: InputQuant) -> torch.Tensor:
     lo = x.amin(dim=dims, keepdim=True).clamp_max(0)
     hi = x.amax(dim=dims, keepdim=True).clamp_min(0)
     scale = ((hi - lo) / qmax).clamp_min(1e-12)
-    return fake_quant(x, scale, torch.round(-lo / scale), 0, qmax)
+    return fake_quant(x, scale, torch.round(-lo / scale), 0, qmax, arithmetic="divide")
 
 
 class GridQuant(nn.Module):
@@ -174,7 +177,7 @@ class GridQuant(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        return fake_quant(x, self.step.view(shape), self.zero.view(shape), 0, self.qmax, graph=True)
+        return fake_quant(x, self.step.view(shape), self.zero.view(shape), 0, self.qmax, arithmetic="graph")
 
 
 class QuantLayer(nn.Module):

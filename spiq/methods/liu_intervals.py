@@ -35,7 +35,7 @@ def max_interval(x: torch.Tensor, kind: str, bits: int) -> float:
 
 
 def fake_quant(x: torch.Tensor, delta: float, kind: str, bits: int) -> torch.Tensor:
-    return core_fake_quant(x, delta, 0, *levels(kind, bits))
+    return core_fake_quant(x, delta, 0, *levels(kind, bits), arithmetic="divide")
 
 
 def input_quant(delta: float, kind: str, bits: int, axis: int = -1) -> InputQuant:

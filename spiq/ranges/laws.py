@@ -354,7 +354,7 @@ def quantized_samples(d: Dist, rng: Range, bits: int) -> tuple[torch.Tensor, tor
     x, w = d.samples()
     lo, hi = (rng.lo, rng.hi) if rng.per_channel else (rng.lo.expand(x.shape[0]), rng.hi.expand(x.shape[0]))
     step = ((hi - lo) / (2 ** bits - 1))[:, None]
-    return x, w, fake_quant(x, step, torch.round(-lo[:, None] / step), 0, 2 ** bits - 1)
+    return x, w, fake_quant(x, step, torch.round(-lo[:, None] / step), 0, 2 ** bits - 1, arithmetic="divide")
 
 
 @dataclass(frozen=True)
