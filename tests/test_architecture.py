@@ -152,3 +152,10 @@ def test_modules_and_functions_are_short_or_say_why():
     files = sorted(PACKAGE.rglob("*.py")) + [PACKAGE.parent / "app.py"]
     assert [f"{p} ({n} lines)" for p in files if (n := len(p.read_text().splitlines())) > 500] == []
     assert [f for p in files for f in _long_functions(p)] == []
+
+
+def test_every_sub_package_is_installed():
+    import tomllib
+
+    listed = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    assert listed == {module_name(p.parent / "__init__.py") for p in PACKAGE.rglob("__init__.py")}
