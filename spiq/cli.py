@@ -10,15 +10,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from spiq.config import AUTO_BIAS_IMAGES, METHODS, ConfigError, QuantConfig
+from spiq.config import AUTO_BIAS_IMAGES, METHODS, ConfigError, QuantConfig, read_recipe_text
 from spiq.models.data import DatasetError, ImageError
 from spiq.export.onnx import ExportError, check_exportable
 from spiq.core.memory import keep_freed_memory
 from spiq.models.registry import ModelUnavailableError, get_spec, list_models
-
-# A recipe is a few hundred bytes; this refuses a wrong file before reading it whole.
-MAX_CONFIG_BYTES = 1_000_000
-
 
 class UsageError(ValueError):
     """A command line that cannot work: an output path that cannot be written, a bad file."""
@@ -37,26 +33,9 @@ def _cmd_models(args) -> int:
     return 0
 
 
-def _read_config(path: str) -> str:
-    try:
-        size = os.stat(path).st_size
-        if size > MAX_CONFIG_BYTES:
-            raise ConfigError(f"--config {path} has {size} bytes; a recipe is a small JSON file (at most 1 MB)")
-        with open(path, "rb") as f:
-            data = f.read(MAX_CONFIG_BYTES + 1)   # a device or pipe has no size to check beforehand
-    except OSError as exc:
-        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
-    if len(data) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"--config {path} has more than 1 MB; a recipe is a small JSON file")
-    try:
-        return data.decode("utf-8-sig")   # -sig: a byte-order mark as some editors write it
-    except UnicodeDecodeError:
-        raise ConfigError(f"--config {path} is not UTF-8 text") from None
-
-
 def _build_config(args) -> QuantConfig | None:
     if args.config:
-        base = QuantConfig.from_json(_read_config(args.config))
+        base = QuantConfig.from_json(read_recipe_text(args.config, f"--config {args.config}"))
     else:
         base = QuantConfig()
         if args.method is None:

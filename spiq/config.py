@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -59,6 +60,23 @@ class MethodDescriptions(Mapping):
 
 
 METHODS = MethodDescriptions()
+
+
+def read_recipe_text(path, what: str) -> str:
+    """The text of a recipe file (`what` names it in errors): at most MAX_JSON_BYTES, read as UTF-8."""
+    try:
+        with open(path, "rb") as f:
+            if (size := os.fstat(f.fileno()).st_size) > MAX_JSON_BYTES:
+                raise ConfigError(f"{what} has {size} bytes; a recipe is a small JSON file (at most 1 MB)")
+            data = f.read(MAX_JSON_BYTES + 1)   # a device or pipe has no size to check beforehand
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what}: {exc.strerror}") from None
+    if len(data) > MAX_JSON_BYTES:
+        raise ConfigError(f"{what} has more than 1 MB; a recipe is a small JSON file")
+    try:
+        return data.decode("utf-8-sig")   # -sig: a byte-order mark as some editors write it
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} is not UTF-8 text") from None
 
 
 def _json_depth(text: str) -> int:

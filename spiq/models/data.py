@@ -123,15 +123,19 @@ def open_image(source) -> Image.Image:
 REFUSED_FILE = "this file is not one that was uploaded here"
 
 
-def open_allowed_image(path: str | os.PathLike, roots) -> Image.Image:
-    """`open_image` of a path a client named, only if it is a regular file inside one of `roots`
-    (symlinks followed). A refusal says the same for every path, so it tells nothing of what exists."""
+def allowed_file(path: str | os.PathLike, roots) -> Path | None:
+    """`path` resolved (symlinks followed) if it is a regular file inside one of `roots`, else None."""
     try:
         real = Path(os.path.realpath(path))
-        ok = real.is_file() and any(real.is_relative_to(os.path.realpath(r)) for r in roots)
+        return real if real.is_file() and any(real.is_relative_to(os.path.realpath(r)) for r in roots) else None
     except (OSError, ValueError):
-        ok = False
-    if not ok:
+        return None
+
+
+def open_allowed_image(path: str | os.PathLike, roots) -> Image.Image:
+    """`open_image` of a path a client named, only if `allowed_file`. A refusal says the same for
+    every path, so it tells nothing of what exists."""
+    if (real := allowed_file(path, roots)) is None:
         raise ImageError(REFUSED_FILE)
     return open_image(real)
 

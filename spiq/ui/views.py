@@ -7,7 +7,6 @@ same functions. Every model run holds the cache's lock (see `spiq.ui.cache`).
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +20,9 @@ from spiq.analysis import layers as analysis
 
 from spiq.ui import plots
 from spiq.analysis.attribution import attribution_drift
+from spiq.models.data import allowed_file
 from spiq.ui.cache import Loaded, ModelCache, config_key
-from spiq.config import GRANULARITIES, MAX_BITS, METHODS, MIN_BITS, ConfigError, QuantConfig
+from spiq.config import GRANULARITIES, MAX_BITS, METHODS, MIN_BITS, ConfigError, QuantConfig, read_recipe_text
 from spiq.core.quant import QuantLayer
 from spiq.ui.scratch import ScratchDir
 from spiq.methods.registry import get_method
@@ -236,7 +236,6 @@ def _cell_bool(layer: str, value) -> bool:
     raise ConfigError(f"layer {layer}: skip must be true or false, got {value!r}")
 
 
-MAX_RECIPE_BYTES = 1_000_000
 # An absolute path: what an error message must not show a remote user (URLs and ratios stay).
 _SERVER_PATH = re.compile(r"(?<![\w.:/])(?:/[\w.@+-]+)*/([\w.@+-]+)/?")
 
@@ -251,16 +250,10 @@ def recipe_digest(config: QuantConfig) -> str:
 
 
 def read_recipe(path: str, roots) -> QuantConfig:
-    """A recipe file a user uploaded: inside `roots`, at most MAX_RECIPE_BYTES of UTF-8 JSON."""
-    real = Path(os.path.realpath(path))
-    if not real.is_file() or not any(real.is_relative_to(os.path.realpath(r)) for r in roots):
+    """A recipe file a user uploaded: inside `roots`, a small UTF-8 JSON file."""
+    if (real := allowed_file(path, roots)) is None:
         raise ConfigError("this recipe file is not one that was uploaded here")
-    if (size := real.stat().st_size) > MAX_RECIPE_BYTES:
-        raise ConfigError(f"a recipe is a small JSON file; this one has {size} bytes (limit {MAX_RECIPE_BYTES})")
-    try:
-        return QuantConfig.from_json(real.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise ConfigError("the recipe is not a UTF-8 text file") from None
+    return QuantConfig.from_json(read_recipe_text(real, "the recipe"))
 
 
 CONTROL_GRANULARITIES = ("method default", *GRANULARITIES)
