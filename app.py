@@ -6,6 +6,7 @@ point of the Hugging Face Space.
 """
 from __future__ import annotations
 
+import json
 import os
 import threading
 
@@ -14,7 +15,7 @@ import gradio as gr
 from spiq import METHODS, QuantConfig
 from spiq.ui import views
 from spiq.ui.handlers import (ATTRIBUTIONS, CACHE, DEFAULT_MODEL, DELETE_CACHE, EXAMPLES, MAX_UPLOAD_BYTES, NO_ATTENTION,
-                              VIEW_OUTPUTS, BitsSlider, SafeImage, apply, load_recipe,
+                              NO_IMAGE, VIEW_OUTPUTS, BitsSlider, SafeImage, apply, load_recipe,
                               methods_if_shown, model_choices, predict, refresh, select_model, show_attention,
                               show_attribution, show_deploy, show_error_map, show_methods, show_ranges,
                               unavailable_note, warm_up, recipe_file)
@@ -61,7 +62,8 @@ def build() -> gr.Blocks:
                 image = SafeImage(value=EXAMPLES[0] if EXAMPLES else None, type="pil", image_mode=None,
                                   sources=["upload", "webcam", "clipboard"], label="Image", height=300,
                                   elem_id="image")
-                gr.Examples(EXAMPLES, inputs=image, label="Examples (freely licensed, see assets/LICENSES.md)")
+                examples = gr.Examples(EXAMPLES, inputs=image,
+                                       label="Examples (freely licensed, see assets/LICENSES.md)")
         with gr.Accordion("Per-layer settings (edit, then Apply)", open=False):
             table = gr.Dataframe(views.layer_rows(loaded.model, default), headers=views.LAYER_TABLE_HEADERS,
                                  datatype=["str", "str", "number", "str", "number", "number", "str", "bool"],
@@ -139,7 +141,14 @@ def build() -> gr.Blocks:
         then_views(apply_btn.click(apply, [applied_model, applied, *controls, table, image],
                                    [applied, table, recipe, download, status, pred_plot, pred_text], api_name="apply"),
                    api_name="refresh")
-        then_views(image.change(predict, [applied_model, applied, image], [pred_plot, pred_text], api_name="predict"))
+        # Not image.change: Gradio's image empties itself when a new file starts uploading over a shown
+        # one, so .change fires twice and both requests carry the new file (a bad file: its error twice).
+        # .upload is once per file, pasted and webcam ones too; examples and Remove are wired apart.
+        then_views(image.upload(predict, [applied_model, applied, image], [pred_plot, pred_text], api_name="predict",
+                                trigger_mode="always_last"))
+        then_views(examples.load_input_event.success(predict, [applied_model, applied, image], [pred_plot, pred_text],
+                                                     api_name=False, trigger_mode="always_last"))
+        image.clear(None, None, [pred_plot, pred_text], js=f"() => [null, {json.dumps(NO_IMAGE)}]", api_name=False)
         range_layer.input(show_ranges, [applied_model, applied, image, range_layer], ranges_plot, api_name="ranges")
         map_layer.input(show_error_map, [applied_model, applied, image, map_layer, channel], emap_plot,
                         api_name="error_map")

@@ -137,7 +137,8 @@ def main(argv=None) -> int:
     bits = args.bits.split(",")
     methods = [m for m in METHODS if not args.methods or m[0] in args.methods.split(",")]
 
-    model, preprocess, _ = spiq.load_model("efficientnet_lite0")
+    loaded = spiq.load_model("efficientnet_lite0")
+    model, preprocess = loaded.model, loaded.preprocess
     images, labels, _ = load_images(SAMPLE_DIR, preprocess, args.limit)
     calib_idx, held_out = calibration_split(len(images), 32)
     calib, images, labels = images[calib_idx], images[held_out], labels[held_out]
@@ -154,7 +155,7 @@ def main(argv=None) -> int:
                      if label in BIAS_FIT]
         for label, fields, rows in tqdm(runs, desc=b, leave=False):
             cfg = spiq.QuantConfig(weight_bits=w, input_bits=a, **fields)
-            r = evaluate("efficientnet_lite0", images, labels, cfg, calib=calib, float_model=model,
+            r = evaluate("efficientnet_lite0", images, labels, cfg, calib=calib, float_model=loaded,
                          fp_logits=fp_logits)
             rows.append({"label": label, "bits": b, "config": cfg.to_dict(), **r.to_dict()})
             if rows is results:
@@ -167,7 +168,7 @@ def main(argv=None) -> int:
         for label, fields in tqdm(WEIGHT_OPTIONS, desc=f"{WEIGHT_BITS} weight options"):
             for method in ("spiq", "static-tensor"):
                 cfg = spiq.QuantConfig(method=method, weight_bits=w, input_bits=a, **fields)
-                r = evaluate("efficientnet_lite0", images, labels, cfg, calib=calib, float_model=model,
+                r = evaluate("efficientnet_lite0", images, labels, cfg, calib=calib, float_model=loaded,
                              fp_logits=fp_logits)
                 options.append({"label": label, "method": method, "config": cfg.to_dict(), **r.to_dict()})
                 tqdm.write(f"{WEIGHT_BITS} {method:14s} {label:52s} top-1 {r.top1 * 100:5.1f}  "

@@ -80,7 +80,7 @@ def run(argv, tmp: Path) -> int:
     calib = calibration_subset(images, spiq.QuantConfig(method="calib-minmax").calib_images)
     configs = {"SPIQ int8": spiq.QuantConfig(method="spiq", weight_bits=8, input_bits=8),
                "SPIQ int8 (fold=always)": spiq.QuantConfig(method="spiq", weight_bits=8, input_bits=8, fold="always")}
-    qmodels = {name: spiq.quantize(model, config) for name, config in configs.items()}
+    qmodels = {name: spiq.quantize(model, config, preprocess=preprocess) for name, config in configs.items()}
 
     def build(batch):
         """Every ONNX variant, with this batch size fixed (None: symbolic, for the top-1 runs)."""
@@ -116,7 +116,7 @@ def run(argv, tmp: Path) -> int:
         print(f"{name}: {par.summary()}", file=sys.stderr)
         # the same config with int8_graph=True simulates the very graph written (shared residual grids,
         # quantized residual branches and sums): what is left is float vs integer arithmetic
-        twin = spiq.quantize(model, config.replace(int8_graph=True))
+        twin = spiq.quantize(model, config.replace(int8_graph=True), preprocess=preprocess)
         sim = torch.cat([twin(images[i:i + 25]) for i in range(0, len(images), 25)])
         spiq_info[name]["parity_int8_graph"] = vars(rt.parity(twin, paths[name], images, labels, sim_logits=sim))
 

@@ -56,7 +56,7 @@ def main(argv=None) -> int:
         overrides = {n: LayerOverride(input_bits=16) for n in layers if group_of(n) in outside} | (own or {})
         extra = {"calib_images": len(calib)} if calib is not None else {}
         cfg = spiq.QuantConfig(method=method, weight_bits=args.wbits, input_bits=args.abits, overrides=overrides, **extra)
-        return mean_logit_sqnr_db(fp, logits(spiq.quantize(model, cfg, calib_data=calib), images))
+        return mean_logit_sqnr_db(fp, logits(spiq.quantize(model, cfg, calib_data=calib, preprocess=preprocess), images))
 
     rows = []
     cases = [(g, set(groups) - {g}) for g in groups] + [("all but the stem", {"stem"}), ("all", set())]

@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     calib = calibration_subset(pool, 32, seed=0)
     cfg = spiq.QuantConfig(method=args.method, weight_bits=args.wbits, input_bits=args.abits,
                            input_granularity=args.granularity)
-    q = spiq.quantize(model, cfg, calib_data=calib)
+    q = spiq.quantize(model, cfg, calib_data=calib, preprocess=preprocess)
     rows = layer_breakdown(model, q, images)
     print(f"{args.method} W{args.wbits}A{args.abits}: output SQNR (dB) per layer, {len(images)} images")
     print(f"{'layer':24} {'clip':>6} {'input':>6} {'weight':>6} {'both':>6} {'clipped %':>9}  dominant")

@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     t_fp = timed(model, images, args.batch, args.repeats)
     rows = [{"method": "fp", "seconds": t_fp, "ratio": 1.0}]
     for m in METHODS:
-        q = spiq.quantize(model, spiq.QuantConfig(method=m, weight_bits=8, input_bits=4))
+        q = spiq.quantize(model, spiq.QuantConfig(method=m, weight_bits=8, input_bits=4), preprocess=preprocess)
         t = timed(q, images, args.batch, args.repeats)
         rows.append({"method": m, "seconds": t, "ratio": t / t_fp})
     print(f"EfficientNet-Lite0, {len(images)} images, batch {args.batch}, {torch.get_num_threads()} threads, "

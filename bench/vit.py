@@ -55,7 +55,7 @@ def logits(model, images, batch: int = 25) -> torch.Tensor:
     return torch.cat([model(images[i:i + batch]) for i in range(0, len(images), batch)])
 
 
-def run_model(name: str, model, images, labels, calib, rows) -> list[dict]:
+def run_model(name: str, model, preprocess, images, labels, calib, rows) -> list[dict]:
     ref = logits(model, images)
     out = [{"label": "float", "top1": float((ref.argmax(1) == labels).float().mean()), "agreement": 1.0,
             "logit_sqnr": float("inf"), "quantize_s": 0.0}]
@@ -64,13 +64,14 @@ def run_model(name: str, model, images, labels, calib, rows) -> list[dict]:
         cfg = spiq.QuantConfig(**fields)
         start = time.perf_counter()
         with tqdm(total=100, desc=label, unit="%", leave=False) as bar:
-            q = spiq.quantize(model, cfg, calib_data=calib, progress=lambda f, _m: bar.update(round(f * 100) - bar.n))
+            q = spiq.quantize(model, cfg, calib_data=calib, preprocess=preprocess,
+                              progress=lambda f, _m: bar.update(round(f * 100) - bar.n))
         took = time.perf_counter() - start
         y = logits(q, images)
         r = {"label": label, "config": cfg.to_dict(), "top1": float((y.argmax(1) == labels).float().mean()),
              "agreement": float((y.argmax(1) == ref.argmax(1)).float().mean()), "logit_sqnr": tensor_sqnr_db(ref, y),
              "quantize_s": took}
-        report = q.spiq_report
+        report = q.report
         if report.liu is not None:
             r["module_bits"] = report.liu.module_bits
             r["rank_inversions"] = {k: list(v) for k, v in report.liu.inversions.items()}
@@ -129,7 +130,7 @@ def main(argv=None) -> int:
         images, labels, _ = load_images(SAMPLE_DIR, preprocess, args.limit)
         n_images = len(labels)
         calib = calibration_subset(images, spiq.QuantConfig().calib_images)
-        results[name] = run_model(name, model, images, labels, calib, rows)
+        results[name] = run_model(name, model, preprocess, images, labels, calib, rows)
     md = table(results, n_images, args.toy)
     if skipped:
         md += "\n" + "\n".join(f"- skipped `{n}`: {why}" for n, why in skipped.items()) + "\n"

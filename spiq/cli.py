@@ -130,7 +130,8 @@ def _cmd_evaluate(args) -> int:
 
     config = _build_config(args)
     _check_output(args.json, "--json")
-    model, preprocess, _ = load_model(args.model)
+    loaded = load_model(args.model)
+    preprocess = loaded.preprocess
     n = len(find_images(args.images)[: args.limit])
     skipped = {}
     calib = None
@@ -152,7 +153,7 @@ def _cmd_evaluate(args) -> int:
         def quantizing(frac, _msg):
             qbar.update(round(frac * 100) - qbar.n)
 
-        result = evaluate(args.model, images, labels, config, calib=calib, float_model=model,
+        result = evaluate(args.model, images, labels, config, calib=calib, float_model=loaded,
                           progress=bar.update, quantize_progress=quantizing)
     if config is None:
         result.wbits = result.abits = None
@@ -176,6 +177,7 @@ def _cmd_export(args) -> int:
         check_exportable(config)
     _check_output(args.out, "--out", replaced=True)
     _check_output(args.json, "--json")
+    n_check = _check_folder(args, config)
     model, preprocess, _ = load_model(args.model)
     calib = None
     skipped = {}
@@ -186,13 +188,14 @@ def _cmd_export(args) -> int:
             calib = load_calibration(args.calib, preprocess, config.calib_images, progress=bar.update,
                                      on_skip=_skipper(args, skipped))
     qmodel = model
+    size = {"input_size": preprocess.crop}   # a float model's export has no preprocess of its own
     if config is not None:
         with tqdm(total=100, desc=f"quantizing {args.model} {config.method}", unit="%", file=sys.stderr) as bar:
             def progress(frac, _msg):
                 bar.update(round(frac * 100) - bar.n)
-            qmodel = quantize(model, config, calib_data=calib, progress=progress)
+            qmodel, size = quantize(model, config, calib_data=calib, progress=progress, preprocess=preprocess), {}
     try:
-        report = export_onnx(qmodel, args.out, batch=args.batch)
+        report = export_onnx(qmodel, args.out, batch=args.batch, **size)
     except OSError as exc:   # export_onnx leaves nothing behind
         raise UsageError(f"--out {args.out} could not be written: {exc.strerror or exc}") from None
     print(report.summary())
@@ -205,12 +208,7 @@ def _cmd_export(args) -> int:
               "requantized": report.requantized, "extra_quantizers": report.extra_quantizers,
               "onnx_ops": report.op_counts, "ort_ops": ops}
     if args.check:
-        if config is None:
-            raise ConfigError("--check compares the int8 model with its simulation: give a quantization method")
-        from spiq.models.data import find_images
-
-        n = len(find_images(args.check)[: args.limit])
-        with tqdm(total=n, desc="loading images", unit="img", file=sys.stderr) as bar:
+        with tqdm(total=n_check, desc="loading images", unit="img", file=sys.stderr) as bar:
             images, labels, _ = load_images(args.check, preprocess, args.limit, progress=bar.update,
                                             on_skip=_skipper(args, skipped))
         par = parity(qmodel, args.out, images, labels)
@@ -219,6 +217,17 @@ def _cmd_export(args) -> int:
     if args.json:
         _write_json(args.json, {**result, "n_skipped": len(skipped)})
     return 0
+
+
+def _check_folder(args, config) -> int:
+    """How many images `export --check` will read, checked before any work."""
+    if not args.check:
+        return 0
+    if config is None:
+        raise ConfigError("--check compares the int8 model with its simulation: give a quantization method")
+    from spiq.models.data import find_images
+
+    return len(find_images(args.check)[: args.limit])
 
 
 def _cmd_distill(args) -> int:
@@ -232,10 +241,10 @@ def _cmd_distill(args) -> int:
         raise ConfigError(f"--images must be from 1 to 256, got {args.images}")
     if args.out:
         _check_output_folder(args.out, "--out")
-    model, _, _ = load_model(args.model)
+    model, preprocess, _ = load_model(args.model)
     if not has_batchnorm(model):
         raise ConfigError(f"{args.model} has no BatchNorm statistics to distill images from")
-    lo, hi, size = distill_bounds(model)
+    lo, hi, size = distill_bounds(preprocess)
     with tqdm(total=100, desc=f"distilling {args.images} images from {args.model}", unit="%", file=sys.stderr) as bar:
         def progress(frac, _msg):
             bar.update(round(frac * 100) - bar.n)

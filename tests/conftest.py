@@ -17,9 +17,14 @@ keep_freed_memory()
 
 
 @pytest.fixture(scope="session")
-def lite0():
-    model, preprocess, classes = spiq.load_model("efficientnet_lite0")
-    return model
+def lite0_loaded() -> spiq.LoadedModel:
+    """The embedded EfficientNet-Lite0 with its preprocess: what quantize() and prepare() take."""
+    return spiq.load_model("efficientnet_lite0")
+
+
+@pytest.fixture(scope="session")
+def lite0(lite0_loaded):
+    return lite0_loaded.model
 
 
 # Tests that read the real ImageNet sample form the `slow` tier: they run whenever the sample is

@@ -273,6 +273,12 @@ def test_export_refuses_a_recipe_without_int8_graph_before_quantizing(tmp_path, 
         assert cli.main([*base, *args]) == 2
         err = capsys.readouterr().err
         assert why in _one_error_line(err) and "quantizing" not in err
+    # --check: a method to compare with, and a folder that is there, both before any work
+    for args, why in [(["--method", "fp", "--check", str(tmp_path)], "give a quantization method"),
+                      (["--method", "spiq", "--check", str(tmp_path / "none")], "does not exist")]:
+        assert cli.main([*base, *args]) == 2
+        err = capsys.readouterr().err
+        assert why in _one_error_line(err) and "quantizing" not in err
     assert not any(tmp_path.glob("*.onnx"))
     check_exportable(QuantConfig(method="calib-mse", overrides={"conv_stem": {"skip": True, "input_bits": 4}}))
     with pytest.raises(ExportError, match="vision transformers"):

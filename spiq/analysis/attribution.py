@@ -13,6 +13,7 @@ from torch import fx, nn
 from spiq.core.hooks import forward_hooks
 from spiq.graph.ops import GLOBAL_POOL, op_kind
 from spiq.graph.trace import is_passthrough, trace
+from spiq.quantize.report import QuantResult
 
 METHODS = ("integrated-gradients", "grad-cam")
 # Gauss-Legendre steps of Integrated Gradients. On EfficientNet-Lite0 W8A4 (8 sample images) the
@@ -105,7 +106,7 @@ class Drift:
     rank_correlation: float
 
 
-def attribution_drift(model: nn.Module, qmodel: nn.Module, x: torch.Tensor,
+def attribution_drift(model: nn.Module, qmodel: QuantResult, x: torch.Tensor,
                       method: str = "integrated-gradients", target: int | None = None) -> Drift:
     """The same attribution on both models, for the float model's top-1 unless `target` is given."""
     if target is None:
@@ -114,6 +115,6 @@ def attribution_drift(model: nn.Module, qmodel: nn.Module, x: torch.Tensor,
     # each model's own name for its last stage: an int8_graph twin (an fx GraphModule) keeps only
     # the leaves of a container such as timm's folded BN + act
     fm = attribute(model, x, target, method, last_stage(model) if method == "grad-cam" else None)
-    qm = attribute(qmodel, x, target, method, last_stage(qmodel) if method == "grad-cam" else None)
+    qm = attribute(qmodel.model, x, target, method, last_stage(qmodel.model) if method == "grad-cam" else None)
     norm = lambda m: m / m.abs().max().clamp_min(1e-12)  # noqa: E731
     return Drift(method, target, fm, qm, norm(qm) - norm(fm), rank_correlation(fm, qm))

@@ -13,7 +13,7 @@ from torch import nn
 from spiq.config import QuantConfig
 from spiq.models.data import DatasetError, ImageError, Preprocess, find_images, open_image
 from spiq.quantize.api import quantize
-from spiq.models.registry import load_model
+from spiq.models.registry import LoadedModel, load_model
 from spiq.core.metrics import mean_logit_sqnr_db
 
 
@@ -161,21 +161,22 @@ def load_calibration(root: str | Path, preprocess: Preprocess, n: int, seed: int
 
 
 def evaluate(model_name: str, images: torch.Tensor, labels: torch.Tensor, config: QuantConfig | None,
-             calib: torch.Tensor | None = None, float_model: nn.Module | None = None,
+             calib: torch.Tensor | None = None, float_model: LoadedModel | None = None,
              fp_pred: torch.Tensor | None = None, progress: Callable[[int], None] | None = None,
              quantize_progress: Callable[[float, str], None] | None = None,
              fp_logits: torch.Tensor | None = None) -> EvalResult:
     """Quantize `model_name` with `config` (None: float only) and score it against the float model.
 
-    Given the float model's `logits` on `images`, the result also carries the mean logit SQNR.
+    `float_model` is load_model(model_name), if the caller has it already. Given the float model's
+    `logits` on `images`, the result also carries the mean logit SQNR.
     """
     start = time.perf_counter()
     if fp_logits is not None:
         fp_pred = fp_logits.argmax(1)
     if float_model is None:
-        float_model, _, _ = load_model(model_name)
+        float_model = load_model(model_name)
     if fp_pred is None:
-        fp_pred = predict(float_model, images, progress=progress)
+        fp_pred = predict(float_model.model, images, progress=progress)
     sqnr = None
     if config is None:
         pred = fp_pred

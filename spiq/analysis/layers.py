@@ -16,17 +16,18 @@ from spiq.core.metrics import sqnr_db, tensor_sqnr_db
 from spiq.core.quant import QuantLayer, fake_quant_input, fold_input_scale, quantize_weight
 from spiq.models.vit import is_transformer, vit_graph
 from spiq.methods.liu_intervals import RankPairs
+from spiq.quantize.report import QuantResult
 from spiq.ranges.laws import observe, quantized_samples
 
 
-def reference_of(model: nn.Module, qmodel: nn.Module) -> nn.Module:
+def reference_of(model: nn.Module, qmodel: QuantResult) -> nn.Module:
     """The BN-folded float model to compare `qmodel` with: the one quantize() started from."""
-    return qmodel.spiq_report.reference
+    return qmodel.report.reference
 
 
-def _data_free_range(qmodel: nn.Module, layer: str, bits: int, per_channel: bool):
+def _data_free_range(qmodel: QuantResult, layer: str, bits: int, per_channel: bool):
     """The range the data-free law gives `layer` at `bits`, from quantize()'s memo."""
-    report = qmodel.spiq_report
+    report = qmodel.report
     return report.prepared.data_free_range(layer, report.propagation.inputs[layer], bits, per_channel, report.config)
 
 
@@ -42,24 +43,24 @@ class LayerBreakdown:
 
 
 @torch.no_grad()
-def layer_breakdown(model: nn.Module, qmodel: nn.Module, images: torch.Tensor, batch: int = 8) -> list[LayerBreakdown]:
+def layer_breakdown(model: nn.Module, qmodel: QuantResult, images: torch.Tensor, batch: int = 8) -> list[LayerBreakdown]:
     """Split each quantized layer's error into input clipping, input rounding and the weight side.
 
     `qmodel` is `quantize(model, config)`. Dynamic layers have no static range: their `clip`
     is +inf and `clipped` 0.
     """
     reference = reference_of(model, qmodel)
-    names = [n for n, m in qmodel.named_modules() if isinstance(m, QuantLayer)]
+    names = [n for n, m in qmodel.model.named_modules() if isinstance(m, QuantLayer)]
     energy = {n: torch.zeros(5, dtype=torch.float64) for n in names}   # y, clip, input, weight, both
     count = {n: [0, 0] for n in names}
 
     def hook(name):
-        q: QuantLayer = qmodel.get_submodule(name)
+        q: QuantLayer = qmodel.model.get_submodule(name)
 
         def fn(layer, args, y):
             x = args[0]
             iq = q.input_quant
-            rng = qmodel.spiq_report.layers[name].range
+            rng = qmodel.report.layers[name].range
             if rng is not None:
                 shape = ((1, -1, 1, 1) if isinstance(layer, nn.Conv2d) else (-1,)) if rng.per_channel else ()
                 lo, hi = rng.lo.view(shape), rng.hi.view(shape)
@@ -113,7 +114,7 @@ class LayerSQNR:
 
 
 @torch.no_grad()
-def layer_sqnr(model: nn.Module, qmodel: nn.Module, images: torch.Tensor, batch: int = 8,
+def layer_sqnr(model: nn.Module, qmodel: QuantResult, images: torch.Tensor, batch: int = 8,
                breakdown: list[LayerBreakdown] | None = None) -> list[LayerSQNR]:
     """Output SQNR of every quantized layer, isolated and propagated, in network order.
 
@@ -121,7 +122,7 @@ def layer_sqnr(model: nn.Module, qmodel: nn.Module, images: torch.Tensor, batch:
     """
     iso = {r.name: r.both for r in (breakdown or layer_breakdown(model, qmodel, images, batch))}
     names = list(iso)
-    prop = _output_energies(reference_of(model, qmodel), qmodel, names, images, batch)
+    prop = _output_energies(reference_of(model, qmodel), qmodel.model, names, images, batch)
     return [LayerSQNR(n, iso[n], sqnr_db(*prop[n])) for n in names]
 
 
@@ -144,10 +145,9 @@ class ChannelRanges:
 
 
 @torch.no_grad()
-def channel_ranges(model: nn.Module, qmodel: nn.Module, layer: str, images: torch.Tensor) -> ChannelRanges:
+def channel_ranges(model: nn.Module, qmodel: QuantResult, layer: str, images: torch.Tensor) -> ChannelRanges:
     """Per-channel vs per-tensor input ranges of `layer` and how the images fill them."""
-
-    report = qmodel.spiq_report
+    report = qmodel.report
     if layer not in report.layers:
         raise KeyError(f"{layer!r} is not a quantized layer of this model")
     bits = report.layers[layer].input_bits
@@ -172,6 +172,23 @@ def channel_ranges(model: nn.Module, qmodel: nn.Module, layer: str, images: torc
         clipped=outside)
 
 
+def channel_spread(qmodel: QuantResult, bits: int = 8) -> dict[str, float]:
+    """For each layer whose input has a data-free law: how far its channels' ranges differ, as the
+    bits a channel's own range saves over one range spanning them all (log2 of the span of all the
+    channels' ranges over the channel's, averaged over the live channels). What per-channel input
+    ranges buy there, from the BatchNorm statistics alone: no image is read."""
+    prop = qmodel.report.propagation
+    out = {}
+    for name in qmodel.report.layers:
+        if prop is None or name not in prop.inputs:
+            continue
+        rng = _data_free_range(qmodel, name, bits, True)
+        width, span = rng.hi - rng.lo, float(rng.hi.max() - rng.lo.min())
+        live = width > span * 2.0 ** -bits   # a dead channel's range says nothing about the others
+        out[name] = float(torch.log2(span / width[live]).mean()) if live.any() else 0.0
+    return out
+
+
 @dataclass
 class FoldCost:
     """What folding per-channel input scales into a layer's weights costs, and what it buys (dB)."""
@@ -183,15 +200,14 @@ class FoldCost:
 
 
 @torch.no_grad()
-def fold_cost(model: nn.Module, qmodel: nn.Module) -> list[FoldCost]:
+def fold_cost(model: nn.Module, qmodel: QuantResult) -> list[FoldCost]:
     """For every layer with folded per-channel input scales: weight error added vs input error removed."""
-
     reference = reference_of(model, qmodel)
-    report = qmodel.spiq_report
+    report = qmodel.report
     cfg = report.config
     out = []
     for name, lr in report.layers.items():
-        q = qmodel.get_submodule(name)
+        q = qmodel.model.get_submodule(name)
         if not getattr(q, "folded", False):
             continue
         w = reference.get_submodule(name).weight
@@ -236,7 +252,7 @@ class Comparison:
 
 
 @torch.no_grad()
-def compare_predictions(model: nn.Module, qmodel: nn.Module, x: torch.Tensor, classes: list[str],
+def compare_predictions(model: nn.Module, qmodel: QuantResult, x: torch.Tensor, classes: list[str],
                         k: int = 5) -> Comparison:
     """`x` is one preprocessed image (3, H, W) or a batch of one."""
     x = x.unsqueeze(0) if x.dim() == 3 else x
@@ -264,15 +280,15 @@ def token_grid(y: torch.Tensor) -> torch.Tensor:
 
 
 def spatial_layers(qmodel: nn.Module) -> list[str]:
-    """Quantized layers whose outputs have a place in the image: convs, and a transformer's token layers."""
-
+    """Quantized layers (of a quantized module) whose outputs have a place in the image: convs, and
+    a transformer's token layers."""
     if is_transformer(qmodel):
         return [n for n, m in qmodel.named_modules() if isinstance(m, QuantLayer) and n != "head"]
     return [n for n, m in qmodel.named_modules() if isinstance(m, QuantLayer) and isinstance(m.layer, nn.Conv2d)]
 
 
 @torch.no_grad()
-def error_maps(model: nn.Module, qmodel: nn.Module, x: torch.Tensor, layers: list[str] | None = None,
+def error_maps(model: nn.Module, qmodel: QuantResult, x: torch.Tensor, layers: list[str] | None = None,
                channel: int | None = None) -> dict[str, torch.Tensor]:
     """Spatial maps of |y - ŷ| (mean over channels, or one channel), upsampled to the image size.
 
@@ -286,14 +302,14 @@ def error_maps(model: nn.Module, qmodel: nn.Module, x: torch.Tensor, layers: lis
 
     x = x.unsqueeze(0) if x.dim() == 3 else x
     reference = reference_of(model, qmodel)
-    convs = spatial_layers(qmodel)
+    convs = spatial_layers(qmodel.model)
     layers = layers or convs
     unknown = [n for n in layers if n not in convs]
     if unknown:
         raise KeyError(f"not quantized layers with a spatial output: {', '.join(unknown)}")
     last = convs[-1]
     wanted = set(layers) | {last}
-    ref_out, q_out = _capture(reference, wanted, x), _capture(qmodel, wanted, x)
+    ref_out, q_out = _capture(reference, wanted, x), _capture(qmodel.model, wanted, x)
     top = model(x)[0].argmax()
     size = x.shape[-2:]
     maps = {}
@@ -302,7 +318,7 @@ def error_maps(model: nn.Module, qmodel: nn.Module, x: torch.Tensor, layers: lis
         m = diff[channel] if channel is not None else diff.mean(0)
         maps[n] = F.interpolate(m[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
     # logit error map: classifier row of the float top-1 applied to the last feature map's error
-    head = [m for m in qmodel.modules() if isinstance(m, QuantLayer) and isinstance(m.layer, nn.Linear)]
+    head = [m for m in qmodel.model.modules() if isinstance(m, QuantLayer) and isinstance(m.layer, nn.Linear)]
     feat_err = (q_out[last] - ref_out[last])[0]
     if head and feat_err.dim() == 3 and head[-1].layer.in_features == feat_err.shape[0]:
         w = reference.get_submodule(head[-1].name).weight[top]
@@ -322,15 +338,14 @@ class AttentionMaps:
 
 
 @torch.no_grad()
-def attention_maps(model: nn.Module, qmodel: nn.Module, x: torch.Tensor, block: int = -1,
+def attention_maps(model: nn.Module, qmodel: QuantResult, x: torch.Tensor, block: int = -1,
                    pairs: int = 64) -> AttentionMaps:
     """Per head attention maps of one block, float vs quantized, and rank inversions of every block.
 
     An inversion is a pair of keys whose pre-softmax score order the quantized model reverses in
     some query row; `pairs` random key pairs (fixed seed) are compared in every row of every head.
     """
-
-    graph = vit_graph(qmodel)
+    graph = vit_graph(qmodel.model)
     if graph is None:
         raise ValueError("attention maps are for vision transformers; this model has no attention")
     x = x.unsqueeze(0) if x.dim() == 3 else x
@@ -339,14 +354,14 @@ def attention_maps(model: nn.Module, qmodel: nn.Module, x: torch.Tensor, block: 
         raise ValueError(f"the model has blocks 0 to {len(blocks) - 1}; got {block}")
     chosen = blocks[block].attn
     taps = [f"{b.attn}.scores" for b in blocks] + [f"{chosen}.p_in"]
-    ref, quant = _capture(reference_of(model, qmodel), taps, x), _capture(qmodel, taps, x)
+    ref, quant = _capture(reference_of(model, qmodel), taps, x), _capture(qmodel.model, taps, x)
     inv = []
     for b in blocks:
         s_ref, s_q = ref[f"{b.attn}.scores"], quant[f"{b.attn}.scores"]
         inv.append(RankPairs.sample(s_ref.shape[-1], pairs).inversions(s_ref, s_q))
 
     def maps(p):                                       # (1, H, N, N) -> (H, h, w), class token's row
-        row = p[0, :, 0] if getattr(qmodel, "cls_token", None) is not None else p[0].mean(1)
+        row = p[0, :, 0] if getattr(qmodel.model, "cls_token", None) is not None else p[0].mean(1)
         return token_grid(row.t()).clone()
 
     return AttentionMaps(block % len(blocks), maps(ref[f"{chosen}.p_in"]), maps(quant[f"{chosen}.p_in"]), inv, pairs)

@@ -14,10 +14,12 @@ from spiq.core.quant import fake_quant_input
 from spiq.export.grids import Enc
 from spiq.export.report import ExportReport
 from spiq.export.runtime import ort_session
+from spiq.quantize.report import QuantResult, module_of
 
 
 @torch.no_grad()
-def layer_sqnr(qmodel: nn.Module, report: ExportReport, images: torch.Tensor, batch: int = 16) -> list[dict]:
+def layer_sqnr(qmodel: QuantResult | nn.Module, report: ExportReport, images: torch.Tensor,
+               batch: int = 16) -> list[dict]:
     """Per int8 layer: SQNR (dB) of its quantized input as ONNX Runtime computes it, against the
     simulation's fake-quantized input (the signal). The real input is read from the uint8 codes of
     its QuantizeLinear and mapped back to original units."""
@@ -33,7 +35,8 @@ def layer_sqnr(qmodel: nn.Module, report: ExportReport, images: torch.Tensor, ba
             captured[name] = fake_quant_input(args[0], mod.input_quant)
         return fn
 
-    with tempfile.TemporaryDirectory() as d, forward_hooks(qmodel, {n: hook(n) for n in names}, pre=True):
+    hooks = forward_hooks(module_of(qmodel), {n: hook(n) for n in names}, pre=True)
+    with tempfile.TemporaryDirectory() as d, hooks:
         session = ort_session(_with_probe_outputs(report.path, names.values(), Path(d) / "probe.onnx"))
         outputs = [o.name for o in session.get_outputs()]
         for i in range(0, len(images), batch):

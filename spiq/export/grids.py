@@ -13,6 +13,7 @@ from spiq.export.lower import Op
 from spiq.export.support import ExportError
 from spiq.graph.ops import SAME_PADDED, layer_of
 from spiq.quantize.layer import bias_shift, plan_layer
+from spiq.quantize.report import QuantReport
 from spiq.ranges.laws import law_moments, range_effect, unknown_input_dist
 
 QMAX = 255                # uint8 activations
@@ -187,13 +188,13 @@ def out_view(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return v.view((-1,) + (1,) * (w.dim() - 1))
 
 
-def requantize(qmodel: nn.Module, lp: LayerPlan, grid: Grid) -> None:
-    """Quantize layer `lp` again, by the recipe quantize() used, for the input grid it really gets."""
-    report, config = getattr(qmodel, "spiq_report", None), getattr(qmodel, "spiq_config", None)
+def requantize(report: QuantReport | None, lp: LayerPlan, grid: Grid) -> None:
+    """Quantize layer `lp` again, by the recipe quantize() used (`report`), for the input grid it really gets."""
     reference = report.reference if report is not None and report.prepared is not None else None
-    if reference is None or config is None:
+    if reference is None:
         raise ExportError(f"layer {lp.name}: its input grid must change for the int8 graph and the model "
                           "carries no float reference to re-quantize it from (quantize it with spiq.quantize)")
+    config = report.config
     s = config.for_layer(lp.name)
     ref = reference.get_submodule(lp.name)
     rng = Range(grid.lo.float(), grid.hi.float())
@@ -203,7 +204,7 @@ def requantize(qmodel: nn.Module, lp: LayerPlan, grid: Grid) -> None:
         dist = report.propagation.inputs.get(lp.name) if report.propagation is not None else None
         dist = dist or unknown_input_dist(grid.step.numel(), config.tail)
         bias = bias - bias_shift(ref, ref.weight.detach(), w_sim, law_moments(dist)[0], range_effect(dist, rng, 8).mean_q)
-    if report is not None and lp.name in report.bias_fit:
+    if lp.name in report.bias_fit:
         # what bias_images fitted is mostly the mean error the layers before left, which does not
         # depend on the grid this layer reads
         bias = bias - report.bias_fit[lp.name]

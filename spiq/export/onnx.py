@@ -13,18 +13,19 @@ from spiq.export.report import ExportReport, export_report
 from spiq.export.support import NO_VIT, ExportError, check_exportable
 from spiq.graph.ops import BATCHNORMS
 from spiq.models.vit import is_transformer
+from spiq.quantize.report import QuantResult
 from spiq.transforms.fold import folded_copy
 
 
-def export_onnx(qmodel: nn.Module, path: str | os.PathLike, *, quantized: bool = True, input_size: int | None = None,
-                batch: int | None = None) -> ExportReport:
+def export_onnx(qmodel: QuantResult | nn.Module, path: str | os.PathLike, *, quantized: bool = True,
+                input_size: int | None = None, batch: int | None = None) -> ExportReport:
     """Write `qmodel` (from spiq.quantize, or a float model) as an ONNX graph; return what was done.
 
     quantized=True: a QDQ graph with uint8 per-tensor activation quantizers and int8 per-channel
     weights, which ONNX Runtime fuses into QLinearConv/QLinearAdd/QGemm. quantized=False: the same
     graph with every scale folded but no quantizer (the "folded float" model, equal to
     `float_twin(qmodel, report)`). The input is the normalised image (N, 3, H, W), H = W =
-    `input_size` (default: the model's preprocessing crop), fixed: padding is static. `batch`
+    `input_size` (default: the crop of the preprocess quantize() was given, else 224), fixed: padding is static. `batch`
     fixes the batch size (default: symbolic). On any error nothing is written at `path`.
     """
     proto, report = build_export(qmodel, str(path), quantized, input_size, batch)
@@ -32,16 +33,25 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, *, quantized: bool =
     return report
 
 
-def build_export(qmodel: nn.Module, path: str, quantized: bool, input_size: int | None, batch: int | None):
+def build_export(qmodel: QuantResult | nn.Module, path: str, quantized: bool, input_size: int | None,
+                 batch: int | None):
     """The ONNX graph of export_onnx() and its report, in memory."""
     import onnx
 
-    if is_transformer(qmodel) or getattr(getattr(qmodel, "spiq_report", None), "liu", None) is not None:
-        raise ExportError(NO_VIT)
-    if getattr(qmodel, "spiq_config", None) is not None:
-        check_exportable(qmodel.spiq_config)
-    model = prepare_for_export(qmodel)
-    plan = plan_export(model, _input_shape_of(model, input_size))
+    if isinstance(qmodel, QuantResult):
+        # an int8_graph result simulates its source's graph: the graph written is the source's
+        quant = qmodel.source or qmodel
+        if quant.report.liu is not None or is_transformer(quant.model):
+            raise ExportError(NO_VIT)
+        check_exportable(quant.config)
+        model, report = quant.model, quant.report
+        if input_size is None and quant.preprocess is not None:
+            input_size = quant.preprocess.crop
+    else:
+        if is_transformer(qmodel):
+            raise ExportError(NO_VIT)
+        model, report = folded_float(qmodel), None
+    plan = plan_export(model, _input_shape_of(model, input_size), report)
     proto, extra, plan.probes, plan.q_points = build_onnx(plan, quantized, batch, "spiq")
     try:
         onnx.checker.check_model(proto)
@@ -50,12 +60,8 @@ def build_export(qmodel: nn.Module, path: str, quantized: bool, input_size: int 
     return proto, export_report(plan, proto, path, quantized, batch, extra)
 
 
-def prepare_for_export(model: nn.Module) -> nn.Module:
-    """`model` itself if it is quantized (BN already folded), else a BN-folded float copy."""
-    if hasattr(model, "spiq_int8_source"):   # an int8_twin: the graph it simulates is its source's
-        return model.spiq_int8_source
-    if hasattr(model, "spiq_report"):
-        return model
+def folded_float(model: nn.Module) -> nn.Module:
+    """A BN-folded copy of the float `model`, as the export lowers it."""
     folded = folded_copy(model)
     if any(isinstance(m, BATCHNORMS) for m in folded.modules()):
         bn = next(n for n, m in folded.named_modules() if isinstance(m, BATCHNORMS))
@@ -64,11 +70,9 @@ def prepare_for_export(model: nn.Module) -> nn.Module:
 
 
 def _input_shape_of(model: nn.Module, input_size: int | None) -> tuple[int, int, int]:
+    input_size = input_size or 224
     first = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))), None)
     channels = first.in_channels if isinstance(first, nn.Conv2d) else 3
-    if input_size is None:
-        pre = getattr(model, "spiq_preprocess", None)
-        input_size = pre.crop if pre is not None else 224
     return channels, input_size, input_size
 
 

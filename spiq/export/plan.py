@@ -11,6 +11,7 @@ from spiq.export.grids import QMAX, Enc, Grid, LayerPlan, layer_plan
 from spiq.export.lower import Op, graph_ops, trace_shaped
 from spiq.export.scales import build_encs, conversion, solve_group
 from spiq.export.support import ExportError
+from spiq.quantize.report import QuantReport
 from spiq.ranges.laws import clip_range
 
 
@@ -31,8 +32,9 @@ class Plan:
     dropped: dict[str, tuple[int, float]] = field(default_factory=dict)   # layer -> (filters, bound) kept as bias
 
 
-def plan_export(model: nn.Module, input_shape: tuple[int, int, int]) -> Plan:
-    """Lower `model` (BN folded) for (1, *input_shape) inputs and solve every domain of its int8 graph."""
+def plan_export(model: nn.Module, input_shape: tuple[int, int, int], report: QuantReport | None = None) -> Plan:
+    """Lower `model` (BN folded) for (1, *input_shape) inputs and solve every domain of its int8 graph.
+    `report`: what quantize() decided for `model` (None: a float model)."""
     gm = trace_shaped(model, input_shape)
     ops = graph_ops(gm)
     by_name = {op.name: op for op in ops}
@@ -55,13 +57,13 @@ def plan_export(model: nn.Module, input_shape: tuple[int, int, int]) -> Plan:
             for e in members:
                 e.identity()
         else:
-            solve_group(members, layers, model, adds, enc_of, order)
+            solve_group(members, layers, report, adds, enc_of, order)
     notes: list[str] = []
     for lp in layers.values():
         src = enc_of[lp.op.inputs[0]]
         lp.enc_in = conversion(lp, src, encs) if lp.int8 and src.fixed else src
     plan = Plan(ops, encs, enc_of, layers, users, input_shape, notes)
-    _plan_pre_pool(plan, model)
+    _plan_pre_pool(plan, report)
     for op in ops:
         if op.kind == "relu" and op.cap is not None and node_quant(plan, op.name) is not None \
                 and not cap_subsumed(plan, op.name, op.cap):
@@ -70,7 +72,7 @@ def plan_export(model: nn.Module, input_shape: tuple[int, int, int]) -> Plan:
     return plan
 
 
-def _plan_pre_pool(plan: Plan, model: nn.Module) -> None:
+def _plan_pre_pool(plan: Plan, report: QuantReport | None) -> None:
     """Quantizers of the tensor in front of a global pool (an int8 pool reads and writes uint8).
 
     It shares the pooled tensor's domain but not its range: per position its values reach far
@@ -91,7 +93,7 @@ def _plan_pre_pool(plan: Plan, model: nn.Module) -> None:
             if by_name[name].kind in ("layer", "add"):
                 break
             name = by_name[name].inputs[0]
-        bound = _pre_pool_bound(plan, op, chain, by_name, model)
+        bound = _pre_pool_bound(plan, op, chain, by_name, report)
         uniform = bool((e.a == e.a[0]).all()) and bool((e.b == 0).all())
         params = (bound * float(e.a[0]) / QMAX, e.Z) if uniform and bound is not None and e.Z == 0 else None
         if params is None:
@@ -101,11 +103,11 @@ def _plan_pre_pool(plan: Plan, model: nn.Module) -> None:
             plan.pre_pool[n] = params
 
 
-def _pre_pool_bound(plan: Plan, pool: Op, chain: list[str], by_name: dict[str, Op], model: nn.Module) -> float | None:
+def _pre_pool_bound(plan: Plan, pool: Op, chain: list[str], by_name: dict[str, Op],
+                    report: QuantReport | None) -> float | None:
     caps = [by_name[n].cap for n in chain if by_name[n].kind == "relu" and by_name[n].cap is not None]
     if caps:
         return min(float(torch.as_tensor(c).max()) for c in caps)
-    report = getattr(model, "spiq_report", None)
     readers = plan.enc_of[pool.name].targets   # the data-free analysis gives pooled tensors their input's law
     dist = report.propagation.inputs.get(readers[0]) if readers and report and report.propagation else None
     if dist is None:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from spiq.core.metrics import tensor_sqnr_db
+from spiq.quantize.report import QuantResult
 
 
 # --- running it: ONNX Runtime sessions, latency, parity with the simulation ----------------------
@@ -116,7 +117,7 @@ class Parity:
 
 
 @torch.no_grad()
-def parity(qmodel: nn.Module, session, images: torch.Tensor, labels: torch.Tensor | None = None,
+def parity(qmodel: QuantResult | nn.Module, session, images: torch.Tensor, labels: torch.Tensor | None = None,
            sim_logits: torch.Tensor | None = None, batch: int = 16) -> Parity:
     """Top-1 agreement and logits SQNR between the ONNX model (session or path) and qmodel."""
     real = run_onnx(session, images, batch)

@@ -6,13 +6,13 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
 from spiq.methods.registry import get_method
 from spiq.core.quant import QuantLayer
 from spiq.export.grids import QMAX, Enc, Grid, LayerPlan, neutral_dead, requantize, same_grid
 from spiq.export.lower import Op
 from spiq.export.support import ExportError
+from spiq.quantize.report import QuantReport
 
 
 def build_encs(ops: list[Op], users: dict[str, list[str]], layers: dict[str, LayerPlan]) -> tuple[list[Enc], dict[str, Enc]]:
@@ -135,7 +135,7 @@ def _fit_shared(needs: list[torch.Tensor], lives: list[torch.Tensor], cover: boo
     return sigma, [float(math.exp(x + shift)) for x in v]
 
 
-def solve_group(members: list[Enc], layers: dict[str, LayerPlan], qmodel: nn.Module, adds: list[Op],
+def solve_group(members: list[Enc], layers: dict[str, LayerPlan], report: QuantReport | None, adds: list[Op],
                  enc_of: dict[str, Enc], order: dict[int, int]) -> None:
     """Solve one group of domains joined by adds: their shared shape a, each one's S, Z, b and grid;
     the layers whose grid changed are re-quantized for it."""
@@ -145,7 +145,7 @@ def solve_group(members: list[Enc], layers: dict[str, LayerPlan], qmodel: nn.Mod
             e.identity()
         return
     needs = [_needed(e, layers) for e in targeted]
-    config = getattr(qmodel, "spiq_config", None)
+    config = report.config if report is not None else None
     calibrated = config is None or any(get_method(config.for_layer(t).method).calibration is not None
                                             for e in targeted for t in e.targets)
     sigma, scales = _fit_shared([g.step for g, _ in needs], [g.live for g, _ in needs], cover=calibrated)
@@ -173,7 +173,7 @@ def solve_group(members: list[Enc], layers: dict[str, LayerPlan], qmodel: nn.Mod
             e.a = a
         for t in e.targets:
             if not same_grid(layers[t].spiq_grid, e.grid):
-                requantize(qmodel, layers[t], e.grid)
+                requantize(report, layers[t], e.grid)
     _solve_shifts(members, adds, enc_of, order)
 
 

@@ -17,17 +17,17 @@ from spiq.export.report import ExportReport
 from spiq.export.support import ExportError
 from spiq.graph.trace import LeafTracer
 from spiq.quantize.api import register_int8_graph
-from spiq.quantize.report import QuantReport
+from spiq.quantize.report import QuantReport, QuantResult, module_of
 
 
-def float_twin(qmodel: nn.Module, report: ExportReport, quantized: bool = False) -> nn.Module:
+def float_twin(qmodel: QuantResult | nn.Module, report: ExportReport, quantized: bool = False) -> nn.Module:
     """A torch copy of `qmodel` computing what the export wrote, in original units.
 
     quantized=False: no input quantizer, every layer with the weights and bias of the graph - what
     the folded float graph (export_onnx(..., quantized=False)) must equal. quantized=True: the
     simulation of the int8 graph's own layer grids (re-quantized layers included; the extra
     quantizers of the int8 kernels excluded)."""
-    twin = copy.deepcopy(qmodel)
+    twin = copy.deepcopy(module_of(qmodel))
     for name, lp in report.plan.layers.items():
         mod = twin.get_submodule(name)
         if not isinstance(mod, QuantLayer):
@@ -42,7 +42,7 @@ def float_twin(qmodel: nn.Module, report: ExportReport, quantized: bool = False)
     return twin
 
 
-def int8_simulation(qmodel: nn.Module, report: ExportReport) -> nn.Module:
+def int8_simulation(qmodel: QuantResult | nn.Module, report: ExportReport) -> nn.Module:
     """A torch simulation of the int8 graph itself: `float_twin(..., quantized=True)` plus every
     quantizer the int8 kernels add (the residual branch before its add, the add's inputs, the
     tensor before the global pool). ONNX Runtime must agree with it but for rounding ties and
@@ -75,24 +75,18 @@ def _report_with_graph_grids(source: QuantReport, report: ExportReport) -> Quant
     return replace(source, layers=layers)
 
 
-def int8_twin(qmodel: nn.Module, input_size: int | None = None) -> nn.Module:
+def int8_twin(qmodel: QuantResult, input_size: int | None = None) -> QuantResult:
     """`qmodel` as the int8 graph computes it (`int8_simulation` of the graph `export_onnx` would
-    write), as a model of its own: what `quantize` returns for `QuantConfig(int8_graph=True)`.
-    It keeps qmodel's report and config; exporting it writes qmodel's graph, which it simulates."""
+    write), as a result of its own: what `quantize` returns for `QuantConfig(int8_graph=True)`.
+    Its `source` is qmodel; exporting it writes qmodel's graph, which it simulates."""
     _, report = build_export(qmodel, "", True, input_size, None)
     twin = int8_simulation(qmodel, report)
-    for key, value in vars(qmodel).items():
-        if key.startswith("spiq_"):
-            setattr(twin, key, value)
-    if getattr(qmodel, "spiq_report", None) is not None:
-        twin.spiq_report = _report_with_graph_grids(qmodel.spiq_report, report)
-    object.__setattr__(twin, "spiq_int8_source", qmodel)   # a plain attribute: not one of twin's modules
     for p in twin.parameters():
         p.requires_grad_(False)
-    return twin
+    return QuantResult(twin, _report_with_graph_grids(qmodel.report, report), qmodel.preprocess, source=qmodel)
 
 
-def _int8_graph_for_quantize(qmodel: nn.Module) -> nn.Module:
+def _int8_graph_for_quantize(qmodel: QuantResult) -> QuantResult:
     try:
         return int8_twin(qmodel)
     except ExportError as exc:

@@ -76,8 +76,6 @@ def load_model(name: str) -> LoadedModel:
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    # quantize() reads the input normalisation from here: it is the first layer's data-free range.
-    model.spiq_preprocess = spec.preprocess
     return LoadedModel(model, spec.preprocess, list(IMAGENET_CLASSES))
 
 

@@ -185,5 +185,4 @@ def toy_vit(seed: int = 0, dim: int = 96, depth: int = 2, heads: int = 3):
     for p in model.parameters():
         p.requires_grad_(False)
     pre = Preprocess(resize=248, crop=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation="bicubic")
-    model.spiq_preprocess = pre
     return model, pre

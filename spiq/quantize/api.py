@@ -10,13 +10,15 @@ from torch import nn
 from spiq.config import ConfigError, LayerSettings, QuantConfig
 from spiq.methods.liu import LiuPlan
 from spiq.methods.registry import METHODS, Method, get_method, validate
+from spiq.models.data import Preprocess
+from spiq.models.registry import LoadedModel
 from spiq.models.vit import matmul_sites, vit_graph
 from spiq.quantize.biasfit import bias_images_for, fit_biases
 from spiq.quantize.distill import has_batchnorm
 # bias_shift and plan_layer: spiq.export re-quantizes layers with them, from here
 from spiq.quantize.layer import bias_shift, plan_layer, quantize_layer, quantize_matmul  # noqa: F401
 from spiq.quantize.prepared import Prepared, prepare, prepared_key, quantizable_layers
-from spiq.quantize.report import QuantReport
+from spiq.quantize.report import QuantReport, QuantResult
 from spiq.ranges.laws import calibrated_range, observe
 
 
@@ -40,19 +42,24 @@ def check_config(model: nn.Module, config: QuantConfig) -> None:
 
 
 @torch.no_grad()
-def quantize(model: nn.Module, config: QuantConfig, calib_data: torch.Tensor | None = None,
-             progress: Callable[[float, str], None] | None = None, prepared: Prepared | None = None) -> nn.Module:
-    """Return a quantized copy of `model` (eval mode); `model` itself is left as it was.
+def quantize(model: nn.Module | LoadedModel, config: QuantConfig, calib_data: torch.Tensor | None = None,
+             progress: Callable[[float, str], None] | None = None, prepared: Prepared | None = None, *,
+             preprocess: Preprocess | None = None) -> QuantResult:
+    """A quantized copy of `model` (eval mode), with its report; `model` itself is left as it was.
 
-    `calib_data` (N, 3, H, W) preprocessed images are needed only by the calib-* methods and liu-ptq.
-    `prepared` is `prepare(model, config)` kept from an earlier call, to re-quantize fast. The
-    returned model carries `spiq_report` (a QuantReport) and `spiq_config`.
+    `model` is what load_model() returned, or a bare module with its `preprocess` (the input
+    normalisation gives the first layer's data-free range; without it ImageNet mean/std is assumed
+    and the report says so). `calib_data` (N, 3, H, W) preprocessed images are needed only by the
+    calib-* methods and liu-ptq. `prepared` is `prepare(model, config, preprocess)` kept from an
+    earlier call, to re-quantize fast.
     """
+    if isinstance(model, LoadedModel):
+        model, preprocess = model.model, preprocess or model.preprocess
     check_config(model, config)
     settings = {n: config.for_layer(n) for n in quantizable_layers(model)}
     used = _methods_used(settings)
     _check_calibration_data(used, calib_data)
-    prepared = _prepared_for(model, config, prepared)
+    prepared = _prepared_for(model, config, prepared, preprocess)
     q = copy.deepcopy(prepared.folded)
     report = _new_report(config, prepared)
     calibrated, observed = _calibrate(q, prepared, settings, config, calib_data)
@@ -69,9 +76,8 @@ def quantize(model: nn.Module, config: QuantConfig, calib_data: torch.Tensor | N
         report.bias_images = bias_images
     if progress is not None:
         progress(1.0, "done")
-    q.spiq_report = report
-    q.spiq_config = config
-    return _int8_graph(q) if config.int8_graph else q
+    result = QuantResult(q, report, prepared.preprocess)
+    return _int8_graph(result) if config.int8_graph else result
 
 
 def _methods_used(settings: dict[str, LayerSettings]) -> list[Method]:
@@ -85,12 +91,17 @@ def _check_calibration_data(used: list[Method], calib_data: torch.Tensor | None)
         raise ConfigError(f"method {needing[0]!r} needs calibration images (calib_data)")
 
 
-def _prepared_for(model: nn.Module, config: QuantConfig, prepared: Prepared | None) -> Prepared:
+def _prepared_for(model: nn.Module, config: QuantConfig, prepared: Prepared | None,
+                  preprocess: Preprocess | None) -> Prepared:
     """`prepared` where it serves `config`, else the model prepared anew."""
-    if prepared is not None and prepared.source is not model:
-        raise ValueError("`prepared` was made from another model")
+    if prepared is not None:
+        if prepared.source is not model:
+            raise ValueError("`prepared` was made from another model")
+        if preprocess is not None and preprocess != prepared.preprocess:
+            raise ValueError("`prepared` was made for another preprocess")
+        preprocess = prepared.preprocess
     if prepared is None or prepared.key != prepared_key(config):
-        prepared = prepare(model, config)
+        prepared = prepare(model, config, preprocess)
     return prepared
 
 
@@ -165,15 +176,15 @@ def _quantize_matmuls(q: nn.Module, prepared: Prepared, settings: dict[str, Laye
 
 # The int8 graph's simulation is built by spiq.export, a layer above this one: it registers its
 # builder here when imported (`import spiq` imports it), so quantize() needs no import of it.
-_INT8_GRAPH: list[Callable[[nn.Module], nn.Module]] = []
+_INT8_GRAPH: list[Callable[[QuantResult], QuantResult]] = []
 
 
-def register_int8_graph(build: Callable[[nn.Module], nn.Module]) -> None:
-    """What QuantConfig(int8_graph=True) applies to the quantized model (raises ConfigError)."""
+def register_int8_graph(build: Callable[[QuantResult], QuantResult]) -> None:
+    """What QuantConfig(int8_graph=True) applies to the quantized result (raises ConfigError)."""
     _INT8_GRAPH[:] = [build]
 
 
-def _int8_graph(q: nn.Module) -> nn.Module:
+def _int8_graph(q: QuantResult) -> QuantResult:
     if not _INT8_GRAPH:
         raise ConfigError("int8_graph needs spiq.export (import spiq)")
     return _INT8_GRAPH[0](q)

@@ -14,6 +14,8 @@ from torch import nn
 from spiq.config import QuantConfig
 from spiq.core.tensors import Range
 from spiq.graph.trace import QUANTIZABLE, analyse
+from spiq.models.data import Preprocess
+from spiq.models.registry import LoadedModel
 from spiq.models.vit import VitGraph, tap_attention, vit_graph
 from spiq.quantize.biasfit import activated_layers, activated_means
 from spiq.quantize.distill import distilled_images, find_distilled
@@ -44,6 +46,7 @@ class Prepared:
     propagation: Propagation
     bounds_from: str
     key: tuple                  # prepared_key() of the configs it serves
+    preprocess: Preprocess | None = None   # the source's input normalisation and size, if known
     vit: VitGraph | None = None
     matmul_laws: dict[str, Dist] = field(default_factory=dict, repr=False)
     equalized: list[EqualizedPair] = field(default_factory=list)   # config.equalize: the pairs rescaled
@@ -130,7 +133,7 @@ class Prepared:
         `copy_of_source`: an identical model to distill on where the source may be in use."""
         if n not in self.distilled:
             report = (lambda f, m: progress(0.9 * f, m)) if progress is not None else None
-            self.distilled[n] = distilled_images(copy_of_source or self.source, n, *distill_bounds(self.source),
+            self.distilled[n] = distilled_images(copy_of_source or self.source, n, *distill_bounds(self.preprocess),
                                                  progress=report)
         return self.distilled[n]
 
@@ -146,7 +149,7 @@ class Prepared:
     def images_ready(self, n: int) -> bool:
         """Whether `distilled_images(n)` comes without distilling (held, shipped or cached)."""
         if n not in self.distilled:
-            found = find_distilled(self.source, n, *distill_bounds(self.source))
+            found = find_distilled(self.source, n, *distill_bounds(self.preprocess))
             if found is None:
                 return False
             self.distilled[n] = found
@@ -180,11 +183,16 @@ def prepared_key(config: QuantConfig) -> tuple:
 
 
 @torch.no_grad()
-def prepare(model: nn.Module, config: QuantConfig | None = None) -> Prepared:
+def prepare(model: nn.Module | LoadedModel, config: QuantConfig | None = None,
+            preprocess: Preprocess | None = None) -> Prepared:
     """Fold BN into a copy of `model` (and equalize it if `config.equalize`), then derive its
-    data-free input laws (for `config`'s tails)."""
+    data-free input laws (for `config`'s tails). `model` is what load_model() returned, or a bare
+    module with its `preprocess`, which gives the first layer's input range (ImageNet mean/std is
+    assumed without it)."""
+    if isinstance(model, LoadedModel):
+        model, preprocess = model.model, preprocess or model.preprocess
     config = config or QuantConfig()
-    lo, hi, bounds_from = input_bounds_of(model)
+    lo, hi, bounds_from = input_bounds_of(preprocess)
     vit = vit_graph(model)
     equalized = []
     if vit is not None:  # a transformer has no BatchNorm: its laws start at the LayerNorms
@@ -200,21 +208,20 @@ def prepare(model: nn.Module, config: QuantConfig | None = None) -> Prepared:
         matmul_laws = {}
     for p in folded.parameters():
         p.requires_grad_(False)
-    return Prepared(model, folded, prop, bounds_from, prepared_key(config), vit, matmul_laws, equalized)
+    return Prepared(model, folded, prop, bounds_from, prepared_key(config), preprocess, vit, matmul_laws, equalized)
 
 
 def quantizable_layers(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
 
 
-def distill_bounds(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """The normalised input's per-channel bounds and the size images are distilled at for `model`."""
-    lo, hi, _ = input_bounds_of(model)
-    return lo, hi, getattr(getattr(model, "spiq_preprocess", None), "crop", 224)
+def distill_bounds(preprocess: Preprocess | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The normalised input's per-channel bounds and the size images are distilled at."""
+    lo, hi, _ = input_bounds_of(preprocess)
+    return lo, hi, preprocess.crop if preprocess is not None else 224
 
 
-def input_bounds_of(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor, str]:
-    pre = getattr(model, "spiq_preprocess", None)
+def input_bounds_of(pre: Preprocess | None) -> tuple[torch.Tensor, torch.Tensor, str]:
     if pre is not None:
         lo, hi = pre.input_bounds()
         return lo, hi, "preprocess"

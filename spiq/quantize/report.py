@@ -1,4 +1,4 @@
-"""What quantize() decided, per layer and for the whole model."""
+"""What quantize() returns: the quantized copy, and what was decided for it per layer and for the whole model."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -7,6 +7,7 @@ from torch import nn
 
 from spiq.config import QuantConfig
 from spiq.core.tensors import Range
+from spiq.models.data import Preprocess
 from spiq.methods.liu import LiuPlan
 from spiq.quantize.prepared import Prepared
 from spiq.ranges.laws import Propagation
@@ -42,3 +43,29 @@ class QuantReport:
     @property
     def reference(self) -> nn.Module:
         return self.prepared.folded
+
+
+@dataclass(frozen=True, eq=False)
+class QuantResult:
+    """What quantize() returns: the quantized copy of the model with its report and config.
+
+    Calling it runs the quantized model. `preprocess` is the input normalisation the first layer's
+    range was derived from (None: ImageNet mean/std assumed). For `QuantConfig(int8_graph=True)`,
+    `model` simulates the int8 graph of `source`, the result the int8 export writes.
+    """
+    model: nn.Module
+    report: QuantReport
+    preprocess: Preprocess | None = None
+    source: QuantResult | None = None
+
+    @property
+    def config(self) -> QuantConfig:
+        return self.report.config
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+def module_of(q: QuantResult | nn.Module) -> nn.Module:
+    """The module that computes `q`: a quantize() result's model, or `q` itself."""
+    return q.model if isinstance(q, QuantResult) else q

@@ -23,6 +23,7 @@ from spiq.models.data import IMAGE_EXTENSIONS, Preprocess, load_batch
 from spiq.quantize.api import quantize
 from spiq.quantize.biasfit import bias_images_for
 from spiq.quantize.prepared import Prepared, prepare, prepared_key
+from spiq.quantize.report import QuantResult
 from spiq.models.registry import load_model
 
 
@@ -46,7 +47,7 @@ class ModelCache:
         self.calib_images = calib_images
         self._loaded: dict[str, Loaded] = {}
         self._prepared: dict[tuple, Prepared] = {}
-        self._quantized: OrderedDict[tuple[str, str], nn.Module] = OrderedDict()
+        self._quantized: OrderedDict[tuple[str, str], QuantResult] = OrderedDict()
         self._derived: dict[tuple, object] = {}   # image-independent analyses of the cached models
         self._calib: dict[str, torch.Tensor] = {}
         self._distilling: dict[str, threading.Lock] = {}
@@ -64,7 +65,8 @@ class ModelCache:
         key = (name, *prepared_key(config))
         with self.lock:
             if key not in self._prepared:
-                self._prepared[key] = prepare(self.load(name).model, config)
+                loaded = self.load(name)
+                self._prepared[key] = prepare(loaded.model, config, loaded.preprocess)
             return self._prepared[key]
 
     def warm(self, name: str, config: QuantConfig | None = None) -> None:
@@ -93,7 +95,7 @@ class ModelCache:
             return self._calib[name]
 
     def quantized(self, name: str, config: QuantConfig,
-                  progress: Callable[[float, str], None] | None = None) -> nn.Module:
+                  progress: Callable[[float, str], None] | None = None) -> QuantResult:
         """The quantized copy of model `name` for `config`, shared by everyone who asks for it.
 
         Cheap to keep: copies made from one prepared model share its weight tensors.
@@ -114,7 +116,7 @@ class ModelCache:
             calib = self.calibration(name) if config.needs_calibration else None
             q = quantize(loaded.model, config, calib_data=calib, progress=report,
                          prepared=self.prepared(name, config))
-            for p in q.parameters():
+            for p in q.model.parameters():
                 p.requires_grad_(False)
             self._quantized[key] = q
             while len(self._quantized) > self.max_quantized:

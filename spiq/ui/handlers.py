@@ -28,6 +28,7 @@ DEFAULT_MODEL = "efficientnet_lite0"
 # the cat first: at 4-bit inputs its top-1 flips under some methods and not others
 EXAMPLES = [str(ASSETS / f) for f in ("cat.jpg", "coffee.jpg", "rocket.jpg", "astronaut.jpg", "camera.jpg")]
 ATTRIBUTIONS = ["grad-cam", "integrated-gradients"]
+NO_IMAGE = "Pick an example or upload an image."
 NO_ATTENTION = "Attention maps are for vision transformers; pick a DeiT or ViT model to see them."
 VIEW_OUTPUTS = 15   # what `refresh` fills: the components of `views_out` in build()
 
@@ -157,7 +158,7 @@ def apply(model_name, applied, method, wbits, abits, wgran, igran, bias_fit, row
     progress(0, desc="quantizing")
     CACHE.quantized(model_name, config, _progress(progress))
     note = f"Applied `{config.to_json()}`"
-    fig, text = (None, "Pick an example or upload an image.")
+    fig, text = (None, NO_IMAGE)
     if image is not None:
         sc = views.scene(CACHE, model_name, config, image)
         fig, text = views.predictions(CACHE, sc)
@@ -168,7 +169,7 @@ def apply(model_name, applied, method, wbits, abits, wgran, igran, bias_fit, row
 @user_errors
 def predict(model_name, applied, image):
     if image is None:
-        return None, "Pick an example or upload an image."
+        return None, NO_IMAGE
     sc = views.scene(CACHE, model_name, QuantConfig.from_json(applied), image)
     return views.predictions(CACHE, sc)
 
@@ -183,7 +184,7 @@ def refresh(model_name, applied, image, range_layer, map_layer, channel, attr_me
     progress(0.0, desc="quantizing")
     sc = views.scene(CACHE, model_name, config, image)
     ranges_layers, map_layers = sc.range_layers, ["logits", *sc.map_layers]
-    range_layer = range_layer if range_layer in ranges_layers else _default_range_layer(ranges_layers)
+    range_layer = range_layer if range_layer in ranges_layers else views.default_range_layer(CACHE, sc)
     map_layer = map_layer if map_layer in map_layers else "logits"
     progress(0.1, desc="story")
     story = views.story(CACHE, model_name, config, image)
@@ -217,17 +218,12 @@ def methods_if_shown(shown, model_name, applied, image, progress=gr.Progress()):
 
 
 def _attention(sc, block):
-    if not views.is_transformer(sc.qmodel):
+    if not views.is_transformer(sc.qmodel.model):
         return gr.update(visible=False), None, None, NO_ATTENTION
-    last = len(sc.qmodel.blocks) - 1
+    last = len(sc.qmodel.model.blocks) - 1
     block = min(int(block), last) if block is not None else last
     maps, inversions, text = views.attention(CACHE, sc, block)
     return gr.update(visible=True, maximum=last, value=block), maps, inversions, text
-
-
-def _default_range_layer(layers):
-    # a wide pointwise projection in the middle of the network shows the per-channel spread best
-    return "blocks.5.0.conv_pwl" if "blocks.5.0.conv_pwl" in layers else (layers[len(layers) // 2] if layers else None)
 
 
 def _channel(channel):
@@ -253,7 +249,7 @@ def show_error_map(model_name, applied, image, layer, channel):
 @user_errors
 def show_attention(model_name, applied, image, block):
     sc = views.scene(CACHE, model_name, QuantConfig.from_json(applied), _need_image(image))
-    if not views.is_transformer(sc.qmodel):
+    if not views.is_transformer(sc.qmodel.model):
         raise gr.Error(NO_ATTENTION)
     return views.attention(CACHE, sc, int(block))
 

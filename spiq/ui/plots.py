@@ -23,10 +23,10 @@ def layer_sqnr(rows, worst: int = 5) -> go.Figure:
     return fig
 
 
-def channel_ranges(cr, max_channels: int = 96) -> go.Figure:
+def channel_ranges(cr, max_channels: int = 96, caption: str = "") -> go.Figure:
     """Per-channel ranges (bars) against the one per-tensor range (band) and what the image used;
     below, the bits each channel's values use on its own grid and on the shared one, and the
-    share of its values its own range clips."""
+    share of its values its own range clips. `caption`: a line under the title."""
     order = np.argsort(-cr.data_free_hi.numpy())[:max_channels]
     ch = [str(int(c)) for c in order]
     lo, hi = cr.data_free_lo.numpy()[order], cr.data_free_hi.numpy()[order]
@@ -48,8 +48,8 @@ def channel_ranges(cr, max_channels: int = 96) -> go.Figure:
     fig.add_hrect(y0=cr.tensor_lo, y1=cr.tensor_hi, fillcolor=TENSOR, opacity=0.15, line_width=0, row=1, col=1,
                   annotation_text=f"per-tensor range, step {cr.tensor_step:.3g}")
     eb_c, eb_t = float(cr.effective_bits.mean()), float(cr.effective_bits_tensor.mean())
-    fig.update_layout(title=f"{cr.layer}: input ranges — mean bits used {eb_c:.2f} per channel vs {eb_t:.2f} per tensor",
-                      barmode="overlay", legend_orientation="h", height=560)
+    title = f"{cr.layer}: input ranges — mean bits used {eb_c:.2f} per channel vs {eb_t:.2f} per tensor"
+    fig.update_layout(title=title + (f"<br><sup>{caption}</sup>" if caption else ""), barmode="overlay", legend_orientation="h", height=560)
     fig.update_yaxes(title_text="value", row=1, col=1)
     fig.update_yaxes(title_text="bits used / % clipped", row=2, col=1)
     fig.update_xaxes(title_text="input channel (widest first)", row=2, col=1)

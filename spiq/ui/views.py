@@ -28,6 +28,7 @@ from spiq.ui.scratch import ScratchDir
 from spiq.methods.registry import get_method
 from spiq.quantize.api import methods_for
 from spiq.quantize.prepared import quantizable_layers
+from spiq.quantize.report import QuantResult
 from spiq.models.vit import is_transformer  # noqa: F401  (the app asks views whether a model has attention)
 from spiq.core.metrics import tensor_sqnr_db
 
@@ -37,23 +38,23 @@ class Scene:
     """One user's request made concrete: the shared models and the image as the model sees it."""
     loaded: Loaded
     config: QuantConfig
-    qmodel: nn.Module
+    qmodel: QuantResult
     x: torch.Tensor              # (3, H, W) preprocessed
     picture: np.ndarray          # (H, W, 3) uint8: the crop the model sees
 
     @property
     def layers(self) -> list[str]:
-        return [n for n, m in self.qmodel.named_modules() if isinstance(m, QuantLayer)]
+        return [n for n, m in self.qmodel.model.named_modules() if isinstance(m, QuantLayer)]
 
     @property
     def map_layers(self) -> list[str]:
         """Layers the error map can show: convs, or a transformer's token layers."""
-        return analysis.spatial_layers(self.qmodel)
+        return analysis.spatial_layers(self.qmodel.model)
 
     @property
     def range_layers(self) -> list[str]:
         """Layers whose input has a data-free law: those the channel-range view can explain."""
-        prop = self.qmodel.spiq_report.propagation
+        prop = self.qmodel.report.propagation
         return [n for n in self.layers if prop is not None and n in prop.inputs]
 
 
@@ -78,10 +79,22 @@ def predictions(cache: ModelCache, sc: Scene):
     return plots.predictions(cmp), _describe(cmp)
 
 
+RANGES_CAPTION = ("Look for bars far shorter than the shaded per-tensor band: on one shared grid those "
+                  "channels use few of its steps; on their own range they use all of them.")
+
+
 def channel_ranges(cache: ModelCache, sc: Scene, layer: str):
     with cache.lock:
         cr = analysis.channel_ranges(sc.loaded.model, sc.qmodel, layer, sc.x[None])
-    return plots.channel_ranges(cr)
+    return plots.channel_ranges(cr, caption=RANGES_CAPTION)
+
+
+def default_range_layer(cache: ModelCache, sc: Scene) -> str | None:
+    """The layer whose channels' data-free ranges differ most (at 8 bits, whatever the recipe's):
+    where per-channel input ranges show their point. Computed from the model, once per recipe."""
+    spread = cache.derived(sc.loaded.name, sc.config, "channel_spread", lambda: analysis.channel_spread(sc.qmodel, 8))
+    shown = {n: v for n, v in spread.items() if n in sc.range_layers}
+    return max(shown, key=shown.get) if shown else None
 
 
 def layer_error(cache: ModelCache, sc: Scene):
@@ -104,7 +117,7 @@ def error_map(cache: ModelCache, sc: Scene, layer: str, channel: int | None = No
     """|y − ŷ| of one conv (or token) layer, or of the "logits", over the image the model sees."""
     target = [layer] if layer != "logits" else sc.map_layers[-1:]
     if channel is not None:
-        out = sc.qmodel.get_submodule(target[0]).layer
+        out = sc.qmodel.model.get_submodule(target[0]).layer
         c = out.out_channels if isinstance(out, nn.Conv2d) else out.out_features
         if not 0 <= channel < c:
             raise ValueError(f"{target[0]} has channels 0 to {c - 1}; got {channel}")
@@ -184,7 +197,7 @@ def story(cache: ModelCache, name: str, config: QuantConfig, image: Image.Image)
         for m in ("spiq", "static-tensor"):
             q = cache.quantized(name, method_config(config, m))
             cmp = analysis.compare_predictions(loaded.model, q, x, loaded.classes)
-            last = analysis.spatial_layers(q)[-1:]
+            last = analysis.spatial_layers(q.model)[-1:]
             maps = analysis.error_maps(loaded.model, q, x, last)
             panels.append((m, cmp, maps.get("logits", maps[last[0]])))
     return plots.story(picture, panels, config)

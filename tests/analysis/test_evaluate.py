@@ -6,7 +6,7 @@ from spiq.analysis.evaluate import calibration_split, calibration_subset, evalua
 from spiq.core.metrics import mean_logit_sqnr_db
 
 
-def test_logit_sqnr_orders_bit_widths_and_leaves_the_scores_as_they_were(lite0, subset):
+def test_logit_sqnr_orders_bit_widths_and_leaves_the_scores_as_they_were(lite0, lite0_loaded, subset):
     x, y, fp_pred = subset
     x, y, fp_pred = x[:40], y[:40], fp_pred[:40]
     fp_logits = logits(lite0, x)
@@ -16,8 +16,8 @@ def test_logit_sqnr_orders_bit_widths_and_leaves_the_scores_as_they_were(lite0, 
     scores, agrees = {}, {}
     for abits in (8, 4):
         config = QuantConfig(weight_bits=8, input_bits=abits)
-        plain = evaluate("efficientnet_lite0", x, y, config, float_model=lite0, fp_pred=fp_pred)
-        with_logits = evaluate("efficientnet_lite0", x, y, config, float_model=lite0, fp_logits=fp_logits)
+        plain = evaluate("efficientnet_lite0", x, y, config, float_model=lite0_loaded, fp_pred=fp_pred)
+        with_logits = evaluate("efficientnet_lite0", x, y, config, float_model=lite0_loaded, fp_logits=fp_logits)
         # the same predictions either way; the CLI's JSON keeps its exact keys
         assert (plain.top1, plain.agreement) == (with_logits.top1, with_logits.agreement)
         assert "logit_sqnr_db" not in plain.to_dict() and "logit_sqnr_db" in with_logits.to_dict()

@@ -21,13 +21,13 @@ def _inputs(qmodel, names, x):
 
 @pytest.mark.parametrize("method,wbits,abits", [("spiq", 8, 4), ("spiq", 4, 8), ("static-tensor", 8, 6),
                                                 ("calib-minmax", 6, 5)])
-def test_simulation_equals_integer_arithmetic(lite0, sample, method, wbits, abits):
+def test_simulation_equals_integer_arithmetic(lite0, sample, method, wbits, abits, lite0_loaded):
     images, _ = sample
-    q = spiq.quantize(lite0, spiq.QuantConfig(method=method, weight_bits=wbits, input_bits=abits, fold="always"),
+    q = spiq.quantize(lite0_loaded, spiq.QuantConfig(method=method, weight_bits=wbits, input_bits=abits, fold="always"),
                       calib_data=images[100:108])
     xs = _inputs(q, LAYERS, images[:4])
     for name in LAYERS:
-        layer: QuantLayer = q.get_submodule(name)
+        layer: QuantLayer = q.model.get_submodule(name)
         assert layer.folded == (method == "spiq")
         codes = layer.weight_codes
         assert codes.abs().max() <= weight_levels(wbits) and torch.equal(codes, codes.round())
@@ -44,9 +44,9 @@ def test_simulation_equals_integer_arithmetic(lite0, sample, method, wbits, abit
         assert torch.allclose(layer.integer_forward(xs[name]), full, rtol=1e-4, atol=1e-4)
 
 
-def test_spiq_folds_per_channel_input_scales_into_weights(lite0):
-    q = spiq.quantize(lite0, spiq.QuantConfig(method="spiq", weight_bits=8, input_bits=4))
-    layer = q.get_submodule("blocks.4.1.conv_pwl")
+def test_spiq_folds_per_channel_input_scales_into_weights(lite0, lite0_loaded):
+    q = spiq.quantize(lite0_loaded, spiq.QuantConfig(method="spiq", weight_bits=8, input_bits=4))
+    layer = q.model.get_submodule("blocks.4.1.conv_pwl")
     s = layer.input_quant.scale
     assert s.shape == (layer.layer.in_channels,) and s.std() > 0  # one scale per input channel
     # integer weights times their per-output scale, divided by the input scales, is the simulated weight
@@ -54,27 +54,27 @@ def test_spiq_folds_per_channel_input_scales_into_weights(lite0):
     assert torch.allclose(w_int / s.view(1, -1, 1, 1), layer.layer.weight, rtol=1e-5, atol=1e-8)
 
 
-def test_auto_fold_keeps_per_channel_scales_where_they_pay(lite0):
+def test_auto_fold_keeps_per_channel_scales_where_they_pay(lite0, lite0_loaded):
     """At 4-bit inputs every layer keeps per-channel scales; at 8-bit inputs and 4-bit weights the
     fold costs more weight precision than the inputs gain, and many layers go per tensor."""
-    a4 = spiq.quantize(lite0, spiq.QuantConfig(method="spiq", weight_bits=8, input_bits=4))
-    w4 = spiq.quantize(lite0, spiq.QuantConfig(method="spiq", weight_bits=4, input_bits=8))
-    n_a4 = sum(r.input_per_channel for r in a4.spiq_report.layers.values())
-    n_w4 = sum(r.input_per_channel for r in w4.spiq_report.layers.values())
+    a4 = spiq.quantize(lite0_loaded, spiq.QuantConfig(method="spiq", weight_bits=8, input_bits=4))
+    w4 = spiq.quantize(lite0_loaded, spiq.QuantConfig(method="spiq", weight_bits=4, input_bits=8))
+    n_a4 = sum(r.input_per_channel for r in a4.report.layers.values())
+    n_w4 = sum(r.input_per_channel for r in w4.report.layers.values())
     assert n_a4 >= 48 and n_w4 < 40
     for q in (a4, w4):
-        for name, r in q.spiq_report.layers.items():
-            layer = q.get_submodule(name)
+        for name, r in q.report.layers.items():
+            layer = q.model.get_submodule(name)
             assert layer.folded == r.input_per_channel == layer.input_quant.per_channel
 
 
 @pytest.mark.parametrize("method", ["spiq", "static-tensor", "dynamic-tensor", "dynamic-channel"])
-def test_fast_inference_quantizers_equal_the_gradient_kernels(lite0, sample, method):
+def test_fast_inference_quantizers_equal_the_gradient_kernels(lite0, sample, method, lite0_loaded):
     """Without gradients the quantizers skip PyTorch's mask-building kernels: same logits, bit for bit.
 
     The normalised 8-bit pixels sit on half-steps of the first layer's grid, so ties are exercised."""
     images, _ = sample
-    q = spiq.quantize(lite0, spiq.QuantConfig(method=method, weight_bits=8, input_bits=4))
+    q = spiq.quantize(lite0_loaded, spiq.QuantConfig(method=method, weight_bits=8, input_bits=4))
     x = images[:6]
     with torch.no_grad():
         fast = q(x)

@@ -17,8 +17,8 @@ from spiq.core.quant import GridQuant, QuantLayer
 
 
 @pytest.fixture(scope="module")
-def spiq_w8a8(lite0):
-    return spiq.quantize(lite0, spiq.QuantConfig(method="spiq", weight_bits=8, input_bits=8))
+def spiq_w8a8(lite0, lite0_loaded):
+    return spiq.quantize(lite0_loaded, spiq.QuantConfig(method="spiq", weight_bits=8, input_bits=8))
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def test_parity_with_the_simulation_of_the_config(spiq_w8a8, exported, images):
 
 def test_int8_graph_config_simulates_what_onnx_runtime_runs(spiq_w8a8, exported, images, tmp_path):
     x, y = images
-    twin = spiq.quantize(spiq_w8a8.spiq_report.prepared.source,
+    twin = spiq.quantize(spiq_w8a8.report.prepared.source,
                          spiq.QuantConfig(method="spiq", weight_bits=8, input_bits=8, int8_graph=True))
     report = ex.export_onnx(twin, tmp_path / "twin.onnx")
     # the same graph as the plain config's: the twin simulates it, shared grids and extra quantizers too
@@ -117,10 +117,10 @@ def test_int8_graph_config_simulates_what_onnx_runtime_runs(spiq_w8a8, exported,
     par = rt.parity(twin, report.path, x, y)
     assert par.agreement >= plain.agreement and par.logits_sqnr_db > plain.logits_sqnr_db + 2, (par, plain)
     # its report shows the shared grids its re-quantized layers read; its source's keeps SPIQ's own
-    source = twin.spiq_int8_source.spiq_report
-    assert twin.spiq_report.layers.keys() == source.layers.keys()
+    source = twin.source.report
+    assert twin.report.layers.keys() == source.layers.keys()
     for name in report.requantized:
-        got, grid, own = twin.spiq_report.layers[name], report.plan.layers[name].grid, source.layers[name].range
+        got, grid, own = twin.report.layers[name], report.plan.layers[name].grid, source.layers[name].range
         assert got.input_bits == 8 and got.input_per_channel and "shared grid" in got.data_free_range_from
         assert torch.equal(got.range.lo, grid.lo.float()) and torch.equal(got.range.hi, grid.hi.float())
         assert not (torch.allclose(own.lo, got.range.lo) and torch.allclose(own.hi, got.range.hi)), name
@@ -130,12 +130,12 @@ def test_int8_graph_config_simulates_what_onnx_runtime_runs(spiq_w8a8, exported,
 
 def test_int8_graph_carries_the_bias_fit_into_the_layers_it_requantizes(spiq_w8a8, exported, images, tmp_path):
     x, _ = images
-    source = spiq_w8a8.spiq_report.prepared.source
+    source = spiq_w8a8.report.prepared.source
     config = spiq.QuantConfig(method="spiq", weight_bits=8, input_bits=8, int8_graph=True)
     fitted = spiq.quantize(source, config)   # bias_images automatic: 8 on a model with BatchNorm
     plain = spiq.quantize(source, config.replace(bias_images=0))
-    fit = fitted.spiq_int8_source.spiq_report.bias_fit
-    assert fitted.spiq_report.bias_images == 8 and not plain.spiq_report.bias_fit
+    fit = fitted.source.report.bias_fit
+    assert fitted.report.bias_images == 8 and not plain.report.bias_fit
     # the graph's biases in original units, before the int32 rounding
     got = ex.export_onnx(fitted, tmp_path / "fitted.onnx").plan.layers
     base = ex.export_onnx(plain, tmp_path / "plain.onnx").plan.layers
@@ -147,10 +147,10 @@ def test_int8_graph_carries_the_bias_fit_into_the_layers_it_requantizes(spiq_w8a
     assert mean_logit_sqnr_db(fp, fitted(x)) > mean_logit_sqnr_db(fp, plain(x))
 
 
-def test_equalized_model_exports_with_per_channel_caps(lite0, images, tmp_path):
+def test_equalized_model_exports_with_per_channel_caps(lite0, images, tmp_path, lite0_loaded):
     """After cross-layer equalization each ReLU6 caps every channel at its own value."""
     x, y = images
-    q = spiq.quantize(lite0, spiq.QuantConfig(method="spiq", weight_bits=8, input_bits=8, equalize=True))
+    q = spiq.quantize(lite0_loaded, spiq.QuantConfig(method="spiq", weight_bits=8, input_bits=8, equalize=True))
     folded = ex.export_onnx(q, tmp_path / "eq_float.onnx", quantized=False)
     assert folded.op_counts.get("Min", 0) > 0     # the caps a per-tensor quantizer does not subsume
     with torch.no_grad():

@@ -47,7 +47,7 @@ def test_se_hardswish_silu_models_are_analysed_without_crash(sample):
         prepared = prepare(model, config)
         prepared.distilled[2] = x   # real images stand in for distilled ones: the graph is what is tested here
         q = spiq.quantize(model, config, prepared=prepared)
-        report = q.spiq_report
+        report = q.report
         assert set(report.layers) == set(quantizable_layers(model))
         assert report.bias_images == 2 and len(report.bias_fit) >= 9, arch   # layers before SiLU/Hardswish/ReLU
         if arch == "resnet18":   # the stem and each block's first conv; the second feeds the residual add
@@ -73,8 +73,8 @@ class _Odd(nn.Module):
 def test_unmodelled_producer_falls_back_and_is_reported():
     model = _Odd().eval()
     q = spiq.quantize(model, spiq.QuantConfig())
-    assert "conv2" in q.spiq_report.fallbacks and q.spiq_report.bias_images == 0   # no BatchNorm to distill from
-    assert q.spiq_report.layers["conv2"].data_free_range_from != "bn"
-    assert isinstance(q.conv2, QuantLayer)
+    assert "conv2" in q.report.fallbacks and q.report.bias_images == 0   # no BatchNorm to distill from
+    assert q.report.layers["conv2"].data_free_range_from != "bn"
+    assert isinstance(q.model.conv2, QuantLayer)
     with torch.no_grad():
         assert torch.isfinite(q(torch.randn(2, 3, 8, 8))).all()

@@ -29,8 +29,8 @@ def _bn_gap(model: nn.Module, x: torch.Tensor) -> float:
 
 
 @pytest.mark.slow   # a heavy end-to-end job
-def test_distilled_images_take_on_the_batchnorm_statistics(lite0):
-    lo, hi, _ = input_bounds_of(lite0)
+def test_distilled_images_take_on_the_batchnorm_statistics(lite0, lite0_loaded):
+    lo, hi, _ = input_bounds_of(lite0_loaded.preprocess)
     before = parameter_checksum(lite0)
     start = distill.distill_images(lite0, 2, lo, hi, steps=0)
     x = distill.distill_images(lite0, 2, lo, hi, steps=30)
@@ -41,9 +41,9 @@ def test_distilled_images_take_on_the_batchnorm_statistics(lite0):
     assert torch.equal(x, distill.distill_images(lite0, 2, lo, hi, steps=30))   # seeded
 
 
-def test_distilled_images_are_cached_on_disk_as_png(lite0, tmp_path, monkeypatch):
+def test_distilled_images_are_cached_on_disk_as_png(lite0, tmp_path, monkeypatch, lite0_loaded):
     monkeypatch.setenv("SPIQ_CACHE", str(tmp_path))
-    lo, hi, _ = input_bounds_of(lite0)
+    lo, hi, _ = input_bounds_of(lite0_loaded.preprocess)
     first = distill.distilled_images(lite0, 2, lo, hi, steps=3)
     (folder,) = (tmp_path / "distilled").iterdir()
     assert sorted(p.name for p in folder.iterdir()) == ["0.png", "1.png"]
@@ -68,8 +68,8 @@ def test_distilled_images_are_cached_on_disk_as_png(lite0, tmp_path, monkeypatch
     assert torch.equal(distill.distilled_images(lite0, 2, lo, hi, steps=3), first)
 
 
-def test_activated_layers_are_those_before_an_activation(lite0):
-    folded = spiq.quantize(lite0, spiq.QuantConfig()).spiq_report.reference
+def test_activated_layers_are_those_before_an_activation(lite0, lite0_loaded):
+    folded = spiq.quantize(lite0_loaded, spiq.QuantConfig()).report.reference
     acts = activated_layers(analyse(folded))
     assert set(acts) == {n for n in quantizable_layers(lite0)
                          if n.endswith(("conv_stem", "conv_dw", "conv_head")) or
@@ -77,31 +77,31 @@ def test_activated_layers_are_those_before_an_activation(lite0):
     assert all(isinstance(a, nn.ReLU6) for a in acts.values())
 
 
-def test_bias_fit_on_distilled_images_lowers_the_error_on_real_images(lite0, subset):
+def test_bias_fit_on_distilled_images_lowers_the_error_on_real_images(lite0, subset, lite0_loaded):
     x, _, _ = subset
     with torch.no_grad():
         fp = lite0(x)
-    law = spiq.quantize(lite0, spiq.QuantConfig(weight_bits=8, input_bits=5, bias_images=0))
-    fitted = spiq.quantize(lite0, spiq.QuantConfig(weight_bits=8, input_bits=5))   # automatic: 8 images
-    assert fitted.spiq_report.bias_images == 8 and law.spiq_report.bias_images == 0
+    law = spiq.quantize(lite0_loaded, spiq.QuantConfig(weight_bits=8, input_bits=5, bias_images=0))
+    fitted = spiq.quantize(lite0_loaded, spiq.QuantConfig(weight_bits=8, input_bits=5))   # automatic: 8 images
+    assert fitted.report.bias_images == 8 and law.report.bias_images == 0
     with torch.no_grad():
         gain = mean_logit_sqnr_db(fp, fitted(x)) - mean_logit_sqnr_db(fp, law(x))
     assert gain > 0.2, f"the distilled bias fit gained only {gain:.2f} dB of logit SQNR on real images"
-    acts = activated_layers(analyse(law.spiq_report.reference))
+    acts = activated_layers(analyse(law.report.reference))
     for name in quantizable_layers(lite0):
         same = torch.equal(law.get_submodule(name).layer.bias, fitted.get_submodule(name).layer.bias)
         assert same == (name not in acts), name   # residual branches and logits keep the law's bias
 
 
-def test_the_default_models_images_ship_with_the_package(lite0, tmp_path, monkeypatch):
+def test_the_default_models_images_ship_with_the_package(lite0, tmp_path, monkeypatch, lite0_loaded):
     monkeypatch.setenv("SPIQ_CACHE", str(tmp_path))   # an empty cache, as on a fresh Space
 
     def no_distilling(*_a, **_k):
         raise AssertionError("distilled instead of read from the package")
     monkeypatch.setattr(distill, "distill_images", no_distilling)
-    prepared = prepare(lite0)
+    prepared = prepare(lite0_loaded)
     x = prepared.distilled_images(8)
-    lo, hi, _ = distill_bounds(lite0)
+    lo, hi, _ = distill_bounds(lite0_loaded.preprocess)
     assert x.shape == (8, 3, 224, 224) and x.dtype == torch.float32
     assert (x >= lo.view(1, -1, 1, 1)).all() and (x <= hi.view(1, -1, 1, 1)).all()
     noise = torch.rand(x.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
@@ -111,9 +111,9 @@ def test_the_default_models_images_ship_with_the_package(lite0, tmp_path, monkey
 
 def test_bias_images_without_batchnorm_fall_back_and_say_so(vit):
     q = spiq.quantize(vit, spiq.QuantConfig(method="static-tensor", bias_images=4))
-    assert "BatchNorm" in q.spiq_report.fallbacks["<bias_images>"]
+    assert "BatchNorm" in q.report.fallbacks["<bias_images>"]
     auto = spiq.quantize(vit, spiq.QuantConfig(method="static-tensor"))   # automatic: nothing to fit on
-    assert "<bias_images>" not in auto.spiq_report.fallbacks and auto.spiq_report.bias_images == 0
+    assert "<bias_images>" not in auto.report.fallbacks and auto.report.bias_images == 0
 
 
 def test_a_model_without_batchnorm_cannot_be_distilled(vit):

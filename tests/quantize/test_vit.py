@@ -61,8 +61,8 @@ def test_quantize_leaves_the_float_vit_alone(vit, vit_images):
 def test_every_method_quantizes_all_matmuls(vit, vit_images, method):
     calib, held = vit_images
     q = spiq.quantize(vit, spiq.QuantConfig(method=method, weight_bits=8, input_bits=8, search_points=10), calib_data=calib)
-    taps = [m for m in q.modules() if isinstance(m, ActQuant)]
-    layers = [m for m in q.modules() if isinstance(m, QuantLayer)]
+    taps = [m for m in q.model.modules() if isinstance(m, ActQuant)]
+    layers = [m for m in q.model.modules() if isinstance(m, QuantLayer)]
     assert len(taps) == 8 and all(t.quant is not None and t.quant.bits == 8 for t in taps)
     assert len(layers) == 2 * 4 + 2
     with torch.no_grad():
@@ -80,7 +80,7 @@ def test_spiq_layernorm_ranges_are_per_channel_and_beat_per_tensor(vit, vit_imag
         with torch.no_grad():
             sqnr[method] = tensor_sqnr_db(ref, q(held))
         if method == "spiq":
-            rep = q.spiq_report.layers["blocks.0.attn.qkv"]
+            rep = q.report.layers["blocks.0.attn.qkv"]
             assert rep.input_per_channel and rep.range.hi.shape == (96,)
             gain = vit.blocks[0].norm1.weight.abs()
             width = rep.range.hi - rep.range.lo
@@ -93,7 +93,7 @@ def test_spiq_linear_on_tokens_is_integer_exact(vit, vit_images):
     """Per-channel codes on (B, N, C) tokens: integer accumulate then rescale equals the simulation."""
     calib, _ = vit_images
     q = spiq.quantize(vit, spiq.QuantConfig(method="spiq", weight_bits=8, input_bits=8, fold="always"))
-    layer = q.get_submodule("blocks.0.attn.qkv")
+    layer = q.model.get_submodule("blocks.0.attn.qkv")
     seen = {}
     handle = layer.register_forward_pre_hook(lambda _m, args: seen.setdefault("x", args[0]))
     with torch.no_grad():
@@ -167,13 +167,13 @@ def test_mixed_precision_meets_the_budget_exactly_and_is_reproducible(vit, vit_i
     chosen = []
     for _ in range(2):
         q = spiq.quantize(vit, config, calib_data=calib)
-        bits = q.spiq_report.liu.module_bits
+        bits = q.report.liu.module_bits
         size = {m: sum(p.numel() for n, p in vit.get_submodule(m).named_parameters() if n.endswith("weight")
                        and "norm" not in n) for m in bits}
         assert sum(size[m] * b for m, b in bits.items()) == 6 * sum(size.values())
         for m, b in bits.items():  # the module's layers run at its bits
             for name in ("qkv", "proj") if m.endswith("attn") else ("fc1", "fc2"):
-                rep = q.spiq_report.layers[f"{m}.{name}"]
+                rep = q.report.layers[f"{m}.{name}"]
                 assert (rep.weight_bits, rep.input_bits) == (b, b)
         chosen.append(bits)
     assert chosen[0] == chosen[1] and len(chosen[0]) == 4
@@ -195,20 +195,20 @@ def test_choose_bits_is_the_exact_optimum():
 def test_liu_quantizers_are_the_searched_intervals(vit, vit_images):
     calib, _ = vit_images
     q = spiq.quantize(vit, spiq.QuantConfig(method="liu-ptq", weight_bits=6, input_bits=6, search_points=20), calib_data=calib)
-    plan = q.spiq_report.liu
-    layer = q.get_submodule("blocks.1.mlp.fc1")
+    plan = q.report.liu
+    layer = q.model.get_submodule("blocks.1.mlp.fc1")
     site = plan.layers["blocks.1.mlp.fc1"]
     assert math.isclose(float(layer.input_quant.scale), site.search.delta_a, rel_tol=1e-6)
     assert int(layer.weight_codes.abs().max()) <= 31
     assert math.isclose(float(layer.weight_scale), site.search.delta_b, rel_tol=1e-6)
-    p_in = q.get_submodule("blocks.0.attn.p_in").quant
+    p_in = q.model.get_submodule("blocks.0.attn.p_in").quant
     assert int(p_in.zero) == 0 and math.isclose(float(p_in.scale), plan.matmuls["blocks.0.attn.pv"].search.delta_a, rel_tol=1e-6)
     assert set(plan.inversions) == {"blocks.0.attn.qk", "blocks.1.attn.qk"}
 
 
-def test_transformer_only_settings_are_refused_clearly(lite0, vit):
+def test_transformer_only_settings_are_refused_clearly(lite0, vit, lite0_loaded):
     with pytest.raises(spiq.ConfigError, match="vision transformers"):
-        spiq.quantize(lite0, spiq.QuantConfig(method="liu-ptq"), calib_data=torch.zeros(1, 3, 224, 224))
+        spiq.quantize(lite0_loaded, spiq.QuantConfig(method="liu-ptq"), calib_data=torch.zeros(1, 3, 224, 224))
     with pytest.raises(spiq.ConfigError, match="calibration images"):
         spiq.quantize(vit, spiq.QuantConfig(method="liu-ptq"))
     with pytest.raises(spiq.ConfigError, match="mixed_precision"):
@@ -230,11 +230,12 @@ def test_liu_ptq_respects_per_layer_overrides(vit, vit_images):
     config = spiq.QuantConfig(method="liu-ptq", weight_bits=6, input_bits=6, search_points=10, overrides={
         "blocks.0.attn.qkv": {"skip": True}, "blocks.0.attn.proj": {"weight_bits": 8, "input_bits": 8}})
     q = spiq.quantize(vit, config, calib_data=calib)
-    layers = q.spiq_report.layers
-    assert "blocks.0.attn.qkv" not in layers and not isinstance(q.get_submodule("blocks.0.attn.qkv"), QuantLayer)
+    layers = q.report.layers
+    assert "blocks.0.attn.qkv" not in layers and not isinstance(q.model.get_submodule("blocks.0.attn.qkv"), QuantLayer)
     assert (layers["blocks.0.attn.proj"].weight_bits, layers["blocks.0.attn.proj"].input_bits) == (8, 8)
     assert (layers["blocks.1.attn.proj"].weight_bits, layers["blocks.1.attn.proj"].input_bits) == (6, 6)
     # the skipped qkv's matmuls stay float; the other block's are quantized
-    assert q.get_submodule("blocks.0.attn.q_in").quant is None and q.get_submodule("blocks.1.attn.q_in").quant.bits == 6
+    q_in = [q.model.get_submodule(f"blocks.{b}.attn.q_in").quant for b in (0, 1)]
+    assert q_in[0] is None and q_in[1].bits == 6
     with torch.no_grad():
         assert tensor_sqnr_db(vit(held), q(held)) > 5

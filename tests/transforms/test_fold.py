@@ -49,9 +49,9 @@ def test_folding_torchvision_architectures_is_exact(arch, sample):
 
 
 @torch.no_grad()
-def test_equalization_is_exact_and_balances_the_weights(lite0, sample):
-    prepared = prepare(lite0, spiq.QuantConfig(equalize=True))
-    plain = prepare(lite0, spiq.QuantConfig())
+def test_equalization_is_exact_and_balances_the_weights(lite0, sample, lite0_loaded):
+    prepared = prepare(lite0_loaded, spiq.QuantConfig(equalize=True))
+    plain = prepare(lite0_loaded, spiq.QuantConfig())
     eq = prepared.folded
     # pointwise -> depthwise -> pointwise in each block, through ReLU6s that now cap per channel
     assert len(prepared.equalized) == 34
@@ -75,10 +75,10 @@ def test_equalization_is_exact_and_balances_the_weights(lite0, sample):
 
 
 @torch.no_grad()
-def test_equalization_rescues_per_tensor_weights_and_not_spiq(lite0, subset):
+def test_equalization_rescues_per_tensor_weights_and_not_spiq(lite0, subset, lite0_loaded):
     x, _, fp_top1 = subset
     w4 = dict(method="static-tensor", weight_bits=4, input_bits=8, weight_granularity="tensor")
-    agree = {eq: float((predict(spiq.quantize(lite0, spiq.QuantConfig(**w4, equalize=eq)), x) == fp_top1)
+    agree = {eq: float((predict(spiq.quantize(lite0_loaded, spiq.QuantConfig(**w4, equalize=eq)), x) == fp_top1)
                        .float().mean()) for eq in (False, True)}
     # 4-bit per-tensor weights: depthwise kernels of very different ranges share one grid
     assert agree[False] < 0.05 and agree[True] > 0.3
@@ -86,8 +86,8 @@ def test_equalization_rescues_per_tensor_weights_and_not_spiq(lite0, subset):
     # channel's scale cancels out, and the integer weights are the same with or without it (but
     # for a float tie here and there)
     cfg = dict(method="spiq", weight_bits=4, input_bits=4, fold="always")
-    a = spiq.quantize(lite0, spiq.QuantConfig(**cfg))
-    b = spiq.quantize(lite0, spiq.QuantConfig(**cfg, equalize=True))
+    a = spiq.quantize(lite0_loaded, spiq.QuantConfig(**cfg))
+    b = spiq.quantize(lite0_loaded, spiq.QuantConfig(**cfg, equalize=True))
     same = total = 0
     for name, m in a.named_modules():
         if isinstance(m, QuantLayer):

@@ -56,7 +56,8 @@ def test_concurrent_users_each_get_their_own_config(app, tmp_path):
         applied = json.loads(out[1])   # outputs: table, recipe, download, status, plot, text
         assert applied == {"version": 1, "method": method, "weight_bits": w, "input_bits": a}
         config = QuantConfig.from_dict(applied)
-        qmodel = spiq.quantize(model, config, calib_data=calib if config.needs_calibration else None)
+        qmodel = spiq.quantize(model, config, preprocess=preprocess,
+                               calib_data=calib if config.needs_calibration else None)
         cmp = analysis.compare_predictions(model, qmodel, preprocess(open_image(ROOT / "assets" / img)), classes)
         expected = views._describe(cmp)
         assert out[-1] == expected, (method, w, a, img)
@@ -208,10 +209,10 @@ def test_bias_fit_box_switches_the_distilled_bias_fit(app):
     cat = str(ROOT / "assets" / "cat.jpg")
     off = json.loads(_apply(client, "spiq", 8, 5, cat, bias_fit=False)[1])
     assert off == {"version": 1, "method": "spiq", "weight_bits": 8, "input_bits": 5, "bias_images": 0}
-    assert module.CACHE.quantized(module.DEFAULT_MODEL, QuantConfig.from_dict(off)).spiq_report.bias_images == 0
+    assert module.CACHE.quantized(module.DEFAULT_MODEL, QuantConfig.from_dict(off)).report.bias_images == 0
     on = json.loads(_apply(client, "spiq", 8, 5, cat)[1])
     assert on == {"version": 1, "method": "spiq", "weight_bits": 8, "input_bits": 5}   # back to automatic
-    assert module.CACHE.quantized(module.DEFAULT_MODEL, QuantConfig.from_dict(on)).spiq_report.bias_images == 8
+    assert module.CACHE.quantized(module.DEFAULT_MODEL, QuantConfig.from_dict(on)).report.bias_images == 8
 
 
 def test_recipe_round_trip_with_per_layer_table(app, tmp_path):

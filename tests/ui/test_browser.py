@@ -166,3 +166,55 @@ def test_webcam_and_clipboard_images_reach_the_models(app_url):
         page.wait_for_function("document.querySelector('#pred-text').innerText.includes('espresso')", timeout=60_000)
         browser.close()
     assert not problems, "\n".join(problems)
+
+
+def _drop_file(page, path: Path, mime: str):
+    """A file dragged from the desktop onto the image (a synthetic drop carrying it)."""
+    files = page.evaluate_handle("""([bytes, name, mime]) => {
+        const dt = new DataTransfer();
+        dt.items.add(new File([new Uint8Array(bytes)], name, {type: mime}));
+        return dt;
+    }""", [list(path.read_bytes()), path.name, mime])
+    for event in ("dragenter", "dragover", "drop"):
+        page.dispatch_event("#image .upload-container", event, {"dataTransfer": files})
+
+
+def test_an_image_put_over_the_shown_one_is_predicted_once(app_url, tmp_path):
+    """Gradio's image empties itself when a file starts uploading over a shown image, so `.change`
+    fired twice, both requests carrying the new file: a refused file showed its error twice."""
+    problems, joins = [], []
+    bad = tmp_path / "photo.jpg"
+    bad.write_bytes(os.urandom(50_000))
+    with sync_api.sync_playwright() as p:
+        browser, page = _open_app(p, app_url, problems)
+        config = page.evaluate("() => fetch('config').then(r => r.json())")
+        fn = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "predict")
+        page.on("request", lambda r: joins.append((r.post_data_json or {}).get("fn_index"))
+                if "/queue/join" in r.url else None)
+        page.wait_for_function("document.querySelector('#pred-text').innerText.includes('logit SQNR')", timeout=60_000)
+        joins.clear()
+
+        # a corrupt file chosen while the cat is shown: one request, one error
+        page.set_input_files("#image input[type=file]", str(bad))
+        page.wait_for_selector("[data-testid=toast-body]", timeout=60_000)
+        page.wait_for_timeout(3000)
+        toasts = page.locator("[data-testid=toast-body]").all_inner_texts()
+        assert joins.count(fn) == 1, joins
+        assert len(toasts) == 1 and "cannot be used" in toasts[0] and "(2)" not in toasts[0], toasts
+
+        # a photo dropped over it: one request, and the predictions are the photo's
+        joins.clear()
+        _drop_file(page, ROOT / "assets" / "coffee.jpg", "image/jpeg")
+        page.wait_for_function("document.querySelector('#pred-text').innerText.includes('espresso')", timeout=60_000)
+        page.wait_for_timeout(2000)
+        assert joins.count(fn) == 1, joins
+
+        # examples and Remove still reach the predictions
+        page.locator("img[src*='cat']").first.click()
+        page.wait_for_function("(t => t.includes('logit SQNR') && !t.includes('espresso'))"
+                               "(document.querySelector('#pred-text').innerText)", timeout=60_000)
+        page.click("#image button[aria-label='Remove Image']")
+        page.wait_for_function("document.querySelector('#pred-text').innerText.includes('upload an image')",
+                               timeout=30_000)
+        browser.close()
+    assert not [m for m in problems if "Bad image" not in m and "cannot be used" not in m], "\n".join(problems)

@@ -23,8 +23,8 @@ def _same_model(a, b):
 
 
 @pytest.fixture(scope="module")
-def prepared(lite0):
-    p = prepare(lite0)
+def prepared(lite0, lite0_loaded):
+    p = prepare(lite0_loaded)
     p.warm(QuantConfig(), bits=(4, 5))   # what the app does in the background: ranges and their effects
     return p
 
@@ -34,16 +34,16 @@ def prepared(lite0):
                                 dict(method="dynamic-channel", weight_bits=8, input_bits=4, weight_rounding="nearest"),
                                 dict(method="spiq", weight_bits=8, input_bits=5,
                                      overrides={"conv_head": {"input_bits": 8}, "classifier": {"skip": True}})])
-def test_prepared_requantization_is_identical(lite0, prepared, sample, kw):
+def test_prepared_requantization_is_identical(lite0, prepared, sample, kw, lite0_loaded):
     config = QuantConfig(**kw)
-    fresh = spiq.quantize(lite0, config)
-    fast = spiq.quantize(lite0, config, prepared=prepared)
+    fresh = spiq.quantize(lite0_loaded, config)
+    fast = spiq.quantize(lite0_loaded, config, prepared=prepared)
     _same_model(fresh, fast)
     x = sample[0][:4]
     with torch.no_grad():
         assert torch.equal(fresh(x), fast(x))
     # a second request for the same config reuses the searched ranges and weights
-    again = spiq.quantize(lite0, config, prepared=prepared)
+    again = spiq.quantize(lite0_loaded, config, prepared=prepared)
     _same_model(fresh, again)
 
 
@@ -152,11 +152,11 @@ def test_distilling_a_new_model_leaves_the_shared_lock_to_other_models(monkeypat
         assert started.wait(120)
         # while "cnn" distills, another model is quantized through the shared lock
         other = cache.quantized("efficientnet_lite0", QuantConfig(input_bits=6))
-        assert other.spiq_report.bias_images == 8 and worker.is_alive()
+        assert other.report.bias_images == 8 and worker.is_alive()
     finally:
         release.set()
         worker.join(120)
-    assert made[0].spiq_report.bias_images == 8 and made[0].spiq_report.bias_fit
+    assert made[0].report.bias_images == 8 and made[0].report.bias_fit
     assert bar == sorted(bar) and bar[-1] == 1.0 and min(bar) >= 0.9   # quantizing after the distilling
     # the second request for the model waits for nothing
     assert cache.distill("cnn", QuantConfig(input_bits=5)) is False

@@ -15,8 +15,8 @@ from spiq.analysis.evaluate import predict
 
 
 @pytest.fixture(scope="module")
-def q4(lite0):
-    return spiq.quantize(lite0, spiq.QuantConfig(weight_bits=8, input_bits=4))
+def q4(lite0, lite0_loaded):
+    return spiq.quantize(lite0_loaded, spiq.QuantConfig(weight_bits=8, input_bits=4))
 
 
 def test_layer_sqnr_isolated_and_propagated(lite0, q4, sample):
@@ -73,10 +73,10 @@ def test_error_maps_and_predictions(lite0, q4, sample):
     assert len(plots.predictions(cmp).data) == 2
 
 
-def test_attribution_drift_follows_flips(lite0, subset):
+def test_attribution_drift_follows_flips(lite0, subset, lite0_loaded):
     x, _, fp = subset
     assert last_stage(lite0) == "bn2"
-    q = spiq.quantize(lite0, spiq.QuantConfig(weight_bits=4, input_bits=4))
+    q = spiq.quantize(lite0_loaded, spiq.QuantConfig(weight_bits=4, input_bits=4))
     flipped = (predict(q, x) != fp).nonzero().flatten()
     kept = (predict(q, x) == fp).nonzero().flatten()
     assert len(flipped) > 0 and len(kept) > 0
@@ -84,7 +84,7 @@ def test_attribution_drift_follows_flips(lite0, subset):
     # straight-through gradients: the quantized model's attribution is a real, non-constant map
     assert bad.quant_map.std() > 0 and bad.quant_map.abs().sum() > 0
     assert not torch.allclose(bad.quant_map, bad.float_map)
-    good = attribution_drift(lite0, spiq.quantize(lite0, spiq.QuantConfig(weight_bits=8, input_bits=8)),
+    good = attribution_drift(lite0, spiq.quantize(lite0_loaded, spiq.QuantConfig(weight_bits=8, input_bits=8)),
                              x[kept[0]], "integrated-gradients")
     assert good.rank_correlation > bad.rank_correlation
     cam = attribution_drift(lite0, q, x[flipped[0]], "grad-cam")
