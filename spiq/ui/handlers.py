@@ -25,8 +25,8 @@ from spiq.ui.scratch import ScratchDir
 # The example photos beside the package (app.py runs from the repository).
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 DEFAULT_MODEL = "efficientnet_lite0"
-# the cat first: at 4-bit inputs its top-1 flips under some methods and not others
-EXAMPLES = [str(ASSETS / f) for f in ("cat.jpg", "coffee.jpg", "rocket.jpg", "astronaut.jpg", "camera.jpg")]
+# In the order bench/order_examples.py chose: first the one that shows SPIQ's point at first sight.
+EXAMPLES = [str(ASSETS / f) for f in (ASSETS / "examples.txt").read_text().split()]
 ATTRIBUTIONS = ["grad-cam", "integrated-gradients"]
 NO_IMAGE = "Pick an example or upload an image."
 NO_ATTENTION = "Attention maps are for vision transformers; pick a DeiT or ViT model to see them."

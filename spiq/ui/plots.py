@@ -49,7 +49,8 @@ def channel_ranges(cr, max_channels: int = 96, caption: str = "") -> go.Figure:
                   annotation_text=f"per-tensor range, step {cr.tensor_step:.3g}")
     eb_c, eb_t = float(cr.effective_bits.mean()), float(cr.effective_bits_tensor.mean())
     title = f"{cr.layer}: input ranges — mean bits used {eb_c:.2f} per channel vs {eb_t:.2f} per tensor"
-    fig.update_layout(title=title + (f"<br><sup>{caption}</sup>" if caption else ""), barmode="overlay", legend_orientation="h", height=560)
+    fig.update_layout(title=title + (f"<br><sup>{caption}</sup>" if caption else ""), barmode="overlay",
+                      legend_orientation="h", height=560)
     fig.update_yaxes(title_text="value", row=1, col=1)
     fig.update_yaxes(title_text="bits used / % clipped", row=2, col=1)
     fig.update_xaxes(title_text="input channel (widest first)", row=2, col=1)
