@@ -54,6 +54,7 @@ def test_spiq_folds_per_channel_input_scales_into_weights(lite0, lite0_loaded):
     assert torch.allclose(w_int / s.view(1, -1, 1, 1), layer.layer.weight, rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.slow   # quantizes the model under every fold choice and width: too long for the fast tier
 def test_auto_fold_keeps_per_channel_scales_where_they_pay(lite0, lite0_loaded):
     """At 4-bit inputs every layer keeps per-channel scales; at 8-bit inputs and 4-bit weights the
     fold costs more weight precision than the inputs gain, and many layers go per tensor."""
