@@ -27,6 +27,17 @@ def lite0(lite0_loaded):
     return lite0_loaded.model
 
 
+# The embedded EfficientNet-Lites (PyPI packages, no download) and their input size.
+LITES = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}
+
+
+@pytest.fixture(scope="module", params=list(LITES))
+def lite(request):
+    """(name, model) for each embedded EfficientNet-Lite, built once per module (Lite0: the session's)."""
+    name = request.param
+    return name, request.getfixturevalue("lite0") if name == "efficientnet_lite0" else spiq.load_model(name).model
+
+
 # Tests that read the real ImageNet sample form the `slow` tier: they run whenever the sample is
 # there (CI always has it) and are skipped, with the reason, on a clone without it.
 SAMPLE_FIXTURES = {"sample", "subset", "vit_images", "sample_dir"}

@@ -16,6 +16,18 @@ def _spiq(*args):
     return subprocess.run([sys.executable, "-m", "spiq", *args], capture_output=True, text=True, timeout=600)
 
 
+def test_models_lists_the_embedded_lites_as_available_offline(capsys):
+    from conftest import LITES
+    from spiq import cli
+
+    assert cli.main(["models"]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines() if line and not line.startswith(" ")}
+    for name, size in LITES.items():
+        assert lines[name].split()[1] == "yes", lines[name]
+        assert f"{size}x{size}" in lines[name] and "EfficientNet-Lite" in lines[name]
+
+
 def test_evaluate_writes_the_json_contract(tmp_path, sample_dir):
     out = tmp_path / "r.json"
     r = _spiq("evaluate", "--model", "efficientnet_lite0", "--images", str(sample_dir), "--method", "spiq",

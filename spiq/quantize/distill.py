@@ -9,8 +9,8 @@ correction of `quantize` (`QuantConfig.bias_images`).
 Distilling is slow on a CPU (about 20 s per image for EfficientNet-Lite0 on 2 cores), so the
 result is cached on disk per model (a checksum of its weights) and per setting, as what it is: RGB
 images, 8-bit PNGs, one folder per model and setting (no pickle to load; the bias fit gains the
-same from them as from float32 images). The default model's images ship with the package
-(`spiq/distilled/`), so its first quantization does not pay for them.
+same from them as from float32 images). The images of the embedded EfficientNet-Lite0/1/2 ship
+with the package (`spiq/quantize/distilled/`), so their first quantization does not pay for them.
 """
 from __future__ import annotations
 

@@ -1,28 +1,65 @@
 import subprocess
 import sys
 import urllib.error
+from pathlib import Path
 
 import pytest
 import torch
 
 import spiq
-from spiq.analysis.evaluate import predict
+from conftest import LITES
+from spiq.analysis.evaluate import load_images, predict
+from spiq.models import registry
+from spiq.models.data import open_image
 from spiq.models.registry import get_spec
 
 
-def test_lite0_classifies_real_images(lite0, sample):
-    images, labels = sample
-    top1 = (predict(lite0, images) == labels).float().mean().item()
-    assert top1 >= 0.80, f"embedded EfficientNet-Lite0 top-1 {top1:.3f} on {len(labels)} real images"
+# Float top-1 on all 500 sample images with the registered preprocess (bicubic, resize = crop + 32).
+LITE_TOP1 = {"efficientnet_lite0": 0.874, "efficientnet_lite1": 0.866, "efficientnet_lite2": 0.880}
+ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_lite0_uses_tf_port_conventions(lite0):
-    pre = get_spec("efficientnet_lite0").preprocess
+def test_lite_classifies_real_images(lite, sample_dir, request):
+    name, model = lite
+    if name == "efficientnet_lite0":
+        images, labels = request.getfixturevalue("sample")
+    else:
+        images, labels, _ = load_images(sample_dir, get_spec(name).preprocess)
+    top1 = (predict(model, images) == labels).float().mean().item()
+    assert top1 >= LITE_TOP1[name] - 0.02, f"embedded {name} top-1 {top1:.3f} on {len(labels)} real images"
+
+
+def test_lite_uses_tf_port_conventions(lite):
+    name, model = lite
+    pre = get_spec(name).preprocess
     assert pre.mean == (0.5, 0.5, 0.5) and pre.std == (0.5, 0.5, 0.5)
+    assert (pre.crop, pre.resize, pre.interpolation) == (LITES[name], LITES[name] + 32, "bicubic")
     lo, hi = pre.input_bounds()
     assert torch.allclose(lo, -torch.ones(3)) and torch.allclose(hi, torch.ones(3))
-    assert type(lite0.conv_stem).__name__ == "Conv2dSame"
-    assert lite0.bn1.eps == pytest.approx(1e-3)
+    assert type(model.conv_stem).__name__ == "Conv2dSame"
+    assert model.bn1.eps == pytest.approx(1e-3)
+    assert spiq.availability(name) is None and "offline" in get_spec(name).tags
+
+
+def test_lite_weights_map_fully_onto_timm(lite):
+    """Every tensor of the package's file lands, in key order, on the timm model's parameter or buffer."""
+    name, model = lite
+    source = torch.load(registry._lite_file(int(name[-1])), map_location="cpu", weights_only=True)
+    target = model.state_dict()
+    assert len(source) == len(target)
+    for (src, s), (dst, t) in zip(source.items(), target.items()):
+        assert torch.equal(s, t), (src, dst)
+
+
+def test_lite_recognises_the_example_photos(lite):
+    name, model = lite
+    pre = get_spec(name).preprocess
+    x = torch.stack([pre(open_image(ROOT / "assets" / f)) for f in ("cat.jpg", "coffee.jpg", "camera.jpg")])
+    assert x.shape[-1] == LITES[name]
+    with torch.no_grad():
+        cat, coffee, camera = model(x).argmax(1).tolist()
+    assert cat in (281, 282, 285)   # tabby, tiger cat, Egyptian cat
+    assert (coffee, camera) == (967, 872)   # espresso, tripod
 
 
 def test_load_model_returns_preprocess_and_classes():
@@ -60,7 +97,8 @@ def test_torchvision_model_offline_is_a_clear_error(tmp_path, monkeypatch):
 def test_cli_lists_models_with_offline_availability():
     out = subprocess.run([sys.executable, "-m", "spiq", "models"], capture_output=True, text=True, check=True).stdout
     lines = {line.split()[0]: line for line in out.splitlines() if line and not line.startswith(" ")}
-    assert " yes " in lines["efficientnet_lite0"]
+    for name in LITES:
+        assert " yes " in lines[name]
     for name in ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0"):
         assert name in lines
 

@@ -6,6 +6,8 @@ import torch
 from torch import nn
 
 import spiq
+from spiq.models.registry import get_spec
+from conftest import LITES
 from spiq.quantize import distill
 from spiq.core.metrics import parameter_checksum
 from spiq.core.metrics import mean_logit_sqnr_db
@@ -107,6 +109,18 @@ def test_the_default_models_images_ship_with_the_package(lite0, tmp_path, monkey
     noise = torch.rand(x.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
     assert _bn_gap(lite0, x) < 0.2 * _bn_gap(lite0, noise)   # 111 against 1062
     assert not list(tmp_path.rglob("*.png"))   # nothing written to the cache either
+
+
+def test_every_embedded_models_images_ship_with_the_package(lite, tmp_path, monkeypatch):
+    """Found by their key (the weights' checksum, the size, the bounds) in the package, not made."""
+    name, model = lite
+    monkeypatch.setenv("SPIQ_CACHE", str(tmp_path))
+    lo, hi, size = distill_bounds(get_spec(name).preprocess)
+    assert size == LITES[name]
+    x = distill.find_distilled(model, 8, lo, hi, size)
+    assert x is not None and x.shape == (8, 3, size, size)
+    assert (distill.SHIPPED / distill.image_key(model, 8, lo, hi, size)).is_dir()
+    assert not list(tmp_path.rglob("*.png"))   # the cache is left alone
 
 
 def test_bias_images_without_batchnorm_fall_back_and_say_so(vit):
