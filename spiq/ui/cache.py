@@ -1,5 +1,6 @@
 """Models kept in memory for many users at once: each float model loaded once and shared read-only,
-its prepared data-free analysis, and a bounded LRU of quantized copies keyed by (model, config).
+its prepared data-free analysis, a bounded LRU of quantized copies keyed by (model, config), and a
+bounded LRU of computed views keyed by (model, config, image digest, view, options).
 
 Every computation that runs a shared model holds `ModelCache.lock`: the analyses attach forward
 hooks for a moment, and a hook left on a shared module by one user would see another user's
@@ -7,6 +8,7 @@ activations. On a 2-core machine nothing is lost by running one computation at a
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import threading
@@ -27,6 +29,60 @@ from spiq.quantize.report import QuantResult
 from spiq.models.registry import load_model
 
 
+class PriorityLock:
+    """A re-entrant lock that lets urgent waiters in first: a visitor's predictions (a fraction of a
+    second of work) go before the next step of another visitor's views, instead of queueing behind
+    all of them. Threads mark themselves with `urgent()`."""
+
+    def __init__(self):
+        self._cond = threading.Condition(threading.Lock())
+        self._owner: int | None = None
+        self._depth = 0
+        self._urgent_waiting = 0
+        self._local = threading.local()
+
+    def acquire(self) -> bool:
+        me = threading.get_ident()
+        urgent = getattr(self._local, "urgent", False)
+        with self._cond:
+            if self._owner == me:
+                self._depth += 1
+                return True
+            self._urgent_waiting += urgent
+            try:
+                while self._owner is not None or (self._urgent_waiting and not urgent):
+                    self._cond.wait()
+            finally:
+                self._urgent_waiting -= urgent
+            self._owner, self._depth = me, 1
+            return True
+
+    def release(self) -> None:
+        with self._cond:
+            if self._owner != threading.get_ident():
+                raise RuntimeError("release of a lock this thread does not hold")
+            self._depth -= 1
+            if not self._depth:
+                self._owner = None
+                self._cond.notify_all()
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    @contextlib.contextmanager
+    def urgent(self):
+        """Within this block, this thread's acquisitions go before those of threads outside one."""
+        before = getattr(self._local, "urgent", False)
+        self._local.urgent = True
+        try:
+            yield
+        finally:
+            self._local.urgent = before
+
+
 @dataclass(frozen=True)
 class Loaded:
     name: str
@@ -40,15 +96,23 @@ def config_key(config: QuantConfig) -> str:
 
 
 class ModelCache:
-    def __init__(self, max_quantized: int = 4, calib_dir: str | Path | None = None, calib_images: int = 32):
-        self.lock = threading.RLock()
+    def __init__(self, max_quantized: int = 4, calib_dir: str | Path | None = None, calib_images: int = 32,
+                 max_views: int = 64):
+        self.lock = PriorityLock()
+        self.pinned: set[tuple[str, str]] = set()   # (model, config) the LRU never drops: see pin()
         self.max_quantized = max_quantized
+        self.max_views = max_views
         self.calib_dir = Path(calib_dir) if calib_dir else None
         self.calib_images = calib_images
         self._loaded: dict[str, Loaded] = {}
         self._prepared: dict[tuple, Prepared] = {}
         self._quantized: OrderedDict[tuple[str, str], QuantResult] = OrderedDict()
         self._derived: dict[tuple, object] = {}   # image-independent analyses of the cached models
+        # Figures of one request each (~0.1-0.3 MB): bounded by count, whatever the model cache holds.
+        self._views: OrderedDict[tuple, object] = OrderedDict()
+        self._views_lock = threading.Lock()   # not the model lock: a cached view never waits for a model run
+        self.view_computes = 0   # views computed and views answered from the LRU: what tests and
+        self.view_hits = 0       # benchmarks read to see that going back to a tab computes nothing
         self._calib: dict[str, torch.Tensor] = {}
         self._distilling: dict[str, threading.Lock] = {}
 
@@ -119,10 +183,18 @@ class ModelCache:
             for p in q.model.parameters():
                 p.requires_grad_(False)
             self._quantized[key] = q
-            while len(self._quantized) > self.max_quantized:
-                gone, _ = self._quantized.popitem(last=False)
+            while len(self._quantized) > self.max_quantized + len(self.pinned):
+                gone = next(k for k in self._quantized if k not in self.pinned)
+                del self._quantized[gone]
                 self._derived = {k: v for k, v in self._derived.items() if k[:2] != gone}
             return q
+
+    def pin(self, name: str, config: QuantConfig) -> None:
+        """Keep (name, config) however many other configs are used: every new visitor's first
+        predictions use the default recipe, and busy visitors trying recipes must not make each
+        new page quantize it again."""
+        with self.lock:
+            self.pinned.add((name, config_key(config)))
 
     def distill(self, name: str, config: QuantConfig, progress: Callable[[float, str], None] | None = None) -> bool:
         """Make the images config's bias fit needs, if they are not ready, without the shared lock:
@@ -155,6 +227,38 @@ class ModelCache:
             if fresh or key not in self._derived:
                 self._derived[key] = compute()
             return self._derived[key]
+
+    def cached_view(self, key: tuple) -> tuple[bool, object]:
+        """(found, value) of a view computed before, without computing: the cheap path of a request."""
+        with self._views_lock:
+            if key not in self._views:
+                return False, None
+            self._views.move_to_end(key)
+            self.view_hits += 1
+            return True, self._views[key]
+
+    def view(self, key: tuple, compute: Callable[[], object]):
+        """The view `key` names, computed once while among the `max_views` most recently used.
+
+        `compute` runs without the lock (the views take it around each model run), so a cheap
+        request can be answered between the steps of an expensive one; two requests for the same
+        new view may both compute it, and the second result replaces the first."""
+        found, value = self.cached_view(key)
+        if found:
+            return value
+        value = compute()
+        with self._views_lock:
+            self.view_computes += 1
+            self._views[key] = value
+            self._views.move_to_end(key)
+            while len(self._views) > self.max_views:
+                self._views.popitem(last=False)
+        return value
+
+    def view_keys(self) -> list[tuple]:
+        """The keys of the views kept, least recently used first: (model, config, image, view, *options)."""
+        with self._views_lock:
+            return list(self._views)
 
     def cached_configs(self) -> list[tuple[str, str]]:
         with self.lock:

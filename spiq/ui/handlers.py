@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 from pathlib import Path
 
 import gradio as gr
@@ -18,7 +19,7 @@ from spiq.export.onnx import ExportError
 from spiq.models.data import MAX_IMAGE_BYTES, ImageError, decode_data_url, open_allowed_image, open_image
 from spiq.models.registry import ModelUnavailableError, availability, list_models
 from spiq.quantize.api import check_config, methods_for
-from spiq.ui import views
+from spiq.ui import tabs, views
 from spiq.ui.cache import ModelCache
 from spiq.ui.scratch import ScratchDir
 
@@ -31,6 +32,12 @@ ATTRIBUTIONS = ["grad-cam", "integrated-gradients"]
 NO_IMAGE = "Pick an example or upload an image."
 NO_ATTENTION = "Attention maps are for vision transformers; pick a DeiT or ViT model to see them."
 VIEW_OUTPUTS = 15   # what `refresh` fills: the components of `views_out` in build()
+# What a tab's view fills: `views_out`, then the Methods tab's figure and table.
+TAB_OUTPUTS = VIEW_OUTPUTS + 2
+# Where each tab's result goes among the TAB_OUTPUTS (14 is the note saying what the views show).
+_SLOTS = {"story": (0,), "ranges": (1, 2), "layer-error": (3, 4, 5, 6), "error-map": (7, 8), "attribution": (9,),
+          "attention": (10, 11, 12, 13), "methods": (15, 16)}
+NOTE_SLOT = 14
 
 keep_freed_memory()   # before the worker threads: each would get an arena of its own
 
@@ -45,6 +52,7 @@ DELETE_CACHE = (600, 1800)   # every 10 min, Gradio deletes uploads and copies o
 gr.set_static_paths([EXPORTS.root, RECIPES.root])
 
 CACHE = ModelCache(max_quantized=int(os.environ.get("SPIQ_CACHE_SIZE", "12")), calib_dir=ASSETS)
+CACHE.pin(DEFAULT_MODEL, QuantConfig())   # every new page's first predictions
 
 
 class SafeImage(gr.Image):
@@ -160,8 +168,9 @@ def apply(model_name, applied, method, wbits, abits, wgran, igran, bias_fit, row
     note = f"Applied `{config.to_json()}`"
     fig, text = (None, NO_IMAGE)
     if image is not None:
-        sc = views.scene(CACHE, model_name, config, image)
-        fig, text = views.predictions(CACHE, sc)
+        with CACHE.lock.urgent():
+            sc = views.scene(CACHE, model_name, config, image)
+            fig, text = views.predictions(CACHE, sc)
     return (config.to_json(), views.layer_rows(loaded.model, config), config.to_json(indent=2), recipe_file(config),
             note, fig, text)
 
@@ -170,60 +179,110 @@ def apply(model_name, applied, method, wbits, abits, wgran, igran, bias_fit, row
 def predict(model_name, applied, image):
     if image is None:
         return None, NO_IMAGE
-    sc = views.scene(CACHE, model_name, QuantConfig.from_json(applied), image)
-    return views.predictions(CACHE, sc)
+    with CACHE.lock.urgent():   # before the next step of anyone's views
+        sc = views.scene(CACHE, model_name, QuantConfig.from_json(applied), image)
+        return views.predictions(CACHE, sc)
+
+
+def _request(model_name, applied, image, range_layer, map_layer, channel, attr_method, block) -> tabs.Request:
+    return tabs.Request(model_name, QuantConfig.from_json(applied), image, tabs.image_digest(image), range_layer,
+                        map_layer, _channel(channel), attr_method or "grad-cam",
+                        None if block is None else int(block))
+
+
+def _tab_updates(tab: str, result, req: tabs.Request) -> list:
+    """A tab's result as updates of the TAB_OUTPUTS; the other tabs' components are left as they are."""
+    out = [gr.update()] * TAB_OUTPUTS
+    if tab in ("ranges", "error-map"):
+        layers, layer, fig = result
+        values = (gr.update(choices=layers, value=layer), fig)
+    elif tab == "attention":
+        values = ((gr.update(visible=False), None, None, NO_ATTENTION) if result is None else
+                  (gr.update(visible=True, maximum=result[0], value=result[1]), *result[2:]))
+    else:
+        values = result if isinstance(result, tuple) else (result,)
+    for slot, value in zip(_SLOTS[tab], values, strict=True):
+        out[slot] = value
+    out[NOTE_SLOT] = f"Views show `{req.config.to_json()}` on `{req.model}`."
+    return out
+
+
+@user_errors
+def open_tab(tab, drawn, model_name, applied, image, range_layer, map_layer, channel, attr_method, block):
+    """A tab comes into view, or the shown tab's model, recipe or image changed: what it shows
+    already stays, a view computed before is sent, and anything else becomes a job for
+    `compute_tab` (a value of the `job` state, whose change starts it). Never computes, so it
+    answers at once however busy the server is.
+
+    Returns (shown tab, drawn, job, *TAB_OUTPUTS); `drawn` maps each tab to what it shows."""
+    idle = (tab, gr.update(), gr.update(), *[gr.update()] * TAB_OUTPUTS)
+    if image is None or tab not in tabs.TABS:   # a cleared image: keep the last views
+        return idle
+    req = _request(model_name, applied, image, range_layer, map_layer, channel, attr_method, block)
+    drawn = drawn or {}
+    now = time.time()
+    if drawn.get(tab) == req.drawn() or _pending(drawn.get(tab), req, now):
+        return idle
+    found, result = tabs.cached(CACHE, req, tab)
+    if found:
+        return (tab, {**drawn, tab: req.drawn()}, gr.update(), *_tab_updates(tab, result, req))
+    # marked pending, so the same tab asked again meanwhile (a page load selects it too) is one job
+    return (tab, {**drawn, tab: [req.drawn(), now]}, {"tab": tab, "request": req.drawn(), "at": now},
+            *[gr.update()] * TAB_OUTPUTS)
+
+
+# A job not done after this long is asked again when its tab comes into view (it may have failed).
+PENDING_S = 60.0
+
+
+def _pending(entry, req: tabs.Request, now: float) -> bool:
+    return isinstance(entry, list) and entry[0] == req.drawn() and now - entry[1] < PENDING_S
+
+
+@user_errors
+def compute_tab(job, drawn, model_name, applied, image, range_layer, map_layer, channel, attr_method, block,
+                progress=gr.Progress()):
+    """The tab a job names, for the session's current request. Returns (drawn, *TAB_OUTPUTS)."""
+    if not job or image is None:
+        return (gr.update(), *[gr.update()] * TAB_OUTPUTS)
+    tab = job["tab"]
+    req = _request(model_name, applied, image, range_layer, map_layer, channel, attr_method, block)
+    result = tabs.compute(CACHE, req, tab, _progress(progress))
+    return ({**(drawn or {}), tab: req.drawn()}, *_tab_updates(tab, result, req))
+
+
+# What `refresh` computes, in order, with the progress shown before each step.
+_REFRESH = ((0.1, "story", "story"), (0.2, "ranges", "channel ranges"), (0.3, "layer-error", "layer error"),
+            (0.5, "error-map", "error map"), (0.6, "attribution", "attribution"), (0.8, "attention", "attention"))
 
 
 @user_errors
 def refresh(model_name, applied, image, range_layer, map_layer, channel, attr_method, block,
             progress=gr.Progress()):
-    """Every analysis view for the current image and recipe."""
+    """Every analysis view but Methods for the current image and recipe, at once: an API endpoint
+    (the page computes each tab when it is shown). Results are shared with the tabs' cache."""
     if image is None:  # a cleared image: keep the last views
         return [gr.update()] * VIEW_OUTPUTS
-    config = QuantConfig.from_json(applied)
     progress(0.0, desc="quantizing")
-    sc = views.scene(CACHE, model_name, config, image)
-    ranges_layers, map_layers = sc.range_layers, ["logits", *sc.map_layers]
-    range_layer = range_layer if range_layer in ranges_layers else views.default_range_layer(CACHE, sc)
-    map_layer = map_layer if map_layer in map_layers else "logits"
-    progress(0.1, desc="story")
-    story = views.story(CACHE, model_name, config, image)
-    progress(0.2, desc="channel ranges")
-    ranges = views.channel_ranges(CACHE, sc, range_layer) if range_layer else None
-    progress(0.3, desc="layer error")
-    sqnr, breakdown, fold, table = views.layer_error(CACHE, sc)
-    progress(0.5, desc="error map")
-    emap = views.error_map(CACHE, sc, map_layer, _channel(channel))
-    progress(0.6, desc="attribution")
-    attr = views.attribution(CACHE, sc, attr_method)
-    progress(0.8, desc="attention")
-    attention = _attention(sc, block)
-    return (story, gr.update(choices=ranges_layers, value=range_layer), ranges, sqnr, breakdown, fold, table,
-            gr.update(choices=map_layers, value=map_layer), emap, attr,
-            *attention, f"Views show `{config.to_json()}` on `{model_name}`.")
+    req = _request(model_name, applied, image, range_layer, map_layer, channel, attr_method, block)
+    views.scene(CACHE, model_name, req.config, image)
+    out = [gr.update()] * TAB_OUTPUTS
+    for fraction, tab, desc in _REFRESH:
+        progress(fraction, desc=desc)
+        updates = _tab_updates(tab, tabs.compute(CACHE, req, tab), req)
+        for slot in (*_SLOTS[tab], NOTE_SLOT):
+            out[slot] = updates[slot]
+    return out[:VIEW_OUTPUTS]
 
 
 @user_errors
 def show_methods(model_name, applied, image, progress=gr.Progress()):
-    """The Methods tab: after new bits every method quantizes anew (each with its own bias fit),
-    over a second of work, so it is drawn when the tab is shown rather than on every refresh."""
+    """The Methods tab as an API endpoint: after new bits every method quantizes anew (each with its
+    own bias fit), over a second of work."""
     if image is None:
         return gr.update(), gr.update()
-    fig, rows = views.methods(CACHE, model_name, QuantConfig.from_json(applied), image, _progress(progress))
-    return fig, views.methods_table(rows)
-
-
-def methods_if_shown(shown, model_name, applied, image, progress=gr.Progress()):
-    return show_methods(model_name, applied, image, progress) if shown else (gr.update(), gr.update())
-
-
-def _attention(sc, block):
-    if not views.is_transformer(sc.qmodel.model):
-        return gr.update(visible=False), None, None, NO_ATTENTION
-    last = len(sc.qmodel.model.blocks) - 1
-    block = min(int(block), last) if block is not None else last
-    maps, inversions, text = views.attention(CACHE, sc, block)
-    return gr.update(visible=True, maximum=last, value=block), maps, inversions, text
+    req = _request(model_name, applied, image, None, None, None, None, None)
+    return tabs.compute(CACHE, req, "methods", _progress(progress))
 
 
 def _channel(channel):
@@ -278,6 +337,70 @@ def load_recipe(file, model_name):
     return (*_controls(config), views.layer_rows(loaded.model, config), config.to_json())
 
 
+# A link's recipe: a URL longer than this is not one anyone shares (a recipe file is up to 1 MB).
+MAX_LINK_RECIPE = 8192
+
+
+def _example_names() -> dict[str, str]:
+    return {Path(e).name: e for e in EXAMPLES}
+
+
+@functools.lru_cache(maxsize=1)
+def _example_digests() -> dict[str, str]:
+    """Pixel digest -> file name of each shipped example: which example an image is, however it came."""
+    return {tabs.image_digest(open_image(Path(path))): name for name, path in _example_names().items()}
+
+
+def link_query(applied, image) -> str:
+    """The query string of a link to this state: the applied recipe and, if the image is a shipped
+    example, its file name (an uploaded image cannot travel in a link)."""
+    from urllib.parse import urlencode
+
+    params = {"recipe": QuantConfig.from_json(applied).to_json()}
+    if image is not None and (name := _example_digests().get(tabs.image_digest(image))) is not None:
+        params["example"] = name
+    return "?" + urlencode(params)
+
+
+def _link_state(query, model_name):
+    """The controls, table, recipe and example a link's query names, each checked as an upload is."""
+    config = None
+    if (text := query.get("recipe")) is not None:
+        if len(text) > MAX_LINK_RECIPE:
+            raise ConfigError(f"the link's recipe has {len(text)} characters; at most {MAX_LINK_RECIPE}")
+        config = QuantConfig.from_json(text)
+        check_config(CACHE.load(model_name).model, config)
+    example = query.get("example")
+    if example is not None and example not in _example_names():
+        raise ConfigError(f"the link names no shipped example {example[:40]!r}; the examples are "
+                          f"{', '.join(_example_names())}")
+    return config, example
+
+
+def open_link(model_name, request: gr.Request):
+    """On page load: the state a link carries (query parameters `recipe` and `example`), checked
+    like an uploaded recipe. A bad link is a warning naming what is wrong, and the default state.
+    Returns (*controls, table, applied recipe, image, status, recipe JSON, recipe download)."""
+    keep = [gr.update()] * 12
+    query = dict(request.query_params) if request is not None else {}
+    if not query.keys() & {"recipe", "example"}:
+        return keep
+    try:
+        config, example = _link_state(query, model_name)
+    except (ConfigError, ModelUnavailableError, KeyError, ValueError) as exc:
+        gr.Warning(views.without_paths(f"This link cannot be opened: {exc}"), title="Bad link",
+                   duration=None)   # stays until closed: the visitor must see why the page is not the link's
+        return keep
+    out = keep
+    if config is not None:
+        loaded = CACHE.load(model_name)
+        out = [*_controls(config), views.layer_rows(loaded.model, config), config.to_json(), gr.update(),
+               f"Restored from the link: `{config.to_json()}`.", config.to_json(indent=2), recipe_file(config)]
+    if example is not None:
+        out[8] = _example_names()[example]
+    return out
+
+
 @user_errors
 def show_deploy(model_name, applied, image, progress=gr.Progress()):
     config = QuantConfig.from_json(applied)
@@ -287,6 +410,15 @@ def show_deploy(model_name, applied, image, progress=gr.Progress()):
         raise gr.Error(views.without_paths(f"This recipe cannot be exported to int8: {exc}")) from None
 
 
+def plotly_preload() -> str:
+    """The page's <head> addition that fetches and compiles Gradio's plotly bundle (4.4 MB) while the
+    first predictions are computed, instead of after they arrive (Gradio loads it at the first plot)."""
+    bundles = sorted((Path(gr.__file__).parent / "templates" / "frontend" / "assets").glob("PlotlyPlot-*.js"))
+    return "".join(f'<link rel="modulepreload" href="./assets/{b.name}">' for b in bundles[:1])
+
+
 def warm_up():
-    """Load the default model and search its data-free ranges in the background after start."""
+    """In the background after start: the default recipe first (every new page's first
+    predictions), then the data-free ranges of every bit width."""
+    CACHE.quantized(DEFAULT_MODEL, QuantConfig())
     CACHE.warm(DEFAULT_MODEL)

@@ -142,11 +142,16 @@ def attribution(image, drift) -> go.Figure:
 
 
 def predictions(cmp) -> go.Figure:
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("float", "quantized" + (" — top-1 flipped" if cmp.flipped else "")))
-    for col, (p, color) in enumerate(((cmp.float, FLOAT), (cmp.quant, BAD if cmp.flipped else QUANT)), 1):
-        fig.add_bar(x=p.probs[::-1], y=p.classes[::-1], orientation="h", marker_color=color, row=1, col=col)
-    fig.update_layout(showlegend=False, title=f"Top-5 (logit SQNR {cmp.logit_sqnr:.1f} dB)")
-    fig.update_xaxes(range=[0, 1], title_text="probability")
+    """Float above quantized, compact: the figure sits beside the recipe and the image at 1280x720."""
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.12,
+                        subplot_titles=("float", "quantized" + (" — top-1 flipped" if cmp.flipped else "")))
+    for row, (p, color) in enumerate(((cmp.float, FLOAT), (cmp.quant, BAD if cmp.flipped else QUANT)), 1):
+        fig.add_bar(x=p.probs[::-1], y=p.classes[::-1], orientation="h", marker_color=color, row=row, col=1)
+    fig.update_layout(showlegend=False, title=f"Top-5 (logit SQNR {cmp.logit_sqnr:.1f} dB)", height=430,
+                      margin=dict(l=10, r=10, t=70, b=40))
+    fig.update_xaxes(range=[0, 1])
+    fig.update_xaxes(title_text="probability", row=2, col=1)
+    fig.update_yaxes(automargin=True)
     return fig
 
 

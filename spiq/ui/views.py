@@ -163,18 +163,20 @@ def methods(cache: ModelCache, name: str, config: QuantConfig, image: Image.Imag
     rows = []
     with cache.lock:
         yf = loaded.model(x)[0]
-        applicable = methods_for(loaded.model)
-        for i, m in enumerate(applicable):
-            if progress is not None:
-                progress(i / len(applicable), f"quantizing with {m}")
-            q = cache.quantized(name, method_config(config, m))
+    applicable = methods_for(loaded.model)
+    for i, m in enumerate(applicable):
+        if progress is not None:
+            progress(i / len(applicable), f"quantizing with {m}")
+        # the lock one method at a time: other visitors' predictions run between them
+        q = cache.quantized(name, method_config(config, m))
+        with cache.lock:
             yq = q(x)[0]
-            p = yq.softmax(0)
-            rows.append(dict(
-                method=m, top1=loaded.classes[int(yq.argmax())], prob=float(p.max()),
-                agrees=bool(yq.argmax() == yf.argmax()),
-                logit_sqnr=tensor_sqnr_db(yf, yq),
-                calibrated_on=(f"{len(cache.calibration(name))} example images" if get_method(m).needs_calibration else "")))
+        p = yq.softmax(0)
+        rows.append(dict(
+            method=m, top1=loaded.classes[int(yq.argmax())], prob=float(p.max()),
+            agrees=bool(yq.argmax() == yf.argmax()),
+            logit_sqnr=tensor_sqnr_db(yf, yq),
+            calibrated_on=(f"{len(cache.calibration(name))} example images" if get_method(m).needs_calibration else "")))
     return plots.methods(rows, loaded.classes[int(yf.argmax())], config), rows
 
 
@@ -193,9 +195,9 @@ def story(cache: ModelCache, name: str, config: QuantConfig, image: Image.Image)
     x = loaded.preprocess(image)
     picture = loaded.preprocess.to_image(x)
     panels = []
-    with cache.lock:
-        for m in ("spiq", "static-tensor"):
-            q = cache.quantized(name, method_config(config, m))
+    for m in ("spiq", "static-tensor"):
+        q = cache.quantized(name, method_config(config, m))
+        with cache.lock:   # one method at a time: other visitors' predictions run between them
             cmp = analysis.compare_predictions(loaded.model, q, x, loaded.classes)
             last = analysis.spatial_layers(q.model)[-1:]
             maps = analysis.error_maps(loaded.model, q, x, last)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import unquote_plus
 
 import pytest
 from playwright import sync_api
@@ -15,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = os.environ.get("SPIQ_CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
-PLOTS = {"Predictions": ["pred-plot"], "Story": ["story-plot"], "Channel ranges": ["ranges-plot"],
+PLOTS = {"Story": ["story-plot"], "Channel ranges": ["ranges-plot"],
          "Layer error": ["sqnr-plot", "breakdown-plot", "fold-plot"], "Error map": ["emap-plot"],
          "Attribution": ["attr-plot"], "Methods": ["methods-plot"], "Deploy": [], "Recipe": []}
 
@@ -93,7 +94,8 @@ def test_app_in_chromium(app_url, tmp_path):
         page.wait_for_function(f"document.querySelector('#pred-text').innerText !== {before!r}", timeout=60_000)
         after = page.inner_text("#pred-text")
         assert after != before and "logit SQNR" in after
-        # the refresh after Apply fills every view; wait for the last one it writes
+        assert _plot_traces(page, "pred-plot") > 0
+        # after Apply the tab in view is drawn again (each other tab when it is opened)
         page.wait_for_function("document.querySelector('#views-note').innerText.includes('\"input_bits\": 4')",
                                timeout=120_000)
 
@@ -218,3 +220,155 @@ def test_an_image_put_over_the_shown_one_is_predicted_once(app_url, tmp_path):
                                timeout=30_000)
         browser.close()
     assert not [m for m in problems if "Bad image" not in m and "cannot be used" not in m], "\n".join(problems)
+
+
+# the page shows predictions (the element may not exist yet right after navigation)
+PREDICTED = "(document.querySelector('#pred-text') || {innerText: ''}).innerText.includes('logit SQNR')"
+
+
+def test_views_are_computed_when_their_tab_is_shown(app):
+    """On load and on Apply only the predictions and the tab in view are computed; another tab
+    computes when it is opened; going back to a computed tab computes nothing."""
+    module, url = app
+    cache = module.CACHE
+    names = {i: getattr(f, "name", "") for i, f in module.demo.fns.items()}
+    problems, joins = [], []
+
+    def new_views(before):
+        return [k[3] for k in cache.view_keys() if k not in before]
+
+    def joined(name):
+        return sum(names.get(i) == name for i in joins)
+
+    with sync_api.sync_playwright() as p:
+        if not Path(CHROMIUM).exists():
+            pytest.fail(f"Chromium not found at {CHROMIUM}")
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_context(viewport={"width": 1280, "height": 720}).new_page()
+        page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+        page.on("request", lambda r: joins.append((r.post_data_json or {}).get("fn_index"))
+                if "/queue/join" in r.url else None)
+        before = cache.view_keys()
+        page.goto(url, wait_until="domcontentloaded")
+        page.wait_for_function(PREDICTED, timeout=90_000)
+        assert _plot_traces(page, "story-plot") > 0   # the tab in view
+        page.wait_for_timeout(1500)
+        assert joined("predict") == 1 and joined("compute_tab") <= 1 and joined("refresh") == 0, joins
+        assert set(new_views(before)) <= {"story"}
+
+        # a recipe no other test applies: Apply computes the predictions and the Story tab only
+        joins.clear()
+        before, computed = cache.view_keys(), cache.view_computes
+        box = page.locator("#abits input[type=number]")
+        box.fill("7")
+        box.press("Enter")
+        page.locator("#wbits input[type=number]").fill("6")
+        page.locator("#wbits input[type=number]").press("Enter")
+        page.click("#apply")
+        page.wait_for_function("document.querySelector('#views-note').innerText.includes('\"input_bits\": 7')",
+                               timeout=90_000)
+        page.wait_for_timeout(1500)
+        assert new_views(before) == ["story"] and cache.view_computes == computed + 1
+        assert joined("apply") == 1 and joined("compute_tab") == 1, joins
+
+        # another tab computes when it is opened
+        before, computed = cache.view_keys(), cache.view_computes
+        page.get_by_role("tab", name="Layer error").click()
+        assert _plot_traces(page, "sqnr-plot") > 0
+        page.wait_for_function("document.querySelector('#sqnr-plot .gtitle') !== null", timeout=60_000)
+        assert new_views(before) == ["layer-error"] and cache.view_computes == computed + 1
+
+        # going back to a computed tab, and forth again: nothing is computed, nothing is re-sent
+        joins.clear()
+        computed, hits = cache.view_computes, cache.view_hits
+        for tab, plot in (("Story", "story-plot"), ("Layer error", "sqnr-plot")):
+            start = time.perf_counter()
+            page.get_by_role("tab", name=tab).click()
+            assert _plot_traces(page, plot) > 0
+            assert time.perf_counter() - start < 2.0
+        page.wait_for_timeout(1500)
+        assert joined("compute_tab") == 0 and cache.view_computes == computed and cache.view_hits == hits, joins
+
+        # a new session with the first page's image and recipe gets its tab from the cache
+        computed, hits = cache.view_computes, cache.view_hits
+        page2 = browser.new_context(viewport={"width": 1280, "height": 720}).new_page()
+        page2.goto(url, wait_until="domcontentloaded")
+        page2.wait_for_function(PREDICTED, timeout=90_000)
+        assert _plot_traces(page2, "story-plot") > 0
+        assert cache.view_computes == computed and cache.view_hits == hits + 1
+        browser.close()
+    assert not problems, "\n".join(problems)
+
+
+def test_recipe_image_and_predictions_fit_one_1280x720_screen(app_url):
+    """Presenting on a 1280x720 projector: the controls, the image and the predictions without scrolling."""
+    problems = []
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_context(viewport={"width": 1280, "height": 720}).new_page()
+        page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+        page.goto(app_url, wait_until="domcontentloaded")
+        page.wait_for_function(PREDICTED, timeout=90_000)
+        assert _plot_traces(page, "pred-plot") > 0
+        page.wait_for_timeout(500)   # plotly's last relayout
+        page.screenshot(path=str(Path(os.environ.get("SPIQ_SCREENSHOT_DIR", "/tmp")) / "app_1280x720.png"))
+        for elem in ("apply", "image", "pred-text", "pred-plot"):
+            box = page.locator(f"#{elem}").bounding_box()
+            assert box is not None and box["width"] > 0, elem
+            assert 0 <= box["y"] and box["y"] + box["height"] <= 720, (elem, box)
+            assert box["x"] + box["width"] <= 1280, (elem, box)
+        assert page.evaluate("window.scrollY") == 0
+        browser.close()
+    assert not problems, "\n".join(problems)
+
+
+def test_a_link_restores_the_recipe_and_the_example(app_url):
+    """`?recipe=<flat JSON>&example=<file name>` restores the controls, the image and the views; bad
+    values are refused by name, and the page opens in its default state."""
+    from urllib.parse import quote
+
+    recipe = '{"method": "static-tensor", "weight_bits": 6, "input_bits": 6}'
+    problems = []
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        context = browser.new_context(viewport={"width": 1280, "height": 720},
+                                      permissions=["clipboard-read", "clipboard-write"])
+        page = context.new_page()
+        page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+        page.goto(f"{app_url}/?recipe={quote(recipe)}&example=rocket.jpg", wait_until="domcontentloaded")
+        page.wait_for_function("(document.querySelector('#status') || {innerText: ''}).innerText"
+                               ".includes('Restored from the link')", timeout=90_000)
+        page.wait_for_function(PREDICTED, timeout=90_000)
+        assert page.input_value("#method input") == "static-tensor"
+        assert page.input_value("#wbits input[type=number]") == "6" and page.input_value("#abits input[type=number]") == "6"
+        assert page.locator("#image img[src*='rocket']").count() == 1
+        page.wait_for_function("(document.querySelector('#views-note') || {innerText: ''}).innerText"
+                               ".includes('static-tensor')", timeout=90_000)
+        # the Recipe tab shows the link to what is applied, absolute, ready to copy
+        page.get_by_role("tab", name="Recipe").click()
+        page.wait_for_function("document.querySelector('#share-link textarea').value.includes('example=rocket.jpg')",
+                               timeout=30_000)
+        link = page.input_value("#share-link textarea")
+        assert link.startswith(app_url) and "static-tensor" in unquote_plus(link)
+        assert page.locator("#share-link button[aria-label*='opy' i], #share-link button[title*='opy' i]").count() >= 1
+        # the link opens the same state in a new page
+        page2 = context.new_page()
+        page2.goto(link, wait_until="domcontentloaded")
+        page2.wait_for_function(PREDICTED, timeout=90_000)
+        assert page2.input_value("#method input") == "static-tensor"
+        assert page2.locator("#image img[src*='rocket']").count() == 1
+
+        bad_recipe = quote('{"method": "spik"}')
+        for query, expected in ((f"recipe={bad_recipe}&example=rocket.jpg", "method"),
+                                ("example=..%2Fapp.py", "no shipped example '../app.py'")):
+            bad = context.new_page()
+            bad.goto(f"{app_url}/?{query}", wait_until="domcontentloaded")
+            toast = bad.wait_for_function("(document.querySelector('[data-testid=toast-body]') || {}).innerText",
+                                          timeout=60_000).json_value()
+            assert "cannot be opened" in toast and expected in toast, toast
+            bad.wait_for_function(PREDICTED, timeout=90_000)
+            assert bad.input_value("#method input") == "spiq"          # the default state
+            assert bad.locator("#image img[src*='cat']").count() == 1
+            assert "/" not in toast.split("'../app.py'")[-1]   # no server path
+        browser.close()
+    assert not problems, "\n".join(problems)

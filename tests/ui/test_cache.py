@@ -1,4 +1,5 @@
 """Re-quantizing fast for many users: prepared analyses, the model cache, the per-layer table, the views."""
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -160,3 +161,50 @@ def test_distilling_a_new_model_leaves_the_shared_lock_to_other_models(monkeypat
     assert bar == sorted(bar) and bar[-1] == 1.0 and min(bar) >= 0.9   # quantizing after the distilling
     # the second request for the model waits for nothing
     assert cache.distill("cnn", QuantConfig(input_bits=5)) is False
+
+
+def test_urgent_waiters_take_the_lock_first_and_it_is_reentrant():
+    import threading
+    import time
+
+    from spiq.ui.cache import PriorityLock
+
+    lock, order = PriorityLock(), []
+    with lock:
+        with lock:   # re-entrant
+            pass
+
+        def take(name, urgent):
+            with lock.urgent() if urgent else contextlib.nullcontext():
+                with lock:
+                    order.append(name)
+        normal = threading.Thread(target=take, args=("views", False))
+        normal.start()
+        time.sleep(0.1)
+        urgent = threading.Thread(target=take, args=("predictions", True))
+        urgent.start()
+        time.sleep(0.1)
+    normal.join(5)
+    urgent.join(5)
+    assert order == ["predictions", "views"]
+    with pytest.raises(RuntimeError):
+        lock.release()
+
+
+def test_views_lru_is_bounded_and_counts_computes_and_hits():
+    cache = ModelCache(max_views=2)
+    assert cache.view(("a",), lambda: 1) == 1 and cache.view(("a",), lambda: 2) == 1
+    cache.view(("b",), lambda: 3)
+    cache.view(("c",), lambda: 4)
+    assert cache.view_keys() == [("b",), ("c",)] and cache.cached_view(("a",)) == (False, None)
+    assert (cache.view_computes, cache.view_hits) == (3, 1)
+
+
+def test_a_pinned_config_outlives_the_lru():
+    cache, config = ModelCache(max_quantized=1), QuantConfig(method="static-tensor", bias_images=0)
+    cache.pin("efficientnet_lite0", config)
+    pinned = cache.quantized("efficientnet_lite0", config)
+    for bits in (5, 6):
+        cache.quantized("efficientnet_lite0", config.replace(input_bits=bits))
+    assert len(cache.cached_configs()) == 2
+    assert cache.quantized("efficientnet_lite0", config) is pinned
