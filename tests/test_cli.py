@@ -295,3 +295,74 @@ def test_export_refuses_a_recipe_without_int8_graph_before_quantizing(tmp_path, 
     check_exportable(QuantConfig(method="calib-mse", overrides={"conv_stem": {"skip": True, "input_bits": 4}}))
     with pytest.raises(ExportError, match="vision transformers"):
         check_exportable(QuantConfig(method="liu-ptq"))
+
+
+SWEEP = ["sweep", "--model", "efficientnet_lite0", "--methods", "spiq,static-tensor", "--wbits", "8",
+         "--abits", "8,4", "--limit", "2"]
+
+
+@pytest.mark.parametrize("change, why", [
+    ({"--methods": ","}, "--methods is empty"),
+    ({"--methods": "spiq,spiqq"}, "got 'spiqq' (did you mean 'spiq'"),
+    ({"--methods": "fp"}, "fp is the reference"),
+    ({"--wbits": "8,1"}, "weight_bits must be from 2 to 16, got 1"),
+    ({"--abits": "17"}, "input_bits must be from 2 to 16, got 17"),
+    ({"--abits": "4.5"}, "argument --abits: bits must be an integer"),
+    ({"--jobs": "0"}, "argument --jobs: must be a positive integer"),
+    ({"--model": "efficientnet_lite0,resnet_18"}, "unknown model 'resnet_18'"),
+])
+def test_sweep_refuses_bad_arguments_before_any_work(change, why, tmp_path, capsys):
+    from spiq import cli
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    shutil.copy(ROOT / "assets" / "cat.jpg", folder / "n02123159_tiger_cat.jpg")
+    args = [*SWEEP, "--images", str(folder), "--out", str(tmp_path / "out")]
+    for flag, value in change.items():
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
+    try:
+        rc = cli.main(args)
+    except SystemExit as exc:   # refused by the parser
+        rc = exc.code
+    err = capsys.readouterr().err
+    assert rc == 2 and why in _one_error_line(err)
+    assert "sweep cells" not in err and not (tmp_path / "out").exists()
+
+
+def test_sweep_refuses_an_output_it_cannot_write_before_any_work(tmp_path, capsys):
+    from spiq import cli
+
+    (tmp_path / "file.txt").write_text("x")
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    shutil.copy(ROOT / "assets" / "cat.jpg", folder / "n02123159_tiger_cat.jpg")
+    bad = [(tmp_path / "file.txt", "is not a directory"), (tmp_path / "missing", "does not exist")]
+    if os.geteuid() != 0:   # root writes into any folder
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o500)
+        bad.append((locked / "out", "cannot be written: Permission denied"))
+    for out, why in bad:
+        images = tmp_path / "missing" if why == "does not exist" else folder
+        assert cli.main([*SWEEP, "--images", str(images), "--out", str(out if why != "does not exist" else tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert why in _one_error_line(err) and "sweep cells" not in err
+
+
+@pytest.mark.slow   # two spawned processes, each loading the model
+def test_sweep_with_two_jobs_writes_the_same_cells_as_one(tmp_path, sample_dir):
+    base = ["sweep", "--model", "efficientnet_lite0", "--images", str(sample_dir), "--methods",
+            "dynamic-channel,dynamic-tensor", "--wbits", "8", "--abits", "8,6", "--limit", "6"]
+    r = _spiq(*base, "--out", str(tmp_path / "two"), "--jobs", "2")
+    assert r.returncode == 0, r.stderr
+    assert "4/4" in r.stderr and "4 computed" in r.stdout
+    r = _spiq(*base, "--out", str(tmp_path / "one"), "--abits", "6")
+    assert r.returncode == 0, r.stderr
+    for name in ("dynamic-channel__W8A6", "dynamic-tensor__W8A6"):
+        two, one = (json.loads((tmp_path / d / "cells" / f"efficientnet_lite0__{name}.json").read_text())
+                    for d in ("two", "one"))
+        assert {k: v for k, v in two.items() if k != "seconds"} == {k: v for k, v in one.items() if k != "seconds"}
+    assert len((tmp_path / "two" / "sweep.csv").read_text().splitlines()) == 1 + 4
