@@ -1,5 +1,6 @@
 """The `spiq` command: list models, evaluate a method on labelled images, sweep models x methods x
-bits, export int8 ONNX, distill the images the bias fit needs ahead of time."""
+bits, export int8 ONNX, distill the images the bias fit needs ahead of time, advise per-layer
+widths under a budget."""
 from __future__ import annotations
 
 import argparse
@@ -268,7 +269,7 @@ def _cmd_sweep(args) -> int:
     base = QuantConfig.from_json(read_recipe_text(args.config, f"--config {args.config}")) if args.config else QuantConfig()
     if args.calib_n is not None:
         base = base.replace(calib_images=args.calib_n)
-    cells = _sweep_cells(args, base)
+    cells, n_images = _sweep_cells(args, base)
     _check_output_folder(args.out, "--out")
     sweep = Sweep(args.images, Path(args.out), base, args.limit, args.calib, args.strict)
     if not args.calib and any(c.needs_calibration for c in _sweep_configs(args, base)):
@@ -286,7 +287,7 @@ def _cmd_sweep(args) -> int:
     with tqdm(total=len(cells), desc="sweep cells", unit="cell", file=sys.stderr) as cell_bar:
         try:
             todo = run_sweep(sweep, cells, args.jobs, done=lambda cell: cell_bar.update(1),
-                             loading=lambda m: bar_for(f"loading images for {m}", _n_images(args)),
+                             loading=lambda m: bar_for(f"loading images for {m}", n_images),
                              calibrating=lambda m: bar_for(f"calibration images for {m}", base.calib_images),
                              on_skip=_skipper(args, skipped),
                              start=lambda n: cell_bar.update(len(cells) - n))
@@ -320,16 +321,10 @@ def _sweep_cells(args, base: QuantConfig):
     _sweep_configs(args, base)
     for model in args.model:
         get_spec(model)   # an unknown name: KeyError with the close ones
-    find_images(args.images)   # a missing or empty folder, before any work
+    n_images = len(find_images(args.images)[: args.limit])   # a missing or empty folder, before any work
     if args.calib:
         find_images(args.calib)
-    return plan_cells(args.model, args.methods, args.wbits, args.abits)
-
-
-def _n_images(args) -> int:
-    from spiq.models.data import find_images
-
-    return len(find_images(args.images)[: args.limit])
+    return plan_cells(args.model, args.methods, args.wbits, args.abits), n_images
 
 
 def _names(text: str) -> list[str]:
@@ -338,6 +333,49 @@ def _names(text: str) -> list[str]:
 
 def _bit_list(text: str) -> list[int]:
     return [_bits(t) for t in _names(text)]
+
+
+def _cmd_advise(args) -> int:
+    from tqdm import tqdm
+
+    from spiq.analysis.advise import advise, check_budget, check_widths
+    from spiq.analysis.sensitivity import sensitivity
+    from spiq.models.registry import load_model
+
+    config = _build_config(args)
+    if config is None:
+        raise ConfigError("advise chooses quantized widths: give a quantization method, not fp")
+    widths = check_widths(args.widths)
+    check_budget(args.budget, widths)
+    if args.weight_budget is not None:
+        check_budget(args.weight_budget, widths, "--weight-budget")
+    _check_output(args.out, "--out")
+    _check_output(args.json, "--json")
+    loaded = load_model(args.model)   # unknown model: one line, before any work
+    with tqdm(total=100, desc=f"sensitivity of {args.model} on distilled images", unit="%", file=sys.stderr) as bar:
+        def progress(frac, _msg):
+            bar.update(round(frac * 100) - bar.n)
+        table = sensitivity(loaded, config, widths, progress=progress)
+    advice = advise(table, config, args.budget, widths, args.weight_budget)
+    try:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(advice.config.to_json() + "\n")
+    except OSError as exc:
+        raise UsageError(f"--out {args.out} could not be written: {exc.strerror or exc}") from None
+    print(f"advised {args.model}: average input width {advice.input_budget_used:.3f} bits (budget {args.budget}), "
+          f"weights {advice.weight_budget_used:.3f}, predicted logit SQNR {advice.predicted_sqnr_db:.1f} dB "
+          f"on distilled images; recipe {args.out}")
+    if args.json:
+        _write_json(args.json, {"model": args.model, "budget": args.budget, "weight_budget": args.weight_budget,
+                                "widths": widths, **advice.to_dict()})
+    return 0
+
+
+def _widths(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"widths must be comma-separated integers, got {text!r}") from None
 
 
 def _bits(text: str) -> int:
@@ -361,6 +399,39 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):
         # one line, as every other error of spiq: `usage` would bury it under the whole synopsis
         self.exit(2, f"spiq: error: {message} (see {self.prog} --help)\n")
+
+
+def _add_sweep(sub) -> None:
+    s = sub.add_parser("sweep", help="models x methods x bits on labelled images: one JSON per cell, a CSV, an HTML report")
+    s.add_argument("--model", required=True, type=_names, help="a name from `spiq models`, or a comma list")
+    s.add_argument("--images", required=True, help="folder of <synset>_*.jpg files or <synset>/ subfolders")
+    s.add_argument("--methods", required=True, type=_names, help="comma list of methods, e.g. spiq,static-tensor")
+    s.add_argument("--wbits", required=True, type=_bit_list, help="comma list of weight bits (2-16), e.g. 8,4")
+    s.add_argument("--abits", required=True, type=_bit_list, help="comma list of input bits (2-16), e.g. 8,6,4")
+    s.add_argument("--limit", type=_positive, help="evaluate only the first N images (unreadable ones included)")
+    s.add_argument("--config", help="QuantConfig JSON every cell starts from; the cells set method and bits")
+    s.add_argument("--calib", help="calibration image folder for calib-* and liu-ptq (default: --images)")
+    s.add_argument("--calib-n", type=_positive, help="number of calibration images")
+    s.add_argument("--out", required=True, help="folder: cells/ (one JSON per cell), cache/, sweep.csv, report.html")
+    s.add_argument("--jobs", type=_positive, default=1, help="cells computed in this many processes (default 1)")
+    s.add_argument("--strict", action="store_true", help="refuse an unreadable image instead of skipping it")
+    s.set_defaults(func=_cmd_sweep)
+
+
+def _add_advise(sub) -> None:
+    a = sub.add_parser("advise", help="per-layer widths under an average-bits budget, from distilled images only")
+    a.add_argument("--model", required=True, help="a name from `spiq models`")
+    a.add_argument("--method", choices=list(METHODS), help="the quantization method (or --config)")
+    a.add_argument("--wbits", type=_bits, help="weight bits (2-16): every layer's without --weight-budget")
+    a.add_argument("--abits", type=_bits, help="the recipe's model-wide input bits; layers that differ are overrides")
+    a.add_argument("--config", help="QuantConfig JSON to start from; --method/--wbits/--abits override its fields")
+    a.add_argument("--budget", type=float, required=True,
+                   help="average input bits, weighted by each layer's input values per image")
+    a.add_argument("--weight-budget", type=float, help="also choose weight widths: average bits by weight count")
+    a.add_argument("--widths", type=_widths, default=[4, 5, 6, 8], help="widths to choose from (default 4,5,6,8)")
+    a.add_argument("--out", required=True, help="the recipe JSON to write (for evaluate/export --config)")
+    a.add_argument("--json", help="write the budget used and the predicted logit SQNR as JSON here")
+    a.set_defaults(func=_cmd_advise, calib_n=None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -401,20 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--strict", action="store_true", help="refuse an unreadable image instead of skipping it")
     x.set_defaults(func=_cmd_export)
 
-    s = sub.add_parser("sweep", help="models x methods x bits on labelled images: one JSON per cell, a CSV, an HTML report")
-    s.add_argument("--model", required=True, type=_names, help="a name from `spiq models`, or a comma list")
-    s.add_argument("--images", required=True, help="folder of <synset>_*.jpg files or <synset>/ subfolders")
-    s.add_argument("--methods", required=True, type=_names, help="comma list of methods, e.g. spiq,static-tensor")
-    s.add_argument("--wbits", required=True, type=_bit_list, help="comma list of weight bits (2-16), e.g. 8,4")
-    s.add_argument("--abits", required=True, type=_bit_list, help="comma list of input bits (2-16), e.g. 8,6,4")
-    s.add_argument("--limit", type=_positive, help="evaluate only the first N images (unreadable ones included)")
-    s.add_argument("--config", help="QuantConfig JSON every cell starts from; the cells set method and bits")
-    s.add_argument("--calib", help="calibration image folder for calib-* and liu-ptq (default: --images)")
-    s.add_argument("--calib-n", type=_positive, help="number of calibration images")
-    s.add_argument("--out", required=True, help="folder: cells/ (one JSON per cell), cache/, sweep.csv, report.html")
-    s.add_argument("--jobs", type=_positive, default=1, help="cells computed in this many processes (default 1)")
-    s.add_argument("--strict", action="store_true", help="refuse an unreadable image instead of skipping it")
-    s.set_defaults(func=_cmd_sweep)
+    _add_sweep(sub)
+    _add_advise(sub)
 
     d = sub.add_parser("distill", help="distill the images the bias fit (bias_images) needs, once per model")
     d.add_argument("--model", required=True, help="a name from `spiq models`")

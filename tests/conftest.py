@@ -110,3 +110,33 @@ def app():
                                            max_file_size=app_module.MAX_UPLOAD_BYTES)
         yield app_module, url
         app_module.demo.close()
+
+
+# The data-free sensitivity table of EfficientNet-Lite0 that the fast tier checks (analysis and the
+# CLI's advise): two widths, four of the shipped distilled images, SPIQ as in the paper
+# (fold="always": one range search per width, not two), to keep it to about a minute.
+SENSITIVITY_CONFIG = dict(method="spiq", weight_bits=8, input_bits=4, fold="always")
+SENSITIVITY_WIDTHS = (4, 8)
+
+
+@pytest.fixture(scope="session")
+def lite0_sensitivity(lite0_loaded):
+    """(table, the files opened while it was measured, the images it was measured on, prepared)."""
+    from PIL import Image
+
+    from spiq.analysis.sensitivity import sensitivity
+    from spiq.quantize.prepared import prepare
+
+    config = spiq.QuantConfig(**SENSITIVITY_CONFIG)
+    opened, real_open = [], Image.open
+
+    def spy(fp, *args, **kwargs):
+        opened.append(str(fp))
+        return real_open(fp, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Image, "open", spy)
+        prepared = prepare(lite0_loaded, config)
+        images = prepared.distilled_images(8)[:4]
+        table = sensitivity(lite0_loaded, config, SENSITIVITY_WIDTHS, images=images, prepared=prepared)
+    return table, opened, images, prepared

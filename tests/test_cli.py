@@ -366,3 +366,58 @@ def test_sweep_with_two_jobs_writes_the_same_cells_as_one(tmp_path, sample_dir):
                     for d in ("two", "one"))
         assert {k: v for k, v in two.items() if k != "seconds"} == {k: v for k, v in one.items() if k != "seconds"}
     assert len((tmp_path / "two" / "sweep.csv").read_text().splitlines()) == 1 + 4
+def _advise_with(monkeypatch, table, calls=None):
+    """`spiq advise` in this process, with the fast tier's sensitivity table instead of a new one."""
+    from spiq import cli
+    from spiq.analysis import sensitivity as sens
+
+    def fake(*args, **kwargs):
+        if calls is not None:
+            calls.append(args)
+        return table
+    monkeypatch.setattr(sens, "sensitivity", fake)
+    return cli.main
+
+
+def test_advise_writes_a_loadable_recipe_and_reads_no_image(tmp_path, monkeypatch, capsys, lite0_sensitivity, lite0):
+    import spiq
+    from spiq.quantize.api import check_config
+
+    table, opened, _, _ = lite0_sensitivity
+    main = _advise_with(monkeypatch, table)
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda fp, *a, **k: pytest.fail(f"advise opened {fp}") or real_open(fp))
+    recipe, out = tmp_path / "r" / "recipe.json", tmp_path / "out.json"
+    assert main(["advise", "--model", "efficientnet_lite0", "--method", "spiq", "--wbits", "8", "--abits", "4",
+                 "--budget", "4.5", "--widths", "4,8", "--out", str(recipe), "--json", str(out)]) == 0
+    config = spiq.QuantConfig.from_json(recipe.read_text())
+    check_config(lite0, config)
+    report = json.loads(out.read_text())
+    assert report["input_budget_used"] <= 4.5 and report["predicted_sqnr_db"] > 0
+    assert config.to_dict() == report["recipe"] and config.overrides   # some layers at 8 bits
+    assert "predicted logit SQNR" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--budget", "3.5"], "budget must lie from the smallest width (4)"),
+    (["--budget", "8.5"], "to the largest (8)"),
+    (["--budget", "5", "--weight-budget", "2"], "weight-budget must lie"),
+    (["--budget", "5", "--widths", "4,x"], "widths must be comma-separated integers"),
+    (["--budget", "5", "--widths", "1,8"], "widths must be integers from 2 to 16"),
+    (["--budget", "5", "--model", "no_such_model"], "no_such_model"),
+    (["--budget", "5", "--out", "{tmp}"], "is a directory"),
+    (["--budget", "5", "--method", "fp"], "invalid choice"),
+])
+def test_advise_refuses_bad_arguments_before_any_work(tmp_path, monkeypatch, capsys, args, message):
+    calls = []
+    main = _advise_with(monkeypatch, [], calls)
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    argv = ["advise", "--model", "efficientnet_lite0", "--method", "spiq", "--abits", "4",
+            "--out", str(tmp_path / "r.json"), *args]
+    try:
+        code = main(argv)
+    except SystemExit as exc:   # argparse's refusals
+        code = exc.code
+    line = _one_error_line(capsys.readouterr().err)
+    assert code == 2 and message in line and not calls
+    assert not (tmp_path / "r.json").exists()
