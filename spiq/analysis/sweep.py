@@ -104,19 +104,25 @@ def _refuse_skipped(skipped, on_skip) -> None:
         raise ImageError(f"{skipped[0]}: could not be read")
 
 
+def _recording(on_skip):
+    """`on_skip` that also lists the skipped paths (kept with the cache), or None under --strict."""
+    skipped: list[str] = []
+    if on_skip is None:
+        return skipped, None
+
+    def skip(path, exc):
+        skipped.append(str(path))
+        on_skip(path, exc)
+    return skipped, skip
+
+
 def eval_inputs(loaded: LoadedModel, root, limit: int | None, cache: Path,
                 progress=None, on_skip=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
     """Images, labels, float logits and skipped paths of a folder, from `cache` when it has them."""
     data = _load_cached(cache, ("images", "labels", "logits", "skipped"))
     if data is None:
-        skipped = []
-
-        def skip(path, exc):
-            skipped.append(str(path))
-            if on_skip is not None:
-                on_skip(path, exc)
-        images, labels, _ = load_images(root, loaded.preprocess, limit, progress=progress,
-                                        on_skip=None if on_skip is None else skip)
+        skipped, skip = _recording(on_skip)
+        images, labels, _ = load_images(root, loaded.preprocess, limit, progress=progress, on_skip=skip)
         data = {"images": images, "labels": labels, "logits": logits(loaded.model, images), "skipped": skipped}
         atomic_save(cache, lambda tmp: torch.save(data, tmp))
     _refuse_skipped(data["skipped"], on_skip)
@@ -128,14 +134,8 @@ def calib_inputs(loaded: LoadedModel, root, n: int, cache: Path, progress=None,
     """`load_calibration` of a folder (what `spiq evaluate` calibrates on), from `cache` when it has it."""
     data = _load_cached(cache, ("calib", "skipped"))
     if data is None:
-        skipped = []
-
-        def skip(path, exc):
-            skipped.append(str(path))
-            if on_skip is not None:
-                on_skip(path, exc)
-        calib = load_calibration(root, loaded.preprocess, n, progress=progress,
-                                 on_skip=None if on_skip is None else skip)
+        skipped, skip = _recording(on_skip)
+        calib = load_calibration(root, loaded.preprocess, n, progress=progress, on_skip=skip)
         data = {"calib": calib, "skipped": skipped}
         atomic_save(cache, lambda tmp: torch.save(data, tmp))
     _refuse_skipped(data["skipped"], on_skip)
