@@ -10,7 +10,7 @@ LAYERS = ["conv_stem", "blocks.1.0.conv_dw", "blocks.2.1.conv_pw", "blocks.4.1.c
 
 def _inputs(qmodel, names, x):
     seen = {}
-    hooks = [qmodel.get_submodule(n).register_forward_pre_hook(
+    hooks = [qmodel.model.get_submodule(n).register_forward_pre_hook(
         lambda m, a, n=n: seen.__setitem__(n, a[0].detach())) for n in names]
     with torch.no_grad():
         qmodel(x)

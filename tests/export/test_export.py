@@ -80,7 +80,7 @@ def test_float_fold_is_exact(spiq_w8a8, images, tmp_path):
     # the twin is the simulation's own network where no grid had to change
     for name in report.int8_layers:
         if name not in report.requantized:
-            assert torch.equal(twin.get_submodule(name).layer.weight, spiq_w8a8.get_submodule(name).layer.weight)
+            assert torch.equal(twin.get_submodule(name).layer.weight, spiq_w8a8.model.get_submodule(name).layer.weight)
 
 
 def test_int8_graph_computes_its_simulation(spiq_w8a8, exported, images):
@@ -107,12 +107,13 @@ def test_parity_with_the_simulation_of_the_config(spiq_w8a8, exported, images):
 def test_int8_graph_config_simulates_what_onnx_runtime_runs(spiq_w8a8, exported, images, tmp_path):
     x, y = images
     twin = spiq.quantize(spiq_w8a8.report.prepared.source,
-                         spiq.QuantConfig(method="spiq", weight_bits=8, input_bits=8, int8_graph=True))
+                         spiq.QuantConfig(method="spiq", weight_bits=8, input_bits=8, int8_graph=True),
+                         preprocess=spiq_w8a8.preprocess)
     report = ex.export_onnx(twin, tmp_path / "twin.onnx")
     # the same graph as the plain config's: the twin simulates it, shared grids and extra quantizers too
     assert report.requantized == exported.requantized and report.op_counts == exported.op_counts
-    assert sum(isinstance(m, GridQuant) for m in twin.modules()) == len(report.plan.q_points) > 0
-    assert isinstance(twin.get_submodule("blocks.1.1.conv_pw"), QuantLayer)
+    assert sum(isinstance(m, GridQuant) for m in twin.model.modules()) == len(report.plan.q_points) > 0
+    assert isinstance(twin.model.get_submodule("blocks.1.1.conv_pw"), QuantLayer)
     plain = rt.parity(spiq_w8a8, exported.path, x, y)
     par = rt.parity(twin, report.path, x, y)
     assert par.agreement >= plain.agreement and par.logits_sqnr_db > plain.logits_sqnr_db + 2, (par, plain)
@@ -132,8 +133,9 @@ def test_int8_graph_carries_the_bias_fit_into_the_layers_it_requantizes(spiq_w8a
     x, _ = images
     source = spiq_w8a8.report.prepared.source
     config = spiq.QuantConfig(method="spiq", weight_bits=8, input_bits=8, int8_graph=True)
-    fitted = spiq.quantize(source, config)   # bias_images automatic: 8 on a model with BatchNorm
-    plain = spiq.quantize(source, config.replace(bias_images=0))
+    pre = spiq_w8a8.preprocess
+    fitted = spiq.quantize(source, config, preprocess=pre)   # bias_images automatic: 8 on a model with BatchNorm
+    plain = spiq.quantize(source, config.replace(bias_images=0), preprocess=pre)
     fit = fitted.source.report.bias_fit
     assert fitted.report.bias_images == 8 and not plain.report.bias_fit
     # the graph's biases in original units, before the int32 rounding

@@ -91,7 +91,7 @@ def test_bias_fit_on_distilled_images_lowers_the_error_on_real_images(lite0, sub
     assert gain > 0.2, f"the distilled bias fit gained only {gain:.2f} dB of logit SQNR on real images"
     acts = activated_layers(analyse(law.report.reference))
     for name in quantizable_layers(lite0):
-        same = torch.equal(law.get_submodule(name).layer.bias, fitted.get_submodule(name).layer.bias)
+        same = torch.equal(law.model.get_submodule(name).layer.bias, fitted.model.get_submodule(name).layer.bias)
         assert same == (name not in acts), name   # residual branches and logits keep the law's bias
 
 

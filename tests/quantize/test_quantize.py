@@ -59,9 +59,9 @@ def test_data_free_ranges_cover_real_activations(lite0, sample, lite0_loaded):
     q = spiq.quantize(lite0_loaded, spiq.QuantConfig(method="spiq", weight_bits=8, input_bits=8))
     ref = spiq.quantize(lite0_loaded, spiq.QuantConfig(method="dynamic-tensor", weight_bits=16, input_bits=16))
     for n in quantizable_layers(lite0):  # a float model with the same folding, through hooks
-        ref.get_submodule(n).input_quant = None
+        ref.model.get_submodule(n).input_quant = None
     names = quantizable_layers(lite0)
-    obs = observe(ref, names, sample[0][300:316])
+    obs = observe(ref.model, names, sample[0][300:316])
     for n in names:
         rng = q.report.layers[n].range
         s = obs[n].sample
@@ -102,8 +102,8 @@ def test_calibrated_methods_need_images(lite0, sample, lite0_loaded):
     # min/max per channel: the ranges are exactly what the calibration images produced
     ref = spiq.quantize(lite0_loaded, spiq.QuantConfig(method="dynamic-tensor", weight_bits=16, input_bits=16))
     for n in quantizable_layers(lite0):
-        ref.get_submodule(n).input_quant = None
-    obs = observe(ref, ["blocks.3.0.conv_pwl"], calib)["blocks.3.0.conv_pwl"]
+        ref.model.get_submodule(n).input_quant = None
+    obs = observe(ref.model, ["blocks.3.0.conv_pwl"], calib)["blocks.3.0.conv_pwl"]
     rng = q.report.layers["blocks.3.0.conv_pwl"].range
     assert torch.allclose(rng.hi, obs.hi.clamp_min(1e-8), rtol=1e-3)  # ref has 16-bit weights
 

@@ -89,8 +89,8 @@ def test_equalization_rescues_per_tensor_weights_and_not_spiq(lite0, subset, lit
     a = spiq.quantize(lite0_loaded, spiq.QuantConfig(**cfg))
     b = spiq.quantize(lite0_loaded, spiq.QuantConfig(**cfg, equalize=True))
     same = total = 0
-    for name, m in a.named_modules():
+    for name, m in a.model.named_modules():
         if isinstance(m, QuantLayer):
-            same += int((m.weight_codes == b.get_submodule(name).weight_codes).sum())
+            same += int((m.weight_codes == b.model.get_submodule(name).weight_codes).sum())
             total += m.weight_codes.numel()
     assert same / total > 0.999
