@@ -17,7 +17,7 @@ ASSETS = Path(__file__).resolve().parents[2] / "assets"
 
 
 def _same_model(a, b):
-    sa, sb = a.state_dict(), b.state_dict()
+    sa, sb = a.model.state_dict(), b.model.state_dict()
     assert sa.keys() == sb.keys()
     for k in sa:
         assert torch.equal(sa[k], sb[k]), k
