@@ -368,7 +368,8 @@ def test_a_link_restores_the_recipe_and_the_example(app_url):
             assert "cannot be opened" in toast and expected in toast, toast
             bad.wait_for_function(PREDICTED, timeout=90_000)
             assert bad.input_value("#method input") == "spiq"          # the default state
-            assert bad.locator("#image img[src*='cat']").count() == 1
+            first = (ROOT / "assets" / "examples.txt").read_text().split()[0]   # the default image
+            assert bad.locator(f"#image img[src*='{first.rsplit('.', 1)[0]}']").count() == 1
             assert "/" not in toast.split("'../app.py'")[-1]   # no server path
         browser.close()
     assert not problems, "\n".join(problems)
