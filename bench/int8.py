@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -60,11 +59,8 @@ def session_runner(session, x):
 
 
 def main(argv=None) -> int:
-    tmp = Path(tempfile.mkdtemp(prefix="spiq_int8_"))
-    try:
-        return run(argv, tmp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="spiq_int8_") as tmp:
+        return run(argv, Path(tmp))
 
 
 def run(argv, tmp: Path) -> int:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -401,11 +400,8 @@ def op_counts(path: Path) -> dict[str, int]:
 # --- the bench ---------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
-    tmp = Path(tempfile.mkdtemp(prefix="spiq_ortq_"))
-    try:
-        return run(argv, tmp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="spiq_ortq_") as tmp:
+        return run(argv, Path(tmp))
 
 
 def run(argv, tmp: Path) -> int:   # long: one bench, step by step
