@@ -16,7 +16,7 @@ import gradio as gr
 from spiq import METHODS, QuantConfig
 from spiq.ui import views
 from spiq.ui.handlers import (ATTRIBUTIONS, CACHE, DEFAULT_MODEL, DELETE_CACHE, EXAMPLES, MAX_UPLOAD_BYTES, NO_ATTENTION,
-                              NO_IMAGE, TAB_OUTPUTS, VIEW_OUTPUTS, BitsSlider, SafeImage, apply, compute_tab,
+                              NO_IMAGE, TAB_OUTPUTS, VIEW_OUTPUTS, BitsSlider, SafeImage, apply, compute_tab, fit_status,
                               link_query, load_recipe, model_choices, open_link, open_tab, plotly_preload, predict,
                               refresh, select_model, show_attention, show_attribution, show_deploy, show_error_map,
                               show_methods, show_ranges, unavailable_note, warm_up, recipe_file)
@@ -72,7 +72,9 @@ def build() -> gr.Blocks:
                                         label="Input granularity", min_width=150)
                 bias_fit = gr.Checkbox(value=True, label="Bias fit on distilled images", elem_id="bias-fit",
                                        info="bias correction on images distilled from BatchNorm statistics "
-                                            "(data-free; minutes on another model's first use)")
+                                            "(data-free; other models' images are distilled after start)")
+                fit_note = gr.Markdown(elem_id="fit-note")
+                fit_timer = gr.Timer(5, active=False)   # asks whether the background fit is ready
                 apply_btn = gr.Button("Apply", variant="primary", elem_id="apply")
                 status = gr.Markdown(elem_id="status")
             with gr.Column(scale=3, min_width=300):
@@ -173,7 +175,8 @@ def build() -> gr.Blocks:
         controls = [method, wbits, abits, wgran, igran, bias_fit]
         predict_io = dict(fn=predict, inputs=[applied_model, applied, image], outputs=[pred_plot, pred_text])
         then_views(model.change(select_model, [model, applied_model, *controls],
-                                [applied_model, model, table, applied, status, method], api_name="select_model",
+                                [applied_model, model, table, applied, status, method, bias_fit, fit_note, fit_timer],
+                                api_name="select_model",
                                 **group("apply")
                                 ).success(**predict_io, api_name=False, **group("predict")))
         then_views(apply_btn.click(apply, [applied_model, applied, *controls, table, image],
@@ -185,6 +188,8 @@ def build() -> gr.Blocks:
         then_views(image.upload(**predict_io, api_name="predict", trigger_mode="always_last", **group("predict")))
         then_views(examples.load_input_event.success(**predict_io, api_name=False, trigger_mode="always_last",
                                                      **group("predict")))
+        fit_timer.tick(fit_status, applied_model, [fit_note, fit_timer], api_name=False, show_progress="hidden",
+                       **group("cheap"))
         image.clear(None, None, [pred_plot, pred_text], js=f"() => [null, {json.dumps(NO_IMAGE)}]", api_name=False)
         range_layer.input(show_ranges, [applied_model, applied, image, range_layer], ranges_plot, api_name="ranges",
                           **group("views"))

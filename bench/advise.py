@@ -1,20 +1,22 @@
 """Mixed-precision recipes advised from distilled images, against uniform widths, on real images.
 
-    python bench/advise.py [--limit N] [--budgets 4.0,4.5,5.0,6.0] [--no-real]
+    python bench/advise.py [--limit N] [--budgets 4.0,4.5,5.0,6.0] [--widths 3,4,5,6,8] [--no-real]
 
 The advisor (`spiq advise`: the data-free sensitivity table, then an exact dynamic programme over
-additive noise) picks per-layer input widths from 4,5,6,8 for SPIQ with 8-bit weights under an
+additive noise) picks per-layer input widths from 3,4,5,6,8 for SPIQ with 8-bit weights under an
 average-input-bits budget. Each recipe is scored on the ImageNet sample against the float model,
 beside uniform W8A4/A5/A6: top-1, agreement with float top-1, mean logit SQNR, and the paired ~95 %
 interval of the agreement difference (bench/accuracy.py's). Beside it, the same search driven by
 32 real images (the calibration split of bench/accuracy.py) instead of distilled ones. Every row
-is scored on the other images. Writes bench/results/advise.json and advise.md.
+is scored on the other images. Writes bench/results/advise.json and advise.md, and the budget
+curve docs/advise-budgets.svg that the README shows.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -28,12 +30,13 @@ from spiq.analysis.sensitivity import predicted_sqnr_db, sensitivity
 from spiq.core.metrics import mean_logit_sqnr_db
 from spiq.quantize.prepared import prepare
 
-WIDTHS = (4, 5, 6, 8)
-UNIFORM = (4, 5, 6)
+UNIFORM = (4, 5, 6, 8)
+CURVE = Path(__file__).resolve().parents[1] / "docs" / "advise-budgets.svg"
 # (advised row, uniform row it is held against)
 VERSUS = [("advised 4.5 (distilled)", "uniform W8A5"), ("advised 4.5 (distilled)", "uniform W8A4"),
           ("advised 4.0 (distilled)", "uniform W8A4"), ("advised 4.5 (real)", "uniform W8A5"),
-          ("advised 4.0 (real)", "uniform W8A4"), ("advised 4.5 (distilled)", "advised 4.5 (real)")]
+          ("advised 4.0 (real)", "uniform W8A4"), ("advised 4.5 (distilled)", "advised 4.5 (real)"),
+          ("advised 4.0 (distilled)", "advised 4.0 (real)")]
 
 
 def score(label, q, images, labels, fp_logits, extra=None) -> tuple[dict, torch.Tensor]:
@@ -51,7 +54,7 @@ def markdown(data: dict) -> str:
     n = data["n_images"]
     lines = [f"EfficientNet-Lite0, SPIQ, 8-bit weights, {n} ImageNet sample images (not the 32 calibration "
              f"images); float top-1 {data['top1_fp'] * 100:.1f} %. Advised: per-layer input widths from "
-             f"{','.join(map(str, WIDTHS))} under an average-input-bits budget (weighted by input values per image).",
+             f"{','.join(map(str, data['widths']))} under an average-input-bits budget (weighted by input values per image).",
              "", "| recipe | avg input bits | predicted SQNR, dB | top-1 % | agreement % | logit SQNR, dB |",
              "|---|---|---|---|---|---|"]
     for r in data["rows"]:
@@ -68,6 +71,32 @@ def markdown(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot_curve(data: dict, path: Path) -> None:
+    """Agreement and logit SQNR against average input bits: uniform widths, advised from distilled
+    images, advised from real ones."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+    for kind, style in (("uniform", "s--"), ("(distilled)", "o-"), ("(real)", "^:")):
+        rows = sorted((r for r in data["rows"] if kind in r["label"]), key=lambda r: r["input_budget_used"])
+        x = [r["input_budget_used"] for r in rows]
+        name = {"uniform": "uniform W8A<b>", "(distilled)": "advised, distilled images", "(real)": "advised, 32 real images"}
+        axes[0].plot(x, [r["agreement"] * 100 for r in rows], style, label=name[kind])
+        axes[1].plot(x, [r["logit_sqnr_db"] for r in rows], style, label=name[kind])
+    for ax, label in zip(axes, ("agreement with float top-1, %", "logit SQNR, dB")):
+        ax.set_xlabel("average input bits (8-bit weights)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    fig.suptitle(f"EfficientNet-Lite0, SPIQ, {data['n_images']} held-out ImageNet sample images", fontsize=10)
+    fig.tight_layout()
+    plt.rcParams["svg.hashsalt"] = "spiq"   # stable ids: the file changes only when the numbers do
+    fig.savefig(path, format="svg", metadata={"Date": None})
+    plt.close(fig)
+
+
 def differences(rows: dict, agrees: dict) -> list[dict]:
     out = []
     for a, b in VERSUS:
@@ -82,10 +111,12 @@ def main(argv=None) -> int:  # long: one linear run of the benchmark, saved afte
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--limit", type=int)
     p.add_argument("--budgets", default="4.0,4.5,5.0,6.0")
+    p.add_argument("--widths", default="3,4,5,6,8", help="input widths the advisor chooses from")
     p.add_argument("--no-real", action="store_true", help="skip the search driven by 32 real images")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
     budgets = [float(b) for b in args.budgets.split(",")]
+    widths = [int(b) for b in args.widths.split(",")]
     loaded = spiq.load_model("efficientnet_lite0")
     images, labels, _ = load_images(SAMPLE_DIR, loaded.preprocess, args.limit)
     calib_idx, held_out = calibration_split(len(images), 32)
@@ -94,7 +125,7 @@ def main(argv=None) -> int:  # long: one linear run of the benchmark, saved afte
     base = spiq.QuantConfig(method="spiq", weight_bits=8, input_bits=4)
     prepared = prepare(loaded, base)
     rows, agrees = {}, {}
-    data = {"model": "efficientnet_lite0", "n_images": len(labels), "widths": list(WIDTHS), "machine": machine(),
+    data = {"model": "efficientnet_lite0", "n_images": len(labels), "widths": widths, "machine": machine(),
             "top1_fp": (fp_logits.argmax(1) == labels).float().mean().item(), "rows": [], "differences": [],
             "calibration": "32 images drawn (seed 0) from the sample, as bench/accuracy.py; every row scored on the others"}
 
@@ -106,7 +137,7 @@ def main(argv=None) -> int:  # long: one linear run of the benchmark, saved afte
         save("advise", data, markdown(data))
 
     start = time.time()
-    table = sensitivity(loaded, base, WIDTHS, prepared=prepared)
+    table = sensitivity(loaded, base, sorted(set(widths) | set(UNIFORM)), prepared=prepared)
     data["seconds_sensitivity"] = time.time() - start
     data["sensitivity"] = [vars(r) for r in table]
     for b in UNIFORM:
@@ -114,16 +145,17 @@ def main(argv=None) -> int:  # long: one linear run of the benchmark, saved afte
         run(f"uniform W8A{b}", base.replace(input_bits=b),
             {"input_budget_used": float(b), "predicted_sqnr_db": predicted_sqnr_db(noise)})
     for budget in tqdm(budgets, desc="budgets"):
-        adv = advise(table, base, budget, WIDTHS)
+        adv = advise(table, base, budget, widths)
         run(f"advised {budget:.1f} (distilled)", adv.config, {"budget": budget, **adv.to_dict()})
     if not args.no_real:
         start = time.time()
-        real = sensitivity(loaded, base, WIDTHS, images=calib, prepared=prepared)
+        real = sensitivity(loaded, base, widths, images=calib, prepared=prepared)
         data["seconds_sensitivity_real"] = time.time() - start
         data["sensitivity_real"] = [vars(r) for r in real]
-        for budget in (4.0, 4.5):
-            adv = advise(real, base, budget, WIDTHS)
+        for budget in budgets:
+            adv = advise(real, base, budget, widths)
             run(f"advised {budget:.1f} (real)", adv.config, {"budget": budget, **adv.to_dict()})
+    plot_curve(data, CURVE)
     print(markdown(data))
     return 0
 

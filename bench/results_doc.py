@@ -13,6 +13,9 @@ import textwrap
 from collections import Counter
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # its sections module, when loaded by path (the tests)
+import results_more  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS, DOC, README = ROOT / "bench" / "results", ROOT / "docs" / "results.md", ROOT / "README.md"
 START, END = "<!-- results:headline -->", "<!-- /results:headline -->"
@@ -379,7 +382,10 @@ def render(data: dict[str, dict]) -> str:
         b for k in sorted(data) if k.startswith("layer_groups_") for b in layer_groups(data[k], base)]
     blocks += layer_loss([d for k, d in data.items() if k.startswith("layer_loss_")]) + speed(data["speed"], base)
     blocks += int8(data["int8"], base) + ort_quantizer(data["ort_quantizer"], base)
-    blocks += app_latency(data["app_latency"], base) + vit(data["vit"], toys, base)
+    blocks += results_more.models(data)
+    blocks += app_latency(data["app_latency"], base) + results_more.app_load(data["app_load"])
+    blocks += results_more.background(data["background"]) + results_more.advise(data["advise"])
+    blocks += vit(data["vit"], toys, base)
 
     def para(text: str) -> list[str]:   # code spans stay on one line, and a bullet's lines are indented under it
         text = re.sub(r"`[^`]*`", lambda m: m.group().replace(" ", "\0"), text)
@@ -396,6 +402,8 @@ def generate(results_dir: Path = RESULTS, doc: Path = DOC, readme: Path = README
                        (find(data["accuracy"]["results"], m, b) for b in HEADLINE_BITS)]
     top = table(["method"] + HEADLINE_BITS, [[f"`{m.removesuffix(' (BN)')}`"] + cells(m) for m in HEADLINE])
     spiq_int8 = next(r for r in data["int8"]["results"] if r["variant"] == "SPIQ int8")
+    top += ["", "The same at W8A4 on the three models that work offline (the W8A5 and W8A8 columns: "
+                "[docs/results.md](docs/results.md#the-three-offline-models)):", "", *results_more.models_headline(data)]
     top += ["", f"SPIQ int8, exported to ONNX, runs at {spiq_int8['b1_vs_static']:.2f}× the latency of ONNX Runtime's own "
                 f"static int8 model at batch 1 and {spiq_int8['b16_vs_static']:.2f}× at batch 16 (`bench/results/int8.json`)."]
     # Only what lies between the markers is replaced: the rest of the README is written by hand.

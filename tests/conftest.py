@@ -88,20 +88,25 @@ def vit_images(sample_dir):
 
 
 APP_VIT = "vit_random_test"
+APP_CNN = "cnn_random_test"   # a CNN with BatchNorm whose bias-fit images neither ship nor are cached
 
 
 @pytest.fixture(scope="session")
 def app():
-    """app.py served on a free port, with a small random ViT registered beside the real models
-    (no ViT weights offline). Yields (the app module, its URL)."""
+    """app.py served on a free port, with a small random ViT and CNN registered beside the real
+    models (no ViT weights offline). Yields (the app module, its URL)."""
     import sys
 
     from spiq.models import registry
+    from spiq.models.toy import toy_cnn
 
     pre = toy_vit()[1]
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(registry._REGISTRY, APP_VIT, registry.ModelSpec(
             APP_VIT, "random weights (tests)", lambda: toy_vit()[0], lambda: None, pre, "random ViT", ("vit",)))
+        mp.setitem(registry._REGISTRY, APP_CNN, registry.ModelSpec(
+            APP_CNN, "random weights (tests)", lambda: toy_cnn(classes=1000)[0], lambda: None, toy_cnn()[1],
+            "random CNN", ("cnn",)))
         sys.path.insert(0, str(ROOT))
         import app as app_module
 
@@ -140,3 +145,13 @@ def lite0_sensitivity(lite0_loaded):
         images = prepared.distilled_images(8)[:4]
         table = sensitivity(lite0_loaded, config, SENSITIVITY_WIDTHS, images=images, prepared=prepared)
     return table, opened, images, prepared
+
+
+def cache_fit_images(loaded) -> None:
+    """What `spiq distill --model NAME` leaves in the cache for `loaded` (in 3 optimisation steps, not 300)."""
+    from spiq.quantize import distill
+    from spiq.quantize.prepared import distill_bounds
+
+    lo, hi, size = distill_bounds(loaded.preprocess)
+    pixels = distill.to_pixels(distill.distill_images(loaded.model, 8, lo, hi, size, steps=3), lo, hi)
+    distill.write_pixels(distill.cache_dir() / distill.image_key(loaded.model, 8, lo, hi, size), pixels)

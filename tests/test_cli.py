@@ -131,6 +131,40 @@ def test_distill_writes_the_shipped_form_and_refuses_what_it_cannot_do(tmp_path,
     assert "no BatchNorm" in capsys.readouterr().err
 
 
+def test_distill_all_prepares_every_loadable_model_with_batchnorm(tmp_path, monkeypatch, capsys):
+    from spiq import cli
+    from spiq.models import registry
+    from spiq.models.toy import toy_cnn
+    from spiq.models.vit import toy_vit
+    from spiq.quantize import distill
+    from spiq.quantize.distill import find_distilled
+    from spiq.quantize.prepared import distill_bounds
+
+    monkeypatch.setenv("SPIQ_CACHE", str(tmp_path / "cache"))
+    specs = {"efficientnet_lite0": registry.get_spec("efficientnet_lite0"),
+             "toy_cnn": registry.ModelSpec("toy_cnn", "random weights (tests)", lambda: toy_cnn()[0], lambda: None,
+                                           toy_cnn()[1], "toy CNN", ("cnn",)),
+             "toy_vit": registry.ModelSpec("toy_vit", "random weights (tests)", lambda: toy_vit()[0], lambda: None,
+                                           toy_vit()[1], "toy ViT", ("vit",)),
+             "far_away": registry.ModelSpec("far_away", "nowhere", lambda: None, lambda: "weights not cached",
+                                            toy_vit()[1], "a model to download", ("cnn",),
+                                            download_problem=lambda: "the weights' host is unreachable")}
+    monkeypatch.setattr(registry, "_REGISTRY", specs)
+    steps = distill.distill_images   # a few steps of the real optimisation: the test is of what gets made
+
+    monkeypatch.setattr(distill, "distill_images", lambda *a, progress=None: steps(*a[:5], steps=3, progress=progress))
+    model, pre = toy_cnn()
+    assert find_distilled(model, 8, *distill_bounds(pre)) is None
+    assert cli.main(["distill", "--all"]) == 0   # 8 images: what ships for the Lites
+    out, err = capsys.readouterr()
+    assert "efficientnet_lite0: 8 images are in the cache" in out and "toy_cnn: 8 images are in the cache" in out
+    assert "toy_vit: skipped, toy_vit has no BatchNorm" in err
+    assert "far_away: skipped, cannot be loaded here (weights not cached; the weights' host is unreachable)" in err
+    assert find_distilled(model, 8, *distill_bounds(pre)) is not None   # the app's bias fit finds them
+    assert cli.main(["distill", "--all", "--model", "toy_cnn"]) == 2
+    assert "give --model NAME or --all" in capsys.readouterr().err
+
+
 # The shipped example photos under the synset names of what they show.
 EXAMPLES = {"n02123159_tiger_cat.jpg": "cat.jpg", "n07920052_espresso.jpg": "coffee.jpg",
             "n04266014_space_shuttle.jpg": "rocket.jpg", "n03976467_polaroid_camera.jpg": "camera.jpg"}

@@ -32,6 +32,8 @@ class ModelSpec:
     preprocess: Preprocess
     description: str = ""
     tags: tuple[str, ...] = field(default=())
+    # Returns None when the weights can be downloaded now, else why not; None: nothing to download.
+    download_problem: Callable[[], str | None] | None = None
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -60,6 +62,17 @@ def get_spec(name: str) -> ModelSpec:
 def availability(name: str) -> str | None:
     """None if `name` can be loaded offline right now, else the reason it cannot."""
     return get_spec(name).offline_problem()
+
+
+def loadable(name: str) -> str | None:
+    """None if `name` can be loaded here now, from the disk or by downloading its weights from a
+    host that answers (a Space), else why not: what the app offers."""
+    spec = get_spec(name)
+    problem = spec.offline_problem()
+    if problem is None or spec.download_problem is None:
+        return problem
+    blocked = spec.download_problem()
+    return None if blocked is None else f"{problem}; {blocked}"
 
 
 class LoadedModel(NamedTuple):
@@ -201,12 +214,42 @@ def _tv_preprocess(arch: str) -> Preprocess:
 
 def _register_downloads(entries: list[tuple[str, str]], source: Callable[[str], str],
                         builder: Callable[[str], Callable[[], nn.Module]], problem: Callable[[str], str | None],
-                        preprocess: Callable[[str], Preprocess], tags: tuple[str, ...]) -> None:
+                        preprocess: Callable[[str], Preprocess], tags: tuple[str, ...],
+                        download_problem: Callable[[], str | None]) -> None:
     """Register a family of downloadable models, (name, description) each, sharing how they load."""
     for name, desc in entries:
         register(ModelSpec(name=name, source=source(name), build=builder(name),
                            offline_problem=(lambda n=name: problem(n)), preprocess=preprocess(name),
-                           description=desc, tags=tags))
+                           description=desc, tags=tags, download_problem=download_problem))
+
+
+TORCHVISION_HOST = "https://download.pytorch.org"
+_REACH_SECONDS = 300.0   # how long a host's answer is trusted: a page lists every model on each load
+_reached: dict[str, tuple[float, str | None]] = {}
+
+
+def _host_problem(endpoint: str) -> str | None:
+    """`_hub_unreachable(endpoint)`, asked at most once per _REACH_SECONDS."""
+    import time
+
+    now = time.monotonic()
+    if endpoint not in _reached or now - _reached[endpoint][0] > _REACH_SECONDS:
+        _reached[endpoint] = (now, _hub_unreachable(endpoint))
+    return _reached[endpoint][1]
+
+
+def _tv_download_problem() -> str | None:
+    problem = _host_problem(TORCHVISION_HOST)
+    return None if problem is None else f"the weights' host is unreachable ({problem})"
+
+
+def _hf_download_problem() -> str | None:
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        return "HF_HUB_OFFLINE is set"
+    problem = _host_problem(constants.ENDPOINT)
+    return None if problem is None else f"the Hugging Face hub is unreachable ({problem})"
 
 
 _register_downloads([
@@ -216,7 +259,7 @@ _register_downloads([
     ("mobilenet_v3_large", "MobileNetV3-Large, Hardswish + SE (torchvision)"),
     ("efficientnet_b0", "EfficientNet-B0, SiLU + SE (torchvision)"),
 ], lambda _a: f"torchvision weights API, cached in {torch.hub.get_dir()}", _tv_builder, _tv_problem, _tv_preprocess,
-    ("cnn", "download"))
+    ("cnn", "download"), _tv_download_problem)
 
 
 # --- Vision transformers from timm, downloaded from the Hugging Face hub ---------------------
@@ -331,7 +374,7 @@ _register_downloads([
     ("deit_base_patch16_224", "DeiT-B/16, ImageNet, 86M params (timm, Hugging Face hub)"),
     ("vit_base_patch16_224", "ViT-B/16 AugReg, ImageNet-21k then ImageNet, 86M params (timm, Hugging Face hub)"),
 ], lambda n: f"timm, Hugging Face hub {_timm_cfg(n).hf_hub_id}, cached in {_hf_cache_dir()}", _timm_builder,
-    _timm_problem, _timm_preprocess, ("vit", "download"))
+    _timm_problem, _timm_preprocess, ("vit", "download"), _hf_download_problem)
 
 
 # --- torchvision ViT, downloaded like the CNNs above, run as a timm VisionTransformer -------
@@ -408,4 +451,5 @@ register(ModelSpec(
     preprocess=_tv_preprocess("vit_b_16"),
     description="ViT-B/16, ImageNet, 86M params (torchvision weights, run as timm VisionTransformer)",
     tags=("vit", "download"),
+    download_problem=_tv_download_problem,
 ))

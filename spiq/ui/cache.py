@@ -196,6 +196,12 @@ class ModelCache:
         with self.lock:
             self.pinned.add((name, config_key(config)))
 
+    def fit_ready(self, name: str, config: QuantConfig | None = None) -> bool:
+        """Whether config's bias fit (default: the default recipe's) can run without distilling first."""
+        config = config or QuantConfig()
+        n = bias_images_for(config, self.load(name).model)
+        return not n or self.prepared(name, config).images_ready(n)
+
     def distill(self, name: str, config: QuantConfig, progress: Callable[[float, str], None] | None = None) -> bool:
         """Make the images config's bias fit needs, if they are not ready, without the shared lock:
         minutes for a model whose images neither ship nor are cached, during which other models'

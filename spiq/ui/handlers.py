@@ -17,9 +17,10 @@ from spiq.config import ConfigError, QuantConfig
 from spiq.core.memory import keep_freed_memory
 from spiq.export.onnx import ExportError
 from spiq.models.data import MAX_IMAGE_BYTES, ImageError, decode_data_url, open_allowed_image, open_image
-from spiq.models.registry import ModelUnavailableError, availability, list_models
+from spiq.models.registry import ModelUnavailableError, get_spec, list_models, loadable
 from spiq.quantize.api import check_config, methods_for
 from spiq.ui import tabs, views
+from spiq.ui.background import FAILED, BackgroundDistiller
 from spiq.ui.cache import ModelCache
 from spiq.ui.scratch import ScratchDir
 
@@ -53,6 +54,8 @@ gr.set_static_paths([EXPORTS.root, RECIPES.root])
 
 CACHE = ModelCache(max_quantized=int(os.environ.get("SPIQ_CACHE_SIZE", "12")), calib_dir=ASSETS)
 CACHE.pin(DEFAULT_MODEL, QuantConfig())   # every new page's first predictions
+# The other models' bias-fit images, distilled after start (warm_up) so no visitor waits minutes.
+BACKGROUND = BackgroundDistiller()
 
 
 class SafeImage(gr.Image):
@@ -124,13 +127,13 @@ def _progress(progress: gr.Progress):
 def model_choices():
     out = []
     for name in list_models():
-        problem = availability(name)
-        out.append((name if problem is None else f"{name} (unavailable offline)", name))
+        problem = loadable(name)
+        out.append((name if problem is None else f"{name} (not available here)", name))
     return out
 
 
 def unavailable_note() -> str:
-    lines = [f"- `{n}`: {views.without_paths(p)}" for n in list_models() if (p := availability(n)) is not None]
+    lines = [f"- `{n}`: {views.without_paths(p)}" for n in list_models() if (p := loadable(n)) is not None]
     return "\n".join(lines) if lines else "Every registered model is available."
 
 
@@ -143,25 +146,49 @@ def _config_from_controls(applied: str, method, wbits, abits, wgran, igran, bias
     return views.config_from_controls(QuantConfig.from_json(applied), method, wbits, abits, wgran, igran, bias_fit, rows)
 
 
+def _fit_waits(name: str) -> bool:
+    """Whether `name`'s bias-fit images are still being distilled in the background."""
+    return BACKGROUND.pending(name) and not CACHE.fit_ready(name)
+
+
+def fit_status(name: str):
+    """The note under Bias fit for model `name`, and whether to keep asking (the Timer)."""
+    job = BACKGROUND.state(name)
+    if job is None:
+        return "", gr.Timer(active=False)
+    if _fit_waits(name):
+        return (f"Bias-fit images for **{name}** are being distilled in the background ({job.state}); until they "
+                "are ready, this model runs with the fit off. This note says when.", gr.Timer(active=True))
+    if job.state == FAILED and not CACHE.fit_ready(name):
+        return (f"Distilling **{name}**'s bias-fit images in the background failed "
+                f"({views.without_paths(job.message)}); Apply with Bias fit on distills them now (minutes).",
+                gr.Timer(active=False))
+    return f"Bias-fit images for **{name}** are ready: tick Bias fit and Apply to use them.", gr.Timer(active=False)
+
+
 @user_errors
 def select_model(name, applied_model, method, wbits, abits, wgran, igran, bias_fit, progress=gr.Progress()):
-    problem = availability(name)
+    problem = loadable(name)
     if problem is not None:
         gr.Warning(views.without_paths(f"{name} cannot be used here: {problem}"))
-        return applied_model, applied_model, gr.update(), gr.update(), gr.update(), gr.update()
+        return applied_model, applied_model, *[gr.update()] * 7
     progress(0.1, desc=f"loading {name}")
     loaded = CACHE.load(name)
     # the controls carry over (but a method the model cannot take); per-layer overrides belong to
     # the previous model's layers
     method = method if method in methods_for(loaded.model) else QuantConfig().method
+    bias_fit = bias_fit and not _fit_waits(name)   # usable at once, with the fit off
     config = _config_from_controls(QuantConfig().to_json(), method, wbits, abits, wgran, igran, bias_fit, None)
     return (name, name, views.layer_rows(loaded.model, config), config.to_json(),
-            f"Loaded **{name}** with `{config.to_json()}`.", method)
+            f"Loaded **{name}** with `{config.to_json()}`.", method, bias_fit, *fit_status(name))
 
 
 @user_errors
 def apply(model_name, applied, method, wbits, abits, wgran, igran, bias_fit, rows, image, progress=gr.Progress()):
     config = _config_from_controls(applied, method, wbits, abits, wgran, igran, bias_fit, rows)
+    if config.bias_images != 0 and _fit_waits(model_name):
+        raise gr.Error(f"Bias-fit images for {model_name} are still being distilled in the background. Untick "
+                       "Bias fit to apply now; the note under it says when the fit is ready.")
     loaded = CACHE.load(model_name)
     progress(0, desc="quantizing")
     CACHE.quantized(model_name, config, _progress(progress))
@@ -419,6 +446,10 @@ def plotly_preload() -> str:
 
 def warm_up():
     """In the background after start: the default recipe first (every new page's first
-    predictions), then the data-free ranges of every bit width."""
+    predictions), then the data-free ranges of every bit width, then the other models' bias-fit
+    images (unless SPIQ_BACKGROUND_DISTILL=0)."""
     CACHE.quantized(DEFAULT_MODEL, QuantConfig())
     CACHE.warm(DEFAULT_MODEL)
+    if os.environ.get("SPIQ_BACKGROUND_DISTILL", "1") != "0":
+        BACKGROUND.start([n for n in list_models() if n != DEFAULT_MODEL and "cnn" in get_spec(n).tags
+                          and loadable(n) is None])

@@ -93,6 +93,36 @@ def test_torchvision_model_offline_is_a_clear_error(tmp_path, monkeypatch):
     assert str(tmp_path) in msg and "resnet18" in msg and "URLError" in msg
 
 
+def test_a_model_to_download_is_loadable_when_its_host_answers(tmp_path, monkeypatch):
+    """The app offers what can be downloaded (a Space), and asks each host once per few minutes."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))   # nothing cached
+    asked = []
+
+    def host(endpoint, timeout=5.0):
+        asked.append(endpoint)
+        return answer
+    monkeypatch.setattr(registry, "_hub_unreachable", host)
+    monkeypatch.setattr(registry, "_reached", {})
+    answer = None
+    assert spiq.availability("resnet18") is not None and registry.loadable("resnet18") is None
+    assert registry.loadable("mobilenet_v2") is None and asked == [registry.TORCHVISION_HOST]
+    answer = "download.pytorch.org: Name or service not known"
+    monkeypatch.setattr(registry, "_reached", {})
+    problem = registry.loadable("resnet18")
+    assert "not cached" in problem and "unreachable (download.pytorch.org: Name or service not known)" in problem
+    assert registry.loadable("efficientnet_lite0") is None   # embedded: no host asked
+    assert asked == [registry.TORCHVISION_HOST] * 2
+
+
+def test_hub_offline_mode_makes_a_timm_model_unloadable(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(registry, "_hf_cache_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(registry, "_hub_unreachable", lambda *a, **k: None)
+    assert "HF_HUB_OFFLINE is set" in registry.loadable("deit_tiny_patch16_224")
+
+
 @pytest.mark.slow   # a heavy end-to-end job
 def test_cli_lists_models_with_offline_availability():
     out = subprocess.run([sys.executable, "-m", "spiq", "models"], capture_output=True, text=True, check=True).stdout

@@ -239,11 +239,11 @@ def test_recipe_round_trip_with_per_layer_table(app, tmp_path):
 
 def test_unavailable_model_is_refused_and_the_session_keeps_its_model(app):
     module, url = app
-    from spiq.models.registry import availability
+    from spiq.models.registry import loadable
 
-    offline = [n for n in ("resnet18", "mobilenet_v2") if availability(n) is not None]
+    offline = [n for n in ("resnet18", "mobilenet_v2") if loadable(n) is not None]
     if not offline:
-        pytest.skip("torchvision weights are cached here: nothing is unavailable")
+        pytest.skip("torchvision weights are cached or downloadable here: nothing is unavailable")
     client = Client(url, verbose=False)
     out = client.predict(offline[0], "spiq", 8, 4, "channel", "method default", True, api_name="/select_model")
     assert out[0] == module.DEFAULT_MODEL  # the dropdown goes back to the model in use

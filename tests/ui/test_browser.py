@@ -373,3 +373,35 @@ def test_a_link_restores_the_recipe_and_the_example(app_url):
             assert "/" not in toast.split("'../app.py'")[-1]   # no server path
         browser.close()
     assert not problems, "\n".join(problems)
+
+
+def test_the_fit_note_says_when_a_models_background_images_are_ready(app, monkeypatch, tmp_path):
+    """A model whose bias-fit images are still distilled in the background opens with the fit off
+    and a note; the note says so when they are ready, without a reload."""
+    import sys as _sys
+
+    from conftest import APP_CNN, cache_fit_images
+    from spiq.ui.background import READY, RUNNING, Job
+
+    module, url = app
+    handlers = _sys.modules["spiq.ui.handlers"]
+    monkeypatch.setenv("SPIQ_CACHE", str(tmp_path))
+    monkeypatch.setattr(handlers.BACKGROUND, "jobs", {APP_CNN: Job(APP_CNN, RUNNING)})
+    problems = []
+    with sync_api.sync_playwright() as p:
+        browser, page = _open_app(p, url, problems)
+        assert page.locator("#bias-fit input").is_checked()
+        page.locator("#model input").click()
+        page.get_by_role("option", name=APP_CNN).click()
+        page.wait_for_function("document.querySelector('#fit-note').innerText.includes('being distilled')",
+                               timeout=60_000)
+        assert not page.locator("#bias-fit input").is_checked()
+        cache_fit_images(module.CACHE.load(APP_CNN))
+        handlers.BACKGROUND.jobs[APP_CNN].state = READY
+        page.wait_for_function("document.querySelector('#fit-note').innerText.includes('are ready')",
+                               timeout=30_000)   # the note's timer asks every 5 s
+        page.locator("#model input").click()
+        page.get_by_role("option", name=module.DEFAULT_MODEL).click()
+        page.wait_for_function("document.querySelector('#fit-note').innerText.trim() === ''", timeout=60_000)
+        browser.close()
+    assert not problems, "\n".join(problems)
