@@ -96,3 +96,15 @@ def background(d: dict) -> list:
             f"(median of {d['repeats']}; quiet: the mean of the runs before and after).",
             _table(["request", "quiet, s", "with the child distilling, s", "slowdown"], rows),
             f"Target: at most {d['target_slowdown'] * 100:.0f} % slower. Load average at the end of the run: {load}."]
+
+
+def advise_headline(d: dict) -> list[str]:
+    """The README's lines on the advisor: each advised budget against the uniform width it spends."""
+    rows = {r["label"]: r for r in d["rows"]}
+    pairs = [(f"advised {b} (distilled)", f"uniform W8A{u}") for b, u in (("4.0", 4), ("4.5", 5))]
+    said = [f"at {a.split()[1]} bits {_pct(rows[a]['agreement'])} % / {rows[a]['logit_sqnr_db']:.1f} dB against "
+            f"{u.split()[1]}'s {_pct(rows[u]['agreement'])} % / {rows[u]['logit_sqnr_db']:.1f} dB" for a, u in pairs
+            if a in rows and u in rows]
+    return ["", f"Per-layer input widths chosen by `spiq advise` from distilled images only (SPIQ, 8-bit weights, "
+                f"{d['n_images']} held-out images): {'; '.join(said)} ([docs/advise.md](docs/advise.md)).", "",
+            "![Agreement and logit SQNR against average input bits, advised and uniform](docs/advise-budgets.svg)"]
