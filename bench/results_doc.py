@@ -328,6 +328,33 @@ def app_latency(d: dict, base: str) -> list:
             "[app.md](app.md#latency).", *ran_on(d, base), table(["measure", "measured", "target"], rows)]
 
 
+def duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
+
+
+def throughput(d: dict, base: str) -> list:
+    rows, where = d["results"], d["gpu"] or "the CPU"
+    rate = {(r["variant"], r["workers"]): r["images_per_s"] for r in rows}
+    workers = sorted({r["workers"] for r in rows})
+    gain = and_join([f"{v} ×{rate[v, workers[-1]] / rate[v, workers[0]]:.2f}" for v in dict.fromkeys(r["variant"] for r in rows)])
+    return [
+        "## Evaluation throughput", f"`python bench/throughput.py` writes `throughput.json`: `spiq evaluate` streamed from "
+        f"the sample ({d['n_images']} images, batch {d['batch_size']}, on {where}, device `{d['device']}`) with "
+        f"{and_join([str(w) for w in workers])} DataLoader workers. A quantized evaluation runs the float and the quantized "
+        "model on every batch (agreement needs both). The quantization, once per recipe and on the CPU, is timed apart; "
+        f"the {d['full_val']:,}-image time is the quantization plus {d['full_val']:,} images at the measured rate.",
+        *ran_on(d, base), table(["evaluation", "workers", "images/s", "quantize s", f"{d['full_val']:,} images",
+                                  "load average"], [
+            [r["variant"], str(r["workers"]), f"{r['images_per_s']:.1f}", "—" if r["variant"] == "float" else
+             f"{r['quantize_s']:.0f}", duration(r["full_val_s"]), f"{r['loadavg_1min'][0]:.1f}"] for r in rows]),
+        f"The machine has {d['cores']} cores and was shared with other jobs: its one-minute load average (last column: "
+        f"when each row started) was {d['loadavg_before'][0]:.1f} when the run started and {d['loadavg_after'][0]:.1f} when "
+        "it ended, so these rates are what it gave under that load, not alone, and differences of a few tens of percent "
+        f"between rows are within its noise. {workers[-1]} workers against {workers[0]} change the rate by {gain}: "
+        "decoding can only overlap the forward passes where a core is free for it. The same script runs on a GPU when "
+        "one is present (`--device auto`)."]
+
+
 def vit_notes(toys: dict[str, list[dict]]) -> tuple:
     get = {(t, r["label"]): r for t, rows in toys.items() for r in rows}
     (shallow, *_, deep), pairs = list(toys), [(t, b, get[t, "spiq " + b]) for t in toys for b in ("W8A8", "W6A6")]
@@ -382,7 +409,7 @@ def render(data: dict[str, dict]) -> str:
         b for k in sorted(data) if k.startswith("layer_groups_") for b in layer_groups(data[k], base)]
     blocks += layer_loss([d for k, d in data.items() if k.startswith("layer_loss_")]) + speed(data["speed"], base)
     blocks += int8(data["int8"], base) + ort_quantizer(data["ort_quantizer"], base)
-    blocks += results_more.models(data)
+    blocks += results_more.models(data) + throughput(data["throughput"], base)
     blocks += app_latency(data["app_latency"], base) + results_more.app_load(data["app_load"])
     blocks += results_more.background(data["background"]) + results_more.advise(data["advise"])
     blocks += vit(data["vit"], toys, base)
@@ -407,6 +434,11 @@ def generate(results_dir: Path = RESULTS, doc: Path = DOC, readme: Path = README
     top += results_more.advise_headline(data["advise"])
     top += ["", f"SPIQ int8, exported to ONNX, runs at {spiq_int8['b1_vs_static']:.2f}× the latency of ONNX Runtime's own "
                 f"static int8 model at batch 1 and {spiq_int8['b16_vs_static']:.2f}× at batch 16 (`bench/results/int8.json`)."]
+    tp = data["throughput"]
+    best = max((r for r in tp["results"] if r["variant"] == "SPIQ W8A4"), key=lambda r: r["images_per_s"])
+    top += ["", f"Evaluating SPIQ W8A4 on the {tp['full_val']:,} ImageNet validation images would take "
+                f"{duration(best['full_val_s'])} on {tp['gpu'] or 'this shared ' + str(tp['cores']) + '-core CPU'} "
+                f"({best['images_per_s']:.1f} images/s with {best['workers']} workers; `bench/results/throughput.json`)."]
     # Only what lies between the markers is replaced: the rest of the README is written by hand.
     text, n = re.subn(re.escape(START) + r"\n.*?" + re.escape(END), lambda _: "\n".join([START, *top, END]),
                       readme.read_text(), count=1, flags=re.S)

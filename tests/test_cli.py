@@ -254,7 +254,7 @@ def test_output_paths_are_checked_before_any_work(tmp_path, capsys, sample_dir):
                      (tmp_path / "file.txt" / "sub" / "r.json", "file.txt is not a directory")]:
         assert cli.main([*evaluate, "--json", str(bad)]) == 2
         err = capsys.readouterr().err
-        assert f"--json {bad}" in _one_error_line(err) and why in err and "loading images" not in err
+        assert f"--json {bad}" in _one_error_line(err) and why in err and "evaluating" not in err
     export = ["export", "--model", "efficientnet_lite0", "--method", "spiq"]
     assert cli.main([*export, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
@@ -277,7 +277,7 @@ def test_an_unwritable_folder_is_refused_before_any_work(tmp_path, capsys, sampl
     assert cli.main(["evaluate", "--model", "efficientnet_lite0", "--images", str(sample_dir), "--limit", "2",
                      "--method", "fp", "--json", str(locked / "r.json")]) == 2
     err = capsys.readouterr().err
-    assert "cannot be written: Permission denied" in _one_error_line(err) and "loading images" not in err
+    assert "cannot be written: Permission denied" in _one_error_line(err) and "evaluating" not in err
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")

@@ -17,7 +17,9 @@ from typing import Callable
 import torch
 
 from spiq.config import QuantConfig
-from spiq.models.data import ImageError, Preprocess, find_images
+from spiq.core.devices import BATCH_SIZE
+from spiq.models.data import ImageError, Preprocess
+from spiq.models.folders import find_images
 from spiq.models.registry import LoadedModel, get_spec, load_model
 from spiq.analysis.evaluate import evaluate, load_calibration, load_images, logits
 
@@ -47,6 +49,14 @@ def plan_cells(models, methods, wbits, abits) -> list[Cell]:
 
 def cell_config(base: QuantConfig, cell: Cell) -> QuantConfig:
     return base.replace(method=cell.method, weight_bits=cell.wbits, input_bits=cell.abits)
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Where the forward passes run and how many images at a time; `workers` decode the folder."""
+    device: str = "cpu"
+    batch_size: int = BATCH_SIZE
+    workers: int = 0
 
 
 @dataclass
@@ -116,14 +126,17 @@ def _recording(on_skip):
     return skipped, skip
 
 
-def eval_inputs(loaded: LoadedModel, root, limit: int | None, cache: Path,
-                progress=None, on_skip=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+def eval_inputs(loaded: LoadedModel, root, limit: int | None, cache: Path, progress=None, on_skip=None,
+                scale: Scale | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
     """Images, labels, float logits and skipped paths of a folder, from `cache` when it has them."""
     data = _load_cached(cache, ("images", "labels", "logits", "skipped"))
     if data is None:
+        scale = scale or Scale()
         skipped, skip = _recording(on_skip)
-        images, labels, _ = load_images(root, loaded.preprocess, limit, progress=progress, on_skip=skip)
-        data = {"images": images, "labels": labels, "logits": logits(loaded.model, images), "skipped": skipped}
+        images, labels, _ = load_images(root, loaded.preprocess, limit, progress=progress, on_skip=skip,
+                                        workers=scale.workers, batch_size=scale.batch_size)
+        fp_logits = logits(loaded.model, images, scale.batch_size, device=scale.device)
+        data = {"images": images, "labels": labels, "logits": fp_logits, "skipped": skipped}
         atomic_save(cache, lambda tmp: torch.save(data, tmp))
     _refuse_skipped(data["skipped"], on_skip)
     return data["images"], data["labels"], data["logits"], list(data["skipped"])
@@ -142,12 +155,14 @@ def calib_inputs(loaded: LoadedModel, root, n: int, cache: Path, progress=None,
     return data["calib"], list(data["skipped"])
 
 
-def run_cell(cell: Cell, base: QuantConfig, loaded: LoadedModel, inputs: SweepInputs, key: str) -> dict:
+def run_cell(cell: Cell, base: QuantConfig, loaded: LoadedModel, inputs: SweepInputs, key: str,
+             scale: Scale | None = None) -> dict:
     """One cell's record: what `spiq evaluate --json` writes for it, plus the logit SQNR."""
     config = cell_config(base, cell)
     calib = inputs.calib if config.needs_calibration else None
+    scale = scale or Scale()
     result = evaluate(cell.model, inputs.images, inputs.labels, config, calib=calib, float_model=loaded,
-                      fp_logits=inputs.fp_logits)
+                      fp_logits=inputs.fp_logits, device=scale.device, batch_size=scale.batch_size)
     # counted as `spiq evaluate` counts them: the calibration images' only when it calibrates
     skipped = set(inputs.skipped) | (set(inputs.calib_skipped) if calib is not None else set())
     return {**result.to_dict(), "n_skipped": len(skipped), "inputs": key}
@@ -233,6 +248,7 @@ class Sweep:
     limit: int | None = None
     calib: str | None = None   # None: drawn from `images`, as `spiq evaluate` does
     strict: bool = False
+    scale: Scale = Scale()
 
     @property
     def cells_dir(self) -> Path:
@@ -294,7 +310,7 @@ def hold(job: ModelJob, sweep: Sweep, loading=None, calibrating=None, on_skip=No
     loaded = load_model(job.model)
     on_skip = None if sweep.strict else (on_skip or (lambda path, exc: None))
     images, labels, fp_logits, skipped = eval_inputs(loaded, sweep.images, sweep.limit, job.eval_cache,
-                                                     progress=loading, on_skip=on_skip)
+                                                     progress=loading, on_skip=on_skip, scale=sweep.scale)
     inputs = SweepInputs(images, labels, fp_logits, skipped)
     if job.calib_cache is not None:
         calib, calib_skipped = calib_inputs(loaded, sweep.calib_source(), job.calib_n, job.calib_cache,
@@ -307,7 +323,7 @@ def cell_job(cell: Cell, sweep: Sweep, job: ModelJob, key: str) -> Cell:
     """Compute one cell and write its file: in this process or in a worker (spawned: picklable args)."""
     hold(job, sweep)
     loaded, inputs = _HELD[job.model]
-    write_cell(sweep.cells_dir, cell, run_cell(cell, sweep.base, loaded, inputs, key))
+    write_cell(sweep.cells_dir, cell, run_cell(cell, sweep.base, loaded, inputs, key, sweep.scale))
     return cell
 
 

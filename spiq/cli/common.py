@@ -13,6 +13,10 @@ from pathlib import Path
 from spiq.config import ConfigError, QuantConfig, read_recipe_text
 
 
+IMAGES_HELP = ("labelled folder: <synset>_*.jpg files, <synset>/ subfolders, ILSVRC2012_val_*.JPEG with "
+               "LOC_val_solution.csv, or ILSVRC2012_devkit_t12.tar.gz + ILSVRC2012_img_val.tar (docs/cli.md)")
+
+
 class UsageError(ValueError):
     """A command line that cannot work: an output path that cannot be written, a bad file."""
 
@@ -152,3 +156,34 @@ def positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
     return value
+
+
+def count(text: str) -> int:
+    """A whole number, 0 allowed (--workers 0: decode in this process)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number (0 or more), got {text!r}")
+    return value
+
+
+def add_scale_args(parser: argparse.ArgumentParser) -> None:
+    """--device, --batch-size, --workers: where and how many images at a time a verb evaluates."""
+    from spiq.core.devices import BATCH_SIZE, DEVICES
+
+    parser.add_argument("--device", default="auto", metavar="|".join(DEVICES),
+                        help="where the models run: auto (a CUDA GPU when torch sees one, else the CPU), cpu, "
+                             "cuda or cuda:N (default auto); quantizing itself runs on the CPU")
+    parser.add_argument("--batch-size", type=positive, default=BATCH_SIZE,
+                        help=f"images per forward pass (default {BATCH_SIZE})")
+    parser.add_argument("--workers", type=count, default=0,
+                        help="DataLoader processes that decode images while the models run (default 0: this one)")
+
+
+def scale_device(args):
+    """The torch device of --device, or a one-line error naming the flag before any work."""
+    from spiq.core.devices import resolve_device
+
+    return resolve_device(args.device, "--device")

@@ -78,7 +78,7 @@ def _check_folder(args, config) -> int:
         return 0
     if config is None:
         raise ConfigError("--check compares the int8 model with its simulation: give a quantization method")
-    from spiq.models.data import find_images
+    from spiq.models.folders import find_images
 
     return len(find_images(args.check)[: args.limit])
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from spiq.cli.common import bit_list, check_output_folder, names, positive, skipper
+from spiq.cli.common import IMAGES_HELP, add_scale_args, bit_list, check_output_folder, names, positive, scale_device, skipper
 from spiq.config import ConfigError, QuantConfig, read_recipe_text
 from spiq.models.registry import get_spec
 
@@ -12,15 +12,18 @@ from spiq.models.registry import get_spec
 def run(args) -> int:
     from tqdm import tqdm
 
-    from spiq.analysis.sweep import Sweep, merge, mark_pareto, run_sweep, write_csv
+    from spiq.analysis.sweep import Scale, Sweep, merge, mark_pareto, run_sweep, write_csv
     from spiq.analysis.sweep_report import write_report
+
+    device = scale_device(args)
 
     base = QuantConfig.from_json(read_recipe_text(args.config, f"--config {args.config}")) if args.config else QuantConfig()
     if args.calib_n is not None:
         base = base.replace(calib_images=args.calib_n)
     cells, n_images = _sweep_cells(args, base)
     check_output_folder(args.out, "--out")
-    sweep = Sweep(args.images, Path(args.out), base, args.limit, args.calib, args.strict)
+    sweep = Sweep(args.images, Path(args.out), base, args.limit, args.calib, args.strict,
+                  Scale(str(device), args.batch_size, args.workers))
     if not args.calib and any(c.needs_calibration for c in _sweep_configs(args, base)):
         print(f"note: calibrating on {base.calib_images} images drawn from {args.images} "
               "(pass --calib DIR for images kept apart from the evaluation)", file=sys.stderr)
@@ -65,7 +68,7 @@ def _sweep_configs(args, base: QuantConfig) -> list[QuantConfig]:
 
 def _sweep_cells(args, base: QuantConfig):
     from spiq.analysis.sweep import plan_cells
-    from spiq.models.data import find_images
+    from spiq.models.folders import find_images
 
     _sweep_configs(args, base)
     for model in args.model:
@@ -79,7 +82,7 @@ def _sweep_cells(args, base: QuantConfig):
 def add(sub) -> None:
     s = sub.add_parser("sweep", help="models x methods x bits on labelled images: one JSON per cell, a CSV, an HTML report")
     s.add_argument("--model", required=True, type=names, help="a name from `spiq models`, or a comma list")
-    s.add_argument("--images", required=True, help="folder of <synset>_*.jpg files or <synset>/ subfolders")
+    s.add_argument("--images", required=True, help=IMAGES_HELP)
     s.add_argument("--methods", required=True, type=names, help="comma list of methods, e.g. spiq,static-tensor")
     s.add_argument("--wbits", required=True, type=bit_list, help="comma list of weight bits (2-16), e.g. 8,4")
     s.add_argument("--abits", required=True, type=bit_list, help="comma list of input bits (2-16), e.g. 8,6,4")
@@ -90,4 +93,5 @@ def add(sub) -> None:
     s.add_argument("--out", required=True, help="folder: cells/ (one JSON per cell), cache/, sweep.csv, report.html")
     s.add_argument("--jobs", type=positive, default=1, help="cells computed in this many processes (default 1)")
     s.add_argument("--strict", action="store_true", help="refuse an unreadable image instead of skipping it")
+    add_scale_args(s)
     s.set_defaults(func=run)

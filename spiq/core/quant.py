@@ -8,7 +8,7 @@ arithmetic runs in place, faster.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -59,7 +59,7 @@ def _flip_largest(e: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     n = cr.abs().unsqueeze(-1)
     k = int(n.max())
     top = torch.topk(er * sign, k, dim=-1).indices
-    chosen = torch.zeros_like(er).scatter_(-1, top, (torch.arange(k) < n).to(er.dtype))
+    chosen = torch.zeros_like(er).scatter_(-1, top, (torch.arange(k, device=e.device) < n).to(er.dtype))
     flips[rows] = -chosen * sign
     return flips
 
@@ -96,7 +96,7 @@ def quantize_weight(w: torch.Tensor, bits: int, per_channel: bool, clip: str = "
         # Per-channel search of the clipping ratio minimising ||w - q(w)||^2: coarse, then fine.
         best = torch.ones_like(amax)
         for lo, hi in ((0.2, 1.0), (-0.03, 0.03)):
-            ratios = torch.linspace(lo, hi, 17)
+            ratios = torch.linspace(lo, hi, 17, device=w.device)
             cand = (ratios[None, :] + (best[:, None] if lo < 0 else torch.zeros_like(best)[:, None])).clamp(0.05, 1.0)
             s = (amax[:, None] * cand / n)[:, :, None]
             err = ((torch.clamp(torch.round(flat[:, None, :] / s), -n, n) * s - flat[:, None, :]) ** 2).sum(-1)
@@ -135,6 +135,13 @@ class InputQuant:
     zero: torch.Tensor | None = None
     # Where the channels are: 1 for a conv's (N, C, H, W), -1 (last) for a linear's (..., C) tokens.
     axis: int = 1
+
+
+def moved_input_quant(q: InputQuant | None, fn) -> InputQuant | None:
+    """`q` with its scale and zero passed through a Module._apply function (a .to(device), .double())."""
+    if q is None or q.scale is None:
+        return q
+    return replace(q, scale=fn(q.scale), zero=fn(q.zero))
 
 
 def channel_axis(layer: nn.Module) -> int:
@@ -200,6 +207,12 @@ class QuantLayer(nn.Module):
         self.register_buffer("weight_codes", weight_codes)
         self.register_buffer("weight_scale", weight_scale)
 
+    def _apply(self, fn, *args, **kwargs):
+        # the quantizer's scale and zero are not buffers (a frozen dataclass holds them): without
+        # this, model.to("cuda") would leave them on the CPU
+        self.input_quant = moved_input_quant(self.input_quant, fn)
+        return super()._apply(fn, *args, **kwargs)
+
     def forward(self, x):
         if self.input_quant is not None:
             x = fake_quant_input(x, self.input_quant)
@@ -259,6 +272,10 @@ class ActQuant(nn.Module):
     def __init__(self, quant: InputQuant | None = None):
         super().__init__()
         self.quant = quant
+
+    def _apply(self, fn, *args, **kwargs):
+        self.quant = moved_input_quant(self.quant, fn)   # as QuantLayer's
+        return super()._apply(fn, *args, **kwargs)
 
     def forward(self, x):
         return x if self.quant is None else fake_quant_input(x, self.quant)

@@ -256,7 +256,7 @@ class _Searcher:
     def _qlinear(self, name: str, x: torch.Tensor, site: Site) -> torch.Tensor:
         layer = self.model.get_submodule(name)
         codes, scale = site.weight_codes(layer.weight.detach())
-        bias = layer.bias if layer.bias is not None else torch.zeros(codes.shape[0])
+        bias = layer.bias if layer.bias is not None else codes.new_zeros(codes.shape[0])
         if site.bias_shift is not None:
             bias = bias + site.bias_shift
         return F.linear(site.quantize_a(x), codes * scale, bias)

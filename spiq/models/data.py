@@ -1,4 +1,4 @@
-"""Images in, tensors out: safe decoding of any image, preprocessing, labelled image folders."""
+"""Images in, tensors out: safe decoding of any image, preprocessing (labelled folders: models.folders)."""
 from __future__ import annotations
 
 import base64
@@ -14,7 +14,6 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGENET_SYNSETS: list[str] = resources.files("spiq.models").joinpath("imagenet_synsets.txt").read_text().split()
-_SYNSET_INDEX = {s: i for i, s in enumerate(IMAGENET_SYNSETS)}
 
 
 def _imagenet_classes() -> list[str]:
@@ -180,45 +179,6 @@ class Preprocess:
         """Per-channel (lo, hi) that a normalised pixel can take: the first layer's data-free range."""
         mean, std = torch.tensor(self.mean), torch.tensor(self.std)
         return (0.0 - mean) / std, (1.0 - mean) / std
-
-
-def label_of(path: Path) -> int | None:
-    synset = path.name.split("_", 1)[0]
-    return _SYNSET_INDEX.get(synset)
-
-
-def find_images(root: str | os.PathLike) -> list[tuple[Path, int]]:
-    """Labelled images of `root`: `<synset>_<anything>.jpg` files, or an ImageFolder of synset dirs."""
-    root = Path(root)
-    if not root.exists():
-        raise DatasetError(f"image folder {root} does not exist")
-    if not root.is_dir():
-        raise DatasetError(f"{root} is not a folder")
-    items: list[tuple[Path, int]] = []
-    unlabeled: list[str] = []
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir())
-    if subdirs:
-        for d in subdirs:
-            if d.name not in _SYNSET_INDEX:
-                unlabeled.append(d.name + "/")
-                continue
-            items += [(f, _SYNSET_INDEX[d.name]) for f in sorted(d.iterdir())
-                      if f.suffix.lower() in IMAGE_EXTENSIONS]
-    for f in sorted(root.iterdir()):
-        if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
-            label = label_of(f)
-            if label is None:
-                unlabeled.append(f.name)
-            else:
-                items.append((f, label))
-    if unlabeled:
-        shown = ", ".join(unlabeled[:3]) + (" ..." if len(unlabeled) > 3 else "")
-        raise DatasetError(
-            f"{root}: {len(unlabeled)} entries carry no ImageNet synset ({shown}); name files "
-            f"<synset>_<anything>.jpg (e.g. n01440764_tench.jpg) or put them in <synset>/ folders")
-    if not items:
-        raise DatasetError(f"{root} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-    return items
 
 
 def load_batch(paths, preprocess: Preprocess) -> torch.Tensor:

@@ -126,7 +126,7 @@ def _correct_bias(layer: nn.Module, x: LayerInput, rng: Range | None, per_channe
         mean_xq = range_effect(x.dist, rng, x.bits).mean_q
     shift = bias_shift(layer, w_float, w_sim, mean_x, mean_xq)
     if layer.bias is None:
-        layer.bias = nn.Parameter(torch.zeros(w_sim.shape[0]), requires_grad=False)
+        layer.bias = nn.Parameter(w_sim.new_zeros(w_sim.shape[0]), requires_grad=False)
     layer.bias.data = layer.bias.data - shift
 
 
@@ -136,7 +136,7 @@ def _take_searched(q: nn.Module, name: str, layer: nn.Module, method: Method, si
     layer.weight.data = codes * w_scale
     if site.bias_shift is not None:
         if layer.bias is None:
-            layer.bias = nn.Parameter(torch.zeros(codes.shape[0]), requires_grad=False)
+            layer.bias = nn.Parameter(codes.new_zeros(codes.shape[0]), requires_grad=False)
         layer.bias.data = layer.bias.data + site.bias_shift
     inq = input_quant(site.search.delta_a, site.kind_a, site.bits_a, channel_axis(layer))
     lo, hi = levels(site.kind_a, site.bits_a)

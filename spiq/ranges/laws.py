@@ -125,7 +125,7 @@ class Propagation:
 def _weight_bounds(mod: nn.Module, d: Dist) -> tuple[torch.Tensor, torch.Tensor]:
     """Interval arithmetic through a conv/linear: the widest output any input in bounds allows."""
     w = mod.weight.detach()
-    b = mod.bias.detach() if mod.bias is not None else torch.zeros(w.shape[0])
+    b = mod.bias.detach() if mod.bias is not None else w.new_zeros(w.shape[0])
     lo, hi = d.lo.clamp_min(-1e6), d.hi.clamp_max(1e6)
     if isinstance(mod, nn.Conv2d) and (type(mod) is not nn.Conv2d or any(
             mod.padding if isinstance(mod.padding, tuple) else (1,))):
@@ -140,7 +140,7 @@ def moment_layer(mod: nn.Module, d: Dist) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std of a conv/linear output with no BN after it, inputs taken as independent."""
     m, s = d.moments()
     w = mod.weight.detach()
-    bias = mod.bias.detach() if mod.bias is not None else torch.zeros(w.shape[0])
+    bias = mod.bias.detach() if mod.bias is not None else w.new_zeros(w.shape[0])
     g = getattr(mod, "groups", 1)
     if w.dim() == 2:
         return w @ m + bias, ((w ** 2) @ (s ** 2)).sqrt()

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spiq.models.data import ImageError, find_images, open_image, DatasetError
+from spiq.models.data import ImageError, open_image, DatasetError
+from spiq.models.folders import find_images
 
 
 def _png(img):
