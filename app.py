@@ -14,12 +14,13 @@ import threading
 import gradio as gr
 
 from spiq import METHODS, QuantConfig
-from spiq.ui import views
+from spiq.ui import advisor, views
 from spiq.ui.handlers import (ATTRIBUTIONS, CACHE, DEFAULT_MODEL, DELETE_CACHE, EXAMPLES, MAX_UPLOAD_BYTES, NO_ATTENTION,
                               NO_IMAGE, TAB_OUTPUTS, VIEW_OUTPUTS, BitsSlider, SafeImage, apply, compute_tab, fit_status,
-                              link_query, load_recipe, model_choices, open_link, open_tab, plotly_preload, predict,
-                              refresh, select_model, show_attention, show_attribution, show_deploy, show_error_map,
-                              show_methods, show_ranges, unavailable_note, warm_up, recipe_file)
+                              fill_advice, link_query, load_recipe, model_choices, open_link, open_tab, plotly_preload,
+                              predict, refresh, select_model, show_advisor, show_attention, show_attribution,
+                              show_deploy, show_error_map, show_law, show_methods, show_ranges, unavailable_note,
+                              warm_up, recipe_file)
 from spiq.ui.tabs import TABS
 
 # --- layout -------------------------------------------------------------------------------------
@@ -104,6 +105,17 @@ def build() -> gr.Blocks:
             with gr.Tab("Channel ranges", id="ranges") as ranges_tab:
                 range_layer = gr.Dropdown([], label="Layer", elem_id="range-layer")
                 ranges_plot = gr.Plot(label="Channel ranges", elem_id="ranges-plot")
+            with gr.Tab("Law vs reality", id="law") as law_tab:
+                gr.Markdown("The law SPIQ predicted for one input channel from BatchNorm statistics (the one its "
+                            "ranges were chosen from) against the values the channel takes on this image.")
+                with gr.Row():
+                    law_layer = gr.Dropdown([], label="Layer", elem_id="law-layer")
+                    law_channel = gr.Number(None, precision=0, label="Input channel (Enter to show)",
+                                            elem_id="law-channel")
+                law_text = gr.Markdown(elem_id="law-text")
+                with gr.Row():
+                    law_plot = gr.Plot(label="Values vs law", elem_id="law-plot")
+                    spread_plot = gr.Plot(label="Predicted vs observed spread", elem_id="spread-plot")
             with gr.Tab("Layer error", id="layer-error") as error_tab:
                 sqnr_plot = gr.Plot(label="SQNR per layer", elem_id="sqnr-plot")
                 breakdown_plot = gr.Plot(label="Error sources", elem_id="breakdown-plot")
@@ -125,6 +137,18 @@ def build() -> gr.Blocks:
             with gr.Tab("Methods", id="methods") as methods_tab:
                 methods_plot = gr.Plot(label="All methods on this image", elem_id="methods-plot")
                 methods_table = gr.Dataframe(headers=views.METHODS_HEADERS, type="array", interactive=False)
+            with gr.Tab("Advisor", id="advisor") as advisor_tab:
+                gr.Markdown("Per-layer input widths under an average-bits budget, from the data-free sensitivity of "
+                            "each layer measured on images distilled from BatchNorm statistics (the first time for a "
+                            "model and recipe: tens of seconds).")
+                with gr.Row():
+                    budget = gr.Slider(4.0, 8.0, value=advisor.DEFAULT_BUDGET, step=0.25, elem_id="budget",
+                                       label="Budget: average input bits, weighted by input values per image")
+                    fill_btn = gr.Button("Fill table and apply", variant="primary", elem_id="fill-advice")
+                advice_text = gr.Markdown(elem_id="advice-text")
+                advice_plot = gr.Plot(label="Sensitivity ranking", elem_id="advice-plot")
+                advice_table = gr.Dataframe(headers=advisor.ADVISOR_HEADERS, type="array", interactive=False,
+                                            elem_id="advice-table")
             with gr.Tab("Deploy", id="deploy") as deploy_tab:
                 gr.Markdown("Export the applied recipe as an ONNX int8 model (per-tensor activation quantizers: "
                             "SPIQ's per-channel grids are folded into the weights), run it with ONNX Runtime on this "
@@ -150,27 +174,30 @@ def build() -> gr.Blocks:
         views_out = [story_plot, range_layer, ranges_plot, sqnr_plot, breakdown_plot, fold_plot, error_table,
                      map_layer, emap_plot, attr_plot, block, attention_plot, inversions_plot, attention_text, views_note]
         assert len(views_out) == VIEW_OUTPUTS
-        tab_out = [*views_out, methods_plot, methods_table]
+        tab_out = [*views_out, methods_plot, methods_table, advice_text, advice_plot, advice_table,
+                   law_layer, law_channel, law_plot, spread_plot, law_text]
         assert len(tab_out) == TAB_OUTPUTS
         view_in = [applied_model, applied, image, range_layer, map_layer, channel, attr_method, block]
+        tab_in = [*view_in, budget, law_layer, law_channel]   # `refresh` (an API) keeps view_in
 
         def then_views(event):
             """After new predictions (model, recipe or image), the tab in view (from the cache or a job)
             and the link to this state, made absolute in the browser, which knows the page's address."""
             event.success(link_query, [applied, image], link, api_name=False, show_progress="hidden", **group("cheap")
                           ).success(None, link, link, js="(q) => location.origin + location.pathname + q")
-            return event.success(open_tab, [shown, drawn, *view_in], [shown, drawn, job, *tab_out], api_name=False,
+            return event.success(open_tab, [shown, drawn, *tab_in], [shown, drawn, job, *tab_out], api_name=False,
                                  show_progress="hidden", **group("cheap"))
 
-        view_tabs = [(story_tab, "story"), (ranges_tab, "ranges"), (error_tab, "layer-error"), (map_tab, "error-map"),
-                     (attr_tab, "attribution"), (attention_tab, "attention"), (methods_tab, "methods")]
+        view_tabs = [(story_tab, "story"), (ranges_tab, "ranges"), (law_tab, "law"), (error_tab, "layer-error"),
+                     (map_tab, "error-map"), (attr_tab, "attribution"), (attention_tab, "attention"),
+                     (methods_tab, "methods"), (advisor_tab, "advisor")]
         assert tuple(t for _, t in view_tabs) == TABS
         for tab, tab_id in view_tabs:
-            tab.select(functools.partial(open_tab, tab_id), [drawn, *view_in], [shown, drawn, job, *tab_out],
+            tab.select(functools.partial(open_tab, tab_id), [drawn, *tab_in], [shown, drawn, job, *tab_out],
                        api_name=False, show_progress="hidden", **group("cheap"))
         for tab in (deploy_tab, recipe_tab):   # no view to compute: nothing follows their being shown
             tab.select(lambda: None, None, shown, api_name=False, **group("cheap"))
-        job.change(compute_tab, [job, drawn, *view_in], [drawn, *tab_out], api_name=False, **group("views"))
+        job.change(compute_tab, [job, drawn, *tab_in], [drawn, *tab_out], api_name=False, **group("views"))
 
         controls = [method, wbits, abits, wgran, igran, bias_fit]
         predict_io = dict(fn=predict, inputs=[applied_model, applied, image], outputs=[pred_plot, pred_text])
@@ -193,6 +220,18 @@ def build() -> gr.Blocks:
         image.clear(None, None, [pred_plot, pred_text], js=f"() => [null, {json.dumps(NO_IMAGE)}]", api_name=False)
         range_layer.input(show_ranges, [applied_model, applied, image, range_layer], ranges_plot, api_name="ranges",
                           **group("views"))
+        law_layer.input(show_law, [applied_model, applied, image, law_layer, gr.State(None)],
+                        [law_channel, law_plot, spread_plot, law_text], api_name="law", **group("views"))
+        law_channel.submit(show_law, [applied_model, applied, image, law_layer, law_channel],
+                           [law_channel, law_plot, spread_plot, law_text], api_name=False, **group("views"))
+        budget.release(show_advisor, [applied_model, applied, budget], [advice_text, advice_plot, advice_table],
+                       api_name="advisor", **group("views"))
+        # The advice becomes the controls and the table, then is applied like a click on Apply.
+        then_views(fill_btn.click(fill_advice, [applied_model, applied, budget], [*controls, table, applied],
+                                  api_name="fill_advice", **group("views")
+                                  ).success(apply, [applied_model, applied, *controls, table, image],
+                                            [applied, table, recipe, download, status, pred_plot, pred_text],
+                                            api_name=False, **group("apply")))
         map_layer.input(show_error_map, [applied_model, applied, image, map_layer, channel], emap_plot,
                         api_name="error_map", **group("views"))
         channel.submit(show_error_map, [applied_model, applied, image, map_layer, channel], emap_plot, api_name=False,

@@ -114,10 +114,15 @@ def advise(table: list[LayerSensitivity], config: QuantConfig, budget: float, wi
     noise = sum(r.noise("input", bi) + r.noise("weight", bw) for r, bi, bw in zip(table, chosen_in, chosen_w))
     overrides = dict(config.overrides)
     for n, bi, bw in zip(names, chosen_in, chosen_w):
-        changes = {"input_bits": bi if bi != config.input_bits else None,
-                   "weight_bits": bw if bw != config.weight_bits else None}
-        if any(changes.values()):
-            overrides[n] = replace(overrides.get(n, LayerOverride()), **changes)
+        changes = {"input_bits": bi if bi != config.input_bits else None}
+        if weight_budget is not None:   # else a layer's own weight width stays
+            changes["weight_bits"] = bw if bw != config.weight_bits else None
+        if any(changes.values()) or n in overrides:   # an override's old width gives way too
+            ov = replace(overrides.get(n, LayerOverride()), **changes)
+            if ov == LayerOverride():
+                overrides.pop(n, None)
+            else:
+                overrides[n] = ov
     return Advice(config.replace(overrides=overrides), dict(zip(names, chosen_in)), dict(zip(names, chosen_w)),
                   _average(chosen_in, [r.input_values for r in table]), _average(chosen_w, [r.weights for r in table]),
                   predicted_sqnr_db(noise))

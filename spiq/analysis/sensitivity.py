@@ -2,6 +2,7 @@
 weights) is quantized, measured on images distilled from the BatchNorm statistics."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass, field, replace
@@ -64,7 +65,7 @@ def probed_layers(model: nn.Module, config: QuantConfig) -> list[str]:
 @torch.no_grad()
 def sensitivity(model: nn.Module | LoadedModel, config: QuantConfig, widths=(4, 5, 6, 8),
                 images: torch.Tensor | None = None, prepared: Prepared | None = None,
-                progress: Callable[[float, str], None] | None = None) -> list[LayerSensitivity]:
+                progress: Callable[[float, str], None] | None = None, lock=None) -> list[LayerSensitivity]:
     """Per quantizable layer, the logit SQNR on `images` (default: the distilled ones) when only
     its input, or only its weights, is quantized at each of `widths` (weights also at
     `config.weight_bits`), ranked most sensitive input first.
@@ -74,11 +75,16 @@ def sensitivity(model: nn.Module | LoadedModel, config: QuantConfig, widths=(4, 
     that logit error by the layer's own output error at each width over the lowest, measured on the
     same images (small errors travel to the logits linearly): one network pass per layer and side
     instead of one per width. No real image is read unless `images` are real.
+
+    `lock` is held whenever the shared `model` or `prepared` is used (quantizing, copying the
+    float model, the reference logits); the probes run on private copies without it.
     """
     widths = sorted(set(widths))
     loaded_model = model.model if isinstance(model, LoadedModel) else model
-    prepared = prepared or prepare(model, config)
-    images = prepared.distilled_images(DISTILLED_IMAGES) if images is None else images
+    lock = lock or contextlib.nullcontext()
+    with lock:
+        prepared = prepared or prepare(model, config)
+        images = prepared.distilled_images(DISTILLED_IMAGES) if images is None else images
     names = probed_layers(loaded_model, config)
     sides = {"input": widths, "weight": sorted(set(widths) | {config.weight_bits})}
     say = progress or (lambda f, m: None)
@@ -86,10 +92,12 @@ def sensitivity(model: nn.Module | LoadedModel, config: QuantConfig, widths=(4, 
     steps = sum(len(b) for b in sides.values())
     for kind, bits in ((k, b) for k, bs in sides.items() for b in bs):
         say(0.3 * len(quantized) / steps, f"quantizing {kind}s at {bits} bits")
-        quantized[kind, bits] = quantize(model, probe_config(config, names, kind, bits), prepared=prepared).model
-    work = copy.deepcopy(prepared.folded)   # float; one quantized layer swapped in at a time
+        with lock:
+            quantized[kind, bits] = quantize(model, probe_config(config, names, kind, bits), prepared=prepared).model
+    with lock:
+        work = copy.deepcopy(prepared.folded)   # float; one quantized layer swapped in at a time
+        reference = loaded_model(images)
     own, sizes = _own_errors(work, quantized, names, images)
-    reference = loaded_model(images)
     probed = {}
     for i, (name, kind) in enumerate((n, k) for n in names for k in KINDS):
         say(0.3 + 0.7 * i / (2 * len(names)), f"probing {name} ({kind})")

@@ -97,7 +97,7 @@ def config_key(config: QuantConfig) -> str:
 
 class ModelCache:
     def __init__(self, max_quantized: int = 4, calib_dir: str | Path | None = None, calib_images: int = 32,
-                 max_views: int = 64):
+                 max_views: int = 64, max_slow: int = 8):
         self.lock = PriorityLock()
         self.pinned: set[tuple[str, str]] = set()   # (model, config) the LRU never drops: see pin()
         self.max_quantized = max_quantized
@@ -115,6 +115,11 @@ class ModelCache:
         self.view_hits = 0       # benchmarks read to see that going back to a tab computes nothing
         self._calib: dict[str, torch.Tensor] = {}
         self._distilling: dict[str, threading.Lock] = {}
+        # Results that take tens of seconds (the advisor's sensitivity tables, ~50 small rows each):
+        # the last `max_slow`, each computed by one request while the others asking for it wait.
+        self.max_slow = max_slow
+        self._slow: OrderedDict[tuple, object] = OrderedDict()
+        self._slow_flights: dict[tuple, threading.Lock] = {}
 
     def load(self, name: str) -> Loaded:
         with self.lock:
@@ -259,6 +264,36 @@ class ModelCache:
             self._views.move_to_end(key)
             while len(self._views) > self.max_views:
                 self._views.popitem(last=False)
+        return value
+
+    def cached_slow(self, key: tuple) -> tuple[bool, object]:
+        """(found, value) of a slow result computed before, without computing."""
+        with self._views_lock:
+            if key not in self._slow:
+                return False, None
+            self._slow.move_to_end(key)
+            return True, self._slow[key]
+
+    def slow(self, key: tuple, compute: Callable[[], object]):
+        """The slow result `key` names, computed once while among the `max_slow` most recently used.
+
+        `compute` runs without the model lock (it takes it around each use of a shared model); a
+        second request for the same key waits for the first one's result instead of computing it."""
+        found, value = self.cached_slow(key)
+        if found:
+            return value
+        with self._views_lock:
+            flight = self._slow_flights.setdefault(key, threading.Lock())
+        with flight:
+            found, value = self.cached_slow(key)
+            if found:
+                return value
+            value = compute()
+            with self._views_lock:
+                self._slow[key] = value
+                self._slow_flights.pop(key, None)
+                while len(self._slow) > self.max_slow:
+                    self._slow.popitem(last=False)
         return value
 
     def view_keys(self) -> list[tuple]:

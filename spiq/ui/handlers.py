@@ -19,7 +19,7 @@ from spiq.export.onnx import ExportError
 from spiq.models.data import MAX_IMAGE_BYTES, ImageError, decode_data_url, open_allowed_image, open_image
 from spiq.models.registry import ModelUnavailableError, get_spec, list_models, loadable
 from spiq.quantize.api import check_config, methods_for
-from spiq.ui import tabs, views
+from spiq.ui import advisor, tabs, views
 from spiq.ui.background import FAILED, BackgroundDistiller
 from spiq.ui.cache import ModelCache
 from spiq.ui.scratch import ScratchDir
@@ -32,12 +32,14 @@ EXAMPLES = [str(ASSETS / f) for f in (ASSETS / "examples.txt").read_text().split
 ATTRIBUTIONS = ["grad-cam", "integrated-gradients"]
 NO_IMAGE = "Pick an example or upload an image."
 NO_ATTENTION = "Attention maps are for vision transformers; pick a DeiT or ViT model to see them."
+NO_LAW = "No layer of this model has a data-free law to compare with."
 VIEW_OUTPUTS = 15   # what `refresh` fills: the components of `views_out` in build()
-# What a tab's view fills: `views_out`, then the Methods tab's figure and table.
-TAB_OUTPUTS = VIEW_OUTPUTS + 2
+# What a tab's view fills: `views_out`, then the Methods tab's figure and table, the Advisor's
+# summary, figure and table, and the Law tab's layer, channel, two figures and text.
+TAB_OUTPUTS = VIEW_OUTPUTS + 10
 # Where each tab's result goes among the TAB_OUTPUTS (14 is the note saying what the views show).
 _SLOTS = {"story": (0,), "ranges": (1, 2), "layer-error": (3, 4, 5, 6), "error-map": (7, 8), "attribution": (9,),
-          "attention": (10, 11, 12, 13), "methods": (15, 16)}
+          "attention": (10, 11, 12, 13), "methods": (15, 16), "advisor": (17, 18, 19), "law": (20, 21, 22, 23, 24)}
 NOTE_SLOT = 14
 
 keep_freed_memory()   # before the worker threads: each would get an arena of its own
@@ -211,10 +213,19 @@ def predict(model_name, applied, image):
         return views.predictions(CACHE, sc)
 
 
-def _request(model_name, applied, image, range_layer, map_layer, channel, attr_method, block) -> tabs.Request:
+def _request(model_name, applied, image, range_layer, map_layer, channel, attr_method, block, budget=None,
+             law_layer=None, law_channel=None) -> tabs.Request:
     return tabs.Request(model_name, QuantConfig.from_json(applied), image, tabs.image_digest(image), range_layer,
                         map_layer, _channel(channel), attr_method or "grad-cam",
-                        None if block is None else int(block))
+                        None if block is None else int(block), _budget(budget), law_layer, _channel(law_channel))
+
+
+def _budget(budget) -> float:
+    if budget is None:
+        return advisor.DEFAULT_BUDGET
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise ConfigError(f"the budget must be a number of bits, got {budget!r}")
+    return float(budget)
 
 
 def _tab_updates(tab: str, result, req: tabs.Request) -> list:
@@ -226,6 +237,9 @@ def _tab_updates(tab: str, result, req: tabs.Request) -> list:
     elif tab == "attention":
         values = ((gr.update(visible=False), None, None, NO_ATTENTION) if result is None else
                   (gr.update(visible=True, maximum=result[0], value=result[1]), *result[2:]))
+    elif tab == "law":
+        values = ((gr.update(choices=[], value=None), None, None, None, NO_LAW) if result is None else
+                  (gr.update(choices=result[0], value=result[1]), *result[2:]))
     else:
         values = result if isinstance(result, tuple) else (result,)
     for slot, value in zip(_SLOTS[tab], values, strict=True):
@@ -235,7 +249,8 @@ def _tab_updates(tab: str, result, req: tabs.Request) -> list:
 
 
 @user_errors
-def open_tab(tab, drawn, model_name, applied, image, range_layer, map_layer, channel, attr_method, block):
+def open_tab(tab, drawn, model_name, applied, image, range_layer, map_layer, channel, attr_method, block, budget=None,
+             law_layer=None, law_channel=None):
     """A tab comes into view, or the shown tab's model, recipe or image changed: what it shows
     already stays, a view computed before is sent, and anything else becomes a job for
     `compute_tab` (a value of the `job` state, whose change starts it). Never computes, so it
@@ -245,16 +260,17 @@ def open_tab(tab, drawn, model_name, applied, image, range_layer, map_layer, cha
     idle = (tab, gr.update(), gr.update(), *[gr.update()] * TAB_OUTPUTS)
     if image is None or tab not in tabs.TABS:   # a cleared image: keep the last views
         return idle
-    req = _request(model_name, applied, image, range_layer, map_layer, channel, attr_method, block)
-    drawn = drawn or {}
+    req = _request(model_name, applied, image, range_layer, map_layer, channel, attr_method, block, budget, law_layer,
+                   law_channel)
+    drawn, shows = drawn or {}, tabs.drawn(CACHE, req, tab)
     now = time.time()
-    if drawn.get(tab) == req.drawn() or _pending(drawn.get(tab), req, now):
+    if drawn.get(tab) == shows or _pending(drawn.get(tab), shows, now):
         return idle
     found, result = tabs.cached(CACHE, req, tab)
     if found:
-        return (tab, {**drawn, tab: req.drawn()}, gr.update(), *_tab_updates(tab, result, req))
+        return (tab, {**drawn, tab: shows}, gr.update(), *_tab_updates(tab, result, req))
     # marked pending, so the same tab asked again meanwhile (a page load selects it too) is one job
-    return (tab, {**drawn, tab: [req.drawn(), now]}, {"tab": tab, "request": req.drawn(), "at": now},
+    return (tab, {**drawn, tab: [shows, now]}, {"tab": tab, "request": shows, "at": now},
             *[gr.update()] * TAB_OUTPUTS)
 
 
@@ -262,20 +278,21 @@ def open_tab(tab, drawn, model_name, applied, image, range_layer, map_layer, cha
 PENDING_S = 60.0
 
 
-def _pending(entry, req: tabs.Request, now: float) -> bool:
-    return isinstance(entry, list) and entry[0] == req.drawn() and now - entry[1] < PENDING_S
+def _pending(entry, shows: str, now: float) -> bool:
+    return isinstance(entry, list) and entry[0] == shows and now - entry[1] < PENDING_S
 
 
 @user_errors
 def compute_tab(job, drawn, model_name, applied, image, range_layer, map_layer, channel, attr_method, block,
-                progress=gr.Progress()):
+                budget=None, law_layer=None, law_channel=None, progress=gr.Progress()):
     """The tab a job names, for the session's current request. Returns (drawn, *TAB_OUTPUTS)."""
     if not job or image is None:
         return (gr.update(), *[gr.update()] * TAB_OUTPUTS)
     tab = job["tab"]
-    req = _request(model_name, applied, image, range_layer, map_layer, channel, attr_method, block)
+    req = _request(model_name, applied, image, range_layer, map_layer, channel, attr_method, block, budget, law_layer,
+                   law_channel)
     result = tabs.compute(CACHE, req, tab, _progress(progress))
-    return ({**(drawn or {}), tab: req.drawn()}, *_tab_updates(tab, result, req))
+    return ({**(drawn or {}), tab: tabs.drawn(CACHE, req, tab)}, *_tab_updates(tab, result, req))
 
 
 # What `refresh` computes, in order, with the progress shown before each step.
@@ -324,6 +341,30 @@ def _channel(channel):
 def show_ranges(model_name, applied, image, layer):
     sc = views.scene(CACHE, model_name, QuantConfig.from_json(applied), _need_image(image))
     return views.channel_ranges(CACHE, sc, layer)
+
+
+@user_errors
+def show_law(model_name, applied, image, layer, channel):
+    """The Law tab for another layer (its default channel) or channel: (channel, histogram, scatter, text)."""
+    sc = views.scene(CACHE, model_name, QuantConfig.from_json(applied), _need_image(image))
+    return advisor.law(CACHE, sc, layer, _channel(channel))
+
+
+@user_errors
+def show_advisor(model_name, applied, budget, progress=gr.Progress()):
+    """The Advisor tab at another budget: (summary, figure, rows); measures first if it has not."""
+    return advisor.advisor(CACHE, model_name, QuantConfig.from_json(applied), _budget(budget), _progress(progress))
+
+
+@user_errors
+def fill_advice(model_name, applied, budget, progress=gr.Progress()):
+    """The advice at `budget` as the session's controls, per-layer table and recipe, to be applied
+    as an uploaded recipe is. Returns (*controls, table rows, recipe JSON)."""
+    config = QuantConfig.from_json(applied)
+    table = advisor.sensitivity_table(CACHE, model_name, config, _progress(progress))
+    advice = advisor.advice_for(table, config, _budget(budget))
+    return (*_controls(advice.config), views.layer_rows(CACHE.load(model_name).model, advice.config),
+            advice.config.to_json())
 
 
 @user_errors

@@ -5,11 +5,14 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-FLOAT, QUANT, TENSOR, BAD = "#4c78a8", "#f58518", "#9d9d9d", "#e45756"
+from spiq.analysis.law import histogram_edges, law_counts
+
+FLOAT, QUANT, TENSOR, BAD, GOOD = "#4c78a8", "#f58518", "#9d9d9d", "#e45756", "#54a24b"
 
 
-def layer_sqnr(rows, worst: int = 5) -> go.Figure:
-    """Isolated and propagated output SQNR per layer; the `worst` isolated layers highlighted."""
+def layer_sqnr(rows, worst: int = 5, raised: dict[str, int] | None = None, budget: float | None = None) -> go.Figure:
+    """Isolated and propagated output SQNR per layer; the `worst` isolated layers highlighted, and
+    `raised` ({layer: bits}, the advisor's layers above the budget) marked with their width."""
     names = [r.name for r in rows]
     iso = [r.isolated for r in rows]
     bad = set(np.argsort(iso)[:worst].tolist())
@@ -18,6 +21,12 @@ def layer_sqnr(rows, worst: int = 5) -> go.Figure:
         go.Scatter(x=names, y=[r.propagated for r in rows], name="propagated", mode="lines+markers",
                    line_color=FLOAT),
     ])
+    if raised:
+        iso_of = dict(zip(names, iso))
+        marked = [n for n in names if n in raised]
+        fig.add_scatter(x=marked, y=[iso_of[n] for n in marked], mode="markers+text", name=f"advisor raises "
+                        f"(budget {budget:g} bits)", text=[f"A{raised[n]}" for n in marked], textposition="top center",
+                        marker=dict(symbol="star", size=13, color=GOOD, line=dict(width=1, color="black")))
     fig.update_layout(title="Output SQNR per layer (higher is better)", yaxis_title="dB", xaxis_tickangle=-60,
                       legend_orientation="h")
     return fig
@@ -155,9 +164,6 @@ def predictions(cmp) -> go.Figure:
     return fig
 
 
-GOOD = "#54a24b"
-
-
 def methods(rows, float_top1: str, config) -> go.Figure:
     """Every method at the same bits on one image: logit SQNR, green where top-1 matches the float model."""
     fig = go.Figure(go.Bar(
@@ -259,4 +265,82 @@ def rank_inversions(am) -> go.Figure:
                            text=[f"{r:,}" for r, _ in am.inversions], textposition="outside"))
     fig.update_layout(title=f"Attention rank inversions per block ({am.pairs_per_row} random key pairs per query row)",
                       xaxis_title="block", yaxis_title="% of pairs reversed")
+    return fig
+
+
+WIDTH_COLORS = {2: "#b279a2", 3: "#b279a2", 4: BAD, 5: QUANT, 6: "#eeca3b", 7: "#72b7b2", 8: GOOD}
+
+
+def sensitivity_ranking(table, widths: dict[str, int], low: int, budget: float) -> go.Figure:
+    """The advisor's layers, most sensitive input first: the logit SQNR with only that layer's
+    input at `low` bits (bars, coloured by the advised width), its weights alone at `low` bits,
+    and its share of the model's input values (right axis): what a bit there costs."""
+    names = [r.name for r in table]
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    for b in sorted(set(widths.values())):
+        picked = [r for r in table if widths[r.name] == b]
+        fig.add_bar(x=[r.name for r in picked], y=[r.input_sqnr[low] for r in picked], name=f"advised: {b} bits",
+                    marker_color=WIDTH_COLORS.get(b, FLOAT), secondary_y=False,
+                    hovertemplate="%{x}<br>input alone at " + str(low) + " bits: %{y:.1f} dB<extra></extra>")
+    fig.add_scatter(x=names, y=[r.weight_sqnr[low] for r in table], mode="markers", name=f"weights alone at {low} bits",
+                    marker=dict(color=TENSOR, symbol="line-ew-open", size=10), secondary_y=False)
+    fig.add_scatter(x=names, y=[100 * r.input_share for r in table], mode="lines+markers", name="input values (%)",
+                    line=dict(color=FLOAT, width=1), marker_size=4, secondary_y=True)
+    fig.update_layout(title=f"Data-free sensitivity: logit SQNR with one layer at {low}-bit inputs (lower: more "
+                            f"sensitive), and the widths advised at {budget:g} bits on average",
+                      legend_orientation="h", height=520, xaxis_tickangle=-60, barmode="overlay")
+    fig.update_xaxes(categoryorder="array", categoryarray=names)
+    fig.update_yaxes(title_text="logit SQNR (dB)", secondary_y=False)
+    fig.update_yaxes(title_text="share of input values (%)", type="log", secondary_y=True, showgrid=False)
+    return fig
+
+
+def law_vs_reality(lv) -> tuple[go.Figure, go.Figure]:
+    """One channel's values on the image (histogram) under the law SPIQ predicted for it (its
+    expected counts per bin), SPIQ's range and the per-tensor range; and every channel's predicted
+    against observed spread."""
+    edges = histogram_edges(lv)
+    counts, _ = np.histogram(lv.observed.numpy(), edges)
+    expected = law_counts(lv, edges)
+    mid = (edges[:-1] + edges[1:]) / 2
+    hist = go.Figure([go.Bar(x=mid, y=counts, width=np.diff(edges), name="values on this image", marker_color=FLOAT,
+                             opacity=0.7),
+                      go.Scatter(x=mid, y=expected, mode="lines", name="the law SPIQ predicted (expected counts)",
+                                 line=dict(color=QUANT, width=2))])
+    (s_lo, s_hi), (t_lo, t_hi) = lv.spiq_range, lv.tensor_range
+    for x, color, dash, label in ((s_lo, QUANT, "dash", "SPIQ"), (s_hi, QUANT, "dash", "SPIQ"),
+                                  (t_lo, TENSOR, "dot", "per tensor"), (t_hi, TENSOR, "dot", "per tensor")):
+        hist.add_vline(x=x, line=dict(color=color, dash=dash, width=2), annotation_text=label,
+                       annotation_position="top")
+    top = max(float(counts.max()), float(expected.max()), 1.0)
+    span = [min(edges[0], t_lo), max(edges[-1], t_hi)]
+    pad = 0.03 * (span[1] - span[0])
+    hist.update_layout(
+        title=f"{lv.layer}, input channel {lv.channel} ({lv.bits} bits): clipped {100 * lv.clipped_spiq:.2f} % by "
+              f"SPIQ's range [{s_lo:.3g}, {s_hi:.3g}], {100 * lv.clipped_tensor:.2f} % by the per-tensor range "
+              f"[{t_lo:.3g}, {t_hi:.3g}]", legend_orientation="h", bargap=0, height=460)
+    hist.update_xaxes(title_text="input value", range=[span[0] - pad, span[1] + pad])
+    hist.update_yaxes(title_text="values per bin (log)", type="log", range=[np.log10(0.5), np.log10(top * 2)])
+    return hist, _spread_scatter(lv)
+
+
+def _spread_scatter(lv) -> go.Figure:
+    """Predicted against observed standard deviation, one point per input channel, on log axes."""
+    floor = 1e-3   # dead channels (std 0) on a log axis
+    pred = lv.predicted_std.clamp_min(floor).numpy()
+    obs = lv.observed_std.clamp_min(floor).numpy()
+    c = lv.channel
+    both = np.concatenate([pred, obs])
+    line = [float(both.min()), float(both.max())]
+    fig = go.Figure([
+        go.Scatter(x=pred, y=obs, mode="markers", name="input channels", marker=dict(color=FLOAT, size=6, opacity=0.7),
+                   customdata=np.arange(len(pred)), hovertemplate="channel %{customdata}<br>predicted std %{x:.3g}"
+                                                                  "<br>observed std %{y:.3g}<extra></extra>"),
+        go.Scatter(x=line, y=line, mode="lines", name="observed = predicted", line=dict(color=TENSOR, dash="dash")),
+        go.Scatter(x=[pred[c]], y=[obs[c]], mode="markers", name=f"channel {c}",
+                   marker=dict(color=QUANT, size=14, symbol="star", line=dict(width=1, color="black")))])
+    fig.update_layout(title=f"{lv.layer}: every input channel's spread, law against this image "
+                            f"(below the line: the law is wider than the image)", legend_orientation="h", height=460)
+    fig.update_xaxes(title_text="predicted std (BatchNorm law)", type="log")
+    fig.update_yaxes(title_text="observed std (this image)", type="log")
     return fig

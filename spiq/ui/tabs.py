@@ -13,14 +13,14 @@ from dataclasses import dataclass
 from PIL import Image
 
 from spiq.config import QuantConfig
-from spiq.ui import views
+from spiq.ui import advisor, views
 from spiq.ui.cache import ModelCache, config_key
 
 # The tab ids of app.py, in the order they are laid out.
-TABS = ("story", "ranges", "layer-error", "error-map", "attribution", "attention", "methods")
+TABS = ("story", "ranges", "law", "layer-error", "error-map", "attribution", "attention", "methods", "advisor")
 # The options of a request each tab's result depends on (besides model, recipe and image).
-OPTIONS = {"ranges": ("range_layer",), "error-map": ("map_layer", "channel"), "attribution": ("attr_method",),
-           "attention": ("block",)}
+OPTIONS = {"ranges": ("range_layer",), "law": ("law_layer", "law_channel"), "error-map": ("map_layer", "channel"),
+           "attribution": ("attr_method",), "attention": ("block",), "advisor": ("budget",)}
 
 
 def image_digest(image: Image.Image) -> str:
@@ -43,6 +43,9 @@ class Request:
     channel: int | None = None
     attr_method: str = "grad-cam"
     block: int | None = None
+    budget: float = advisor.DEFAULT_BUDGET
+    law_layer: str | None = None
+    law_channel: int | None = None
 
     def drawn(self) -> str:
         """What a tab drawn for this request shows, but for its own options (which its own controls
@@ -56,14 +59,28 @@ class Request:
                 *(getattr(self, o) for o in OPTIONS.get(tab, ())))
 
 
+def _marks(cache: ModelCache, req: Request, tab: str) -> tuple:
+    """What a tab shows beyond its request: the layer-error view marks the layers the advisor raises
+    at the session's budget once the advisor has measured this model and recipe."""
+    if tab == "layer-error" and advisor.has_table(cache, req.model, req.config):
+        return (req.budget,)
+    return ()
+
+
+def drawn(cache: ModelCache, req: Request, tab: str) -> str:
+    """`req.drawn()` for `tab`, with what it marks: a layer-error view drawn before the advisor
+    measured is drawn again when it comes into view."""
+    return "|".join([req.drawn(), *map(str, _marks(cache, req, tab))])
+
+
 def cached(cache: ModelCache, req: Request, tab: str) -> tuple[bool, object]:
     """(found, result) of a tab computed before for this request: never computes."""
-    return cache.cached_view(req.key(tab))
+    return cache.cached_view(req.key(tab) + _marks(cache, req, tab))
 
 
 def compute(cache: ModelCache, req: Request, tab: str, progress=None):
     """A tab's result for `req`, from the cache or computed now (see `results` for its shape)."""
-    return cache.view(req.key(tab), lambda: _COMPUTE[tab](cache, req, progress))
+    return cache.view(req.key(tab) + _marks(cache, req, tab), lambda: _COMPUTE[tab](cache, req, progress))
 
 
 def _story(cache, req, progress):
@@ -78,8 +95,28 @@ def _ranges(cache, req, progress):
     return layers, layer, views.channel_ranges(cache, sc, layer) if layer else None
 
 
+def _law(cache, req, progress):
+    """None where no layer has a law, else (layers the dropdown offers, the layer and channel shown,
+    the histogram, the spread scatter, the summary)."""
+    sc = views.scene(cache, req.model, req.config, req.image)
+    layers = advisor.law_layers(sc)
+    if not layers:
+        return None
+    if req.law_layer in layers:
+        layer, channel = req.law_layer, req.law_channel
+    else:   # another layer's channel means nothing here
+        layer, channel = advisor.default_law_layer(cache, sc), None
+    return (layers, layer, *advisor.law(cache, sc, layer, channel))
+
+
 def _layer_error(cache, req, progress):
-    return views.layer_error(cache, views.scene(cache, req.model, req.config, req.image))
+    raised = advisor.layers_raised(cache, req.model, req.config, req.budget)
+    return views.layer_error(cache, views.scene(cache, req.model, req.config, req.image), raised, req.budget)
+
+
+def _advisor(cache, req, progress):
+    """(summary, ranking figure, table rows) of the advice at the session's budget."""
+    return advisor.advisor(cache, req.model, req.config, req.budget, progress)
 
 
 def _error_map(cache, req, progress):
@@ -110,5 +147,5 @@ def _methods(cache, req, progress):
     return fig, views.methods_table(rows)
 
 
-_COMPUTE = {"story": _story, "ranges": _ranges, "layer-error": _layer_error, "error-map": _error_map,
-            "attribution": _attribution, "attention": _attention, "methods": _methods}
+_COMPUTE = {"story": _story, "ranges": _ranges, "law": _law, "layer-error": _layer_error, "error-map": _error_map,
+            "attribution": _attribution, "attention": _attention, "methods": _methods, "advisor": _advisor}

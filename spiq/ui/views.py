@@ -97,8 +97,9 @@ def default_range_layer(cache: ModelCache, sc: Scene) -> str | None:
     return max(shown, key=shown.get) if shown else None
 
 
-def layer_error(cache: ModelCache, sc: Scene):
-    """Per-layer SQNR (isolated and propagated), the split by error source, and the fold cost."""
+def layer_error(cache: ModelCache, sc: Scene, raised: dict[str, int] | None = None, budget: float | None = None):
+    """Per-layer SQNR (isolated and propagated), the split by error source, and the fold cost;
+    `raised`: the layers the advisor raises at `budget`, marked."""
     with cache.lock:
         breakdown = analysis.layer_breakdown(sc.loaded.model, sc.qmodel, sc.x[None])
         rows = analysis.layer_sqnr(sc.loaded.model, sc.qmodel, sc.x[None], breakdown=breakdown)
@@ -106,7 +107,8 @@ def layer_error(cache: ModelCache, sc: Scene):
                               lambda: analysis.fold_cost(sc.loaded.model, sc.qmodel))
     table = [[r.name, round(r.isolated, 2), round(r.propagated, 2), round(b.clip, 2), round(b.input, 2),
               round(b.weight, 2), round(100 * b.clipped, 3)] for r, b in zip(rows, breakdown)]
-    return plots.layer_sqnr(rows), plots.layer_breakdown(breakdown), plots.fold_cost(folds) if folds else None, table
+    return (plots.layer_sqnr(rows, raised=raised, budget=budget), plots.layer_breakdown(breakdown),
+            plots.fold_cost(folds) if folds else None, table)
 
 
 LAYER_ERROR_HEADERS = ["layer", "isolated dB", "propagated dB", "clip-only dB", "input-only dB", "weight-only dB",

@@ -107,3 +107,17 @@ def test_bad_budgets_and_widths_are_refused(lite0_sensitivity, budget, widths):
     table, _, _, _ = lite0_sensitivity
     with pytest.raises(ConfigError):
         advise(table, CONFIG, budget, widths)
+
+
+def test_the_advice_replaces_an_overrides_input_width_and_keeps_the_rest():
+    from spiq.analysis.sensitivity import LayerSensitivity
+
+    widths = {b: 20.0 + 6 * (b - 4) for b in (4, 8)}
+    table = [LayerSensitivity("a", 100, 10, 0.5, 0.5, dict(widths), dict(widths)),
+             LayerSensitivity("b", 100, 10, 0.5, 0.5, {4: 0.0, 8: 24.0}, dict(widths))]
+    config = spiq.QuantConfig(input_bits=4, overrides={"a": LayerOverride(input_bits=8, weight_bits=6),
+                                                       "b": LayerOverride(input_granularity="tensor")})
+    adv = advise(table, config, 6.0, (4, 8))   # b is the sensitive one: it gets the 8 bits
+    assert adv.input_bits == {"a": 4, "b": 8}
+    assert adv.config.overrides["a"] == LayerOverride(weight_bits=6)   # no old input width; weights kept
+    assert adv.config.overrides["b"] == LayerOverride(input_bits=8, input_granularity="tensor")

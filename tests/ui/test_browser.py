@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = os.environ.get("SPIQ_CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
-PLOTS = {"Story": ["story-plot"], "Channel ranges": ["ranges-plot"],
+PLOTS = {"Story": ["story-plot"], "Channel ranges": ["ranges-plot"], "Law vs reality": ["law-plot", "spread-plot"],
          "Layer error": ["sqnr-plot", "breakdown-plot", "fold-plot"], "Error map": ["emap-plot"],
          "Attribution": ["attr-plot"], "Methods": ["methods-plot"], "Deploy": [], "Recipe": []}
 
@@ -403,5 +403,76 @@ def test_the_fit_note_says_when_a_models_background_images_are_ready(app, monkey
         page.locator("#model input").click()
         page.get_by_role("option", name=module.DEFAULT_MODEL).click()
         page.wait_for_function("document.querySelector('#fit-note').innerText.trim() === ''", timeout=60_000)
+        browser.close()
+    assert not problems, "\n".join(problems)
+
+
+def _trace_names(page, elem_id: str) -> list:
+    return page.eval_on_selector(f"#{elem_id} .js-plotly-plot", "el => (el._fullData || []).map(t => t.name)")
+
+
+def test_law_and_advisor_views(app):
+    """Law vs reality draws its two figures for the default layer and any channel; the Advisor
+    measures, follows the budget, fills the per-layer table with its widths and applies them, and
+    the Layer error view then marks the layers it raises."""
+    from spiq.config import QuantConfig
+    from spiq.ui import advisor
+
+    module, url = app
+    problems = []
+    with sync_api.sync_playwright() as p:
+        browser, page = _open_app(p, url, problems)
+        page.wait_for_function(PREDICTED, timeout=90_000)
+
+        page.get_by_role("tab", name="Law vs reality").click()
+        page.wait_for_function("document.querySelector('#law-text').innerText.includes('Channel')", timeout=300_000)
+        assert _plot_traces(page, "law-plot") > 0 and _plot_traces(page, "spread-plot") > 0
+        assert "the law SPIQ predicted (expected counts)" in _trace_names(page, "law-plot")
+        channel = page.locator("#law-channel input")
+        channel.fill("3")
+        channel.press("Enter")
+        page.wait_for_function("document.querySelector('#law-text').innerText.includes('Channel 3 of')",
+                               timeout=120_000)
+        page.wait_for_function("(document.querySelector('#law-plot .gtitle') || {textContent: ''}).textContent"
+                               ".includes('input channel 3 ')", timeout=60_000)
+
+        start = time.perf_counter()
+        page.get_by_role("tab", name="Advisor").click()
+        page.wait_for_function("document.querySelector('#advice-text').innerText.includes('Budget 4.5 bits')",
+                               timeout=900_000)
+        print(f"Advisor tab, first computation: {time.perf_counter() - start:.1f} s")
+        assert _plot_traces(page, "advice-plot") > 0
+        budget = page.locator("#budget input[type=number]")
+        budget.fill("5")
+        budget.press("Tab")   # the number box's blur is the slider's release
+        start = time.perf_counter()
+        page.wait_for_function("document.querySelector('#advice-text').innerText.includes('Budget 5 bits')",
+                               timeout=60_000)
+        print(f"Advisor at another budget: {time.perf_counter() - start:.1f} s")
+
+        page.click("#fill-advice")
+        page.wait_for_function("document.querySelector('#status').innerText.includes('overrides')", timeout=300_000)
+        status = page.inner_text("#status")
+        applied = QuantConfig.from_json(status[status.index("{"):status.rindex("}") + 1])   # "Applied {recipe}"
+        found, table = module.CACHE.cached_slow(advisor.table_key(module.DEFAULT_MODEL, QuantConfig()))
+        assert found
+        expected = advisor.advice_for(table, QuantConfig(), 5.0).config
+        assert applied.to_dict() == expected.to_dict()
+        assert page.input_value("#abits input[type=number]") == str(expected.input_bits)
+        # the per-layer table holds the advised widths
+        page.get_by_text("Per-layer settings (edit, then Apply)").click()
+        page.wait_for_function("document.querySelectorAll('#layer-table [role=gridcell]').length > 8", timeout=30_000)
+        cells = page.eval_on_selector_all("#layer-table [role=gridcell]",
+                                          "cs => cs.map(c => [+c.dataset.row, +c.dataset.col, c.innerText.trim()])")
+        grid = {}
+        for r, c, text in cells:
+            grid.setdefault(r, {})[c] = text
+        shown = {row[0]: row[5] for row in grid.values() if 0 in row and 5 in row}   # layer: input bits
+        assert shown and all(int(float(b)) == expected.for_layer(n).input_bits for n, b in shown.items()), shown
+        assert len(set(shown.values())) > 1, shown
+
+        page.get_by_role("tab", name="Layer error").click()
+        page.wait_for_function("(el => el && (el._fullData || []).some(t => (t.name || '').startsWith('advisor raises')))"
+                               "(document.querySelector('#sqnr-plot .js-plotly-plot'))", timeout=300_000)
         browser.close()
     assert not problems, "\n".join(problems)
