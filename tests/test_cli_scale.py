@@ -34,7 +34,11 @@ def test_device_cuda_without_a_gpu_is_one_line_here(tmp_path):
 def test_a_missing_device_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)   # the same on a machine with a GPU
     # an empty folder would be the next error: the device comes first
-    for argv in ([*EVALUATE, "--images", str(tmp_path)], _sweep(tmp_path, tmp_path / "out")):
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text('{"method": "spiq", "input_bits": 4}')
+    report = ["report", "--model", "efficientnet_lite0", "--config", str(recipe), "--images", str(tmp_path),
+              "--out", str(tmp_path / "out" / "report.html")]
+    for argv in ([*EVALUATE, "--images", str(tmp_path)], _sweep(tmp_path, tmp_path / "out"), report):
         assert cli.main([*argv, "--device", "cuda"]) == 2
         assert _one_error_line(capsys.readouterr().err) == f"spiq: error: {NO_GPU}"
         assert cli.main([*argv, "--device", "tpu"]) == 2

@@ -165,12 +165,15 @@ def evaluate(model_name: str, images: torch.Tensor, labels: torch.Tensor, config
              calib: torch.Tensor | None = None, float_model: LoadedModel | None = None,
              fp_pred: torch.Tensor | None = None, progress: Callable[[int], None] | None = None,
              quantize_progress: Callable[[float, str], None] | None = None,
-             fp_logits: torch.Tensor | None = None, device="cpu", batch_size: int = BATCH_SIZE) -> EvalResult:
+             fp_logits: torch.Tensor | None = None, device="cpu", batch_size: int = BATCH_SIZE,
+             quantized: QuantResult | None = None) -> EvalResult:
     """Quantize `model_name` with `config` (None: float only) and score it against the float model.
 
     `float_model` is load_model(model_name), if the caller has it already. Given the float model's
     `logits` on `images`, the result also carries the mean logit SQNR. The quantization runs on the
     CPU; the forward passes on `device` (cpu, cuda, auto), `batch_size` images at a time.
+    `quantized`: the model quantize() made for `config` already (a report shows its views of the
+    very model it scored).
     """
     device = resolve_device(device)
     start = time.perf_counter()
@@ -184,7 +187,8 @@ def evaluate(model_name: str, images: torch.Tensor, labels: torch.Tensor, config
     if config is None:
         pred = fp_pred
     else:
-        qmodel = quantize(float_model, config, calib_data=calib, progress=quantize_progress)
+        qmodel = quantized if quantized is not None else quantize(float_model, config, calib_data=calib,
+                                                                  progress=quantize_progress)
         if fp_logits is not None:
             q_logits = logits(qmodel, images, batch_size, progress, device)
             pred, sqnr = q_logits.argmax(1), mean_logit_sqnr_db(fp_logits, q_logits)

@@ -208,7 +208,9 @@ def fold_cost(model: nn.Module, qmodel: QuantResult) -> list[FoldCost]:
     out = []
     for name, lr in report.layers.items():
         q = qmodel.model.get_submodule(name)
-        if not getattr(q, "folded", False):
+        # the input side is measured against the layer's data-free law: a layer ranged without one
+        # (an SE block's expand conv reads a pooled vector) has nothing to weigh the fold against
+        if not getattr(q, "folded", False) or name not in report.propagation.inputs:
             continue
         w = reference.get_submodule(name).weight
         settings = cfg.for_layer(name)

@@ -1,12 +1,13 @@
 """The `spiq` command: one module per verb, each adding its parser with `add(sub)`: list models,
 evaluate a method on labelled images, sweep models x methods x bits, export int8 ONNX, distill the
-images the bias fit needs ahead of time, advise per-layer widths under a budget."""
+images the bias fit needs ahead of time, advise per-layer widths under a budget, report a recipe in
+one offline HTML file."""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from spiq.cli import advise, distill, evaluate, export, sweep
+from spiq.cli import advise, distill, evaluate, export, report, sweep
 from spiq.cli.common import UsageError
 from spiq.config import ConfigError
 from spiq.core.memory import keep_freed_memory
@@ -14,7 +15,7 @@ from spiq.export.onnx import ExportError
 from spiq.models.data import DatasetError, ImageError
 from spiq.models.registry import ModelUnavailableError
 
-VERBS = (evaluate, sweep, export, advise, distill)
+VERBS = (evaluate, sweep, export, advise, distill, report)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -153,7 +153,7 @@ class ModelCache:
 
     def calibration(self, name: str) -> torch.Tensor:
         """The calib-* methods' images: every image of `calib_dir`, preprocessed for this model."""
-        if self.calib_dir is None:
+        if self.calib_dir is None and name not in self._calib:
             raise ValueError("this cache has no calibration images (calib_dir)")
         with self.lock:
             if name not in self._calib:
@@ -162,6 +162,12 @@ class ModelCache:
                     raise ValueError(f"no calibration images in {self.calib_dir}")
                 self._calib[name] = load_batch(files[: self.calib_images], self.load(name).preprocess)
             return self._calib[name]
+
+    def use_calibration(self, name: str, images: torch.Tensor) -> None:
+        """Calibrate model `name` on these preprocessed images instead of `calib_dir`'s: a report
+        shows the model `spiq evaluate` scores, calibrated on the images it draws."""
+        with self.lock:
+            self._calib[name] = images
 
     def quantized(self, name: str, config: QuantConfig,
                   progress: Callable[[float, str], None] | None = None) -> QuantResult:

@@ -1,0 +1,89 @@
+"""The HTML files `spiq sweep` and `spiq report` write, opened in a real browser with no network:
+every figure is drawn, from the plotly bundle inlined in the file."""
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from playwright import sync_api
+
+from spiq import cli
+
+# A real browser: the slow tier.
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+CHROMIUM = os.environ.get("SPIQ_CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
+PHOTOS = {"n02123159_tiger_cat.jpg": "cat.jpg", "n07920052_espresso.jpg": "coffee.jpg",
+          "n04266014_space_shuttle.jpg": "rocket.jpg"}
+TOY = "toy_cnn_offline"
+
+
+@pytest.fixture
+def toy_inputs(tmp_path, monkeypatch):
+    """A random mini CNN registered as a model, three labelled photos and a recipe that quantizes in seconds."""
+    from spiq.models import registry
+    from spiq.models.toy import toy_cnn
+
+    monkeypatch.setitem(registry._REGISTRY, TOY, registry.ModelSpec(
+        TOY, "random weights (tests)", lambda: toy_cnn()[0], lambda: None, toy_cnn()[1], "toy CNN", ()))
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for name, asset in PHOTOS.items():
+        shutil.copy(ROOT / "assets" / asset, images / name)
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"method": "spiq", "weight_bits": 8, "input_bits": 4, "bias_images": 0,
+                                  "weight_rounding": "nearest"}))
+    return images, recipe
+
+
+def drawn_figures(path: Path) -> tuple[int, int, list[str]]:
+    """(plotly figures in the file, those drawn with at least one trace, what went wrong) in Chromium,
+    every request that is not the file itself refused."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"Chromium not found at {CHROMIUM}: apt-get install chromium (or set SPIQ_CHROMIUM)")
+    problems, outside = [], []
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu",
+                                                                    "--disable-dev-shm-usage"])
+        try:
+            page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+
+            def refuse(route):
+                outside.append(route.request.url)
+                route.abort()
+            page.route(lambda url: not url.startswith(("file:", "data:", "blob:")), refuse)
+            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+            page.on("console", lambda m: problems.append(f"console: {m.text}") if m.type == "error" else None)
+            page.goto(path.as_uri(), wait_until="load", timeout=120_000)
+            total = page.locator("div.plotly-graph-div").count()
+            page.wait_for_function(f"document.querySelectorAll('.js-plotly-plot').length >= {total}", timeout=120_000)
+            # traces plotly drew: bars and lines (.trace), heatmaps (.hm), images (<image>)
+            drawn = page.eval_on_selector_all(".js-plotly-plot", "els => els.filter(el => "
+                                              "(el._fullData || []).length > 0 && "
+                                              "el.querySelectorAll('.trace, .hm, image').length > 0).length")
+        finally:
+            browser.close()
+    return total, drawn, problems + [f"network request: {u}" for u in outside]
+
+
+def test_the_sweep_report_draws_every_figure_offline(toy_inputs, tmp_path):
+    images, recipe = toy_inputs
+    out = tmp_path / "sweep"
+    assert cli.main(["sweep", "--model", TOY, "--images", str(images), "--methods", "spiq,static-tensor",
+                     "--wbits", "8", "--abits", "8,4", "--config", str(recipe), "--out", str(out)]) == 0
+    total, drawn, problems = drawn_figures(out / "report.html")
+    # one weight width: agreement, top-1, logit SQNR, then the Pareto front
+    assert total == 4 and drawn == total, problems
+    assert not problems
+
+
+def test_the_recipe_report_draws_every_figure_offline(toy_inputs, tmp_path):
+    images, recipe = toy_inputs
+    out = tmp_path / "report.html"
+    assert cli.main(["report", "--model", TOY, "--config", str(recipe), "--images", str(images),
+                     "--examples", "2", "--out", str(out)]) == 0
+    total, drawn, problems = drawn_figures(out)
+    assert total == 1 + 6 * 2 and drawn == total, problems   # the fold cost, then six views per image
+    assert not problems
