@@ -8,17 +8,21 @@ EfficientNet-Lite0 images into a scratch cache (a real distillation: only 8 ship
 visitor's two kinds of request are timed in this process with the app's model cache, 2 threads:
 - predict: top-5 of the float and the quantized model for a new image, the recipe cached;
 - apply: a recipe not seen before quantized (SPIQ, new bits), then its predictions.
-Each is timed before the child starts, while it runs, and after it is stopped; the slowdown is the
-median while running over the median of the two quiet runs. Writes bench/results/background.json.
+The child is started once and then, request by request, stopped (SIGSTOP: quiet) and let run
+(SIGCONT: distilling), so both kinds of timing see the same machine and the same mix of recipes;
+the slowdown is the median while it runs over the median while it is stopped. Writes
+bench/results/background.json.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -39,45 +43,61 @@ def child(_name: str) -> list[str]:
     return [sys.executable, "-m", "spiq", "distill", "--model", MODEL, "--images", "16"]
 
 
-def timed(cache: ModelCache, repeats: int, recipes: iter) -> dict:
-    """Median seconds of each request kind over `repeats`."""
-    out = {"predict": [], "apply": []}
-    for i in range(repeats):
-        image = Image.open(ROOT / "assets" / IMAGES[i % len(IMAGES)]).convert("RGB")
-        start = time.perf_counter()
-        views.predictions(cache, views.scene(cache, MODEL, QuantConfig(), image))
-        out["predict"].append(time.perf_counter() - start)
-        start = time.perf_counter()
-        views.predictions(cache, views.scene(cache, MODEL, next(recipes), image))
-        out["apply"].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in out.items()}
+def children() -> list[int]:
+    """The pids of this process's children (from /proc: no psutil here)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid():
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def timed(cache: ModelCache, image: Image.Image, recipe: QuantConfig) -> dict:
+    """Seconds of each request kind, once."""
+    start = time.perf_counter()
+    views.predictions(cache, views.scene(cache, MODEL, QuantConfig(), image))
+    predict = time.perf_counter() - start
+    start = time.perf_counter()
+    views.predictions(cache, views.scene(cache, MODEL, recipe, image))
+    return {"predict": predict, "apply": time.perf_counter() - start}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=20, help="requests of each kind in each state (at most 23)")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
     os.environ["SPIQ_CACHE"] = tempfile.mkdtemp(prefix="spiq-bench-cache-")   # the child distils for real
     cache = ModelCache(max_quantized=64, calib_dir=ROOT / "assets")
-    # every apply a new recipe: bits and granularity combinations no run repeats
+    # every apply a new recipe (48 of them): bits no run repeats
     recipes = iter(QuantConfig(method="spiq", weight_bits=w, input_bits=a)
-                   for w in range(8, 3, -1) for a in range(8, 3, -1) if (w, a) != (8, 8))
+                   for w in range(8, 1, -1) for a in range(8, 1, -1) if (w, a) != (8, 8))
     cache.quantized(MODEL, QuantConfig())
     cache.warm(MODEL)
-    before = timed(cache, args.repeats, recipes)
+    images = [Image.open(ROOT / "assets" / name).convert("RGB") for name in IMAGES]
     bg = BackgroundDistiller(child)
     bg.start([MODEL])
     time.sleep(5)   # the child past its imports, distilling
-    during = timed(cache, args.repeats, recipes)
+    (pid,) = children()
+    timed(cache, images[0], next(recipes))   # the first requests of a process are slower: not counted
+    runs = {"quiet": [], "during": []}
+    for i in range(args.repeats):
+        for state, sig in (("quiet", signal.SIGSTOP), ("during", signal.SIGCONT)):
+            os.kill(pid, sig)
+            time.sleep(0.2)
+            runs[state].append(timed(cache, images[i % len(images)], next(recipes)))
     still_running = bg.state(MODEL).state == RUNNING
+    os.kill(pid, signal.SIGCONT)
     bg.stop()
-    after = timed(cache, args.repeats, recipes)
-    rows = {k: {"quiet_s": (before[k] + after[k]) / 2, "with_background_s": during[k],
-                "slowdown": during[k] / ((before[k] + after[k]) / 2) - 1} for k in before}
-    data = {"model": MODEL, "repeats": args.repeats, "target_slowdown": TARGET, "rows": rows,
-            "before": before, "during": during, "after": after, "child_ran_throughout": still_running,
-            "load_average": os.getloadavg(), "machine": machine()}
+    med = {state: {k: statistics.median(r[k] for r in rs) for k in ("predict", "apply")} for state, rs in runs.items()}
+    rows = {k: {"quiet_s": med["quiet"][k], "with_background_s": med["during"][k],
+                "slowdown": med["during"][k] / med["quiet"][k] - 1} for k in ("predict", "apply")}
+    data = {"model": MODEL, "repeats": args.repeats, "target_slowdown": TARGET, "rows": rows, "runs": runs,
+            "child_ran_throughout": still_running, "load_average": os.getloadavg(), "machine": machine()}
     lines = ["| request | quiet, s | with background distillation, s | slowdown |", "|---|---|---|---|"]
     lines += [f"| {k} | {r['quiet_s']:.2f} | {r['with_background_s']:.2f} | {r['slowdown'] * 100:+.0f} % |"
               for k, r in rows.items()]

@@ -1,7 +1,7 @@
 """Bias-fit images of the other models, distilled in the background after start, one model at a time.
 
 Each model is distilled by `spiq distill --model NAME` in a child process at the lowest CPU
-priority (nice 19) and on one thread: the child never holds this process's GIL or its torch
+priority (nice 19, and the SCHED_IDLE policy where the OS has it) and on one thread: the child never holds this process's GIL or its torch
 threads, and the kernel gives a visitor's request the CPU whenever it wants it. The child writes
 to the same disk cache the app reads (`spiq.quantize.distill.cache_dir`), so when it exits the
 fit is ready for everyone. No Gradio here: the handlers read `state`.
@@ -34,6 +34,10 @@ def distill_command(name: str) -> list[str]:
 
 def _lowest_priority() -> None:   # runs in the child, before exec
     os.nice(NICE)
+    # SCHED_IDLE: the child runs only on a core nothing else wants, and gives it back as soon as a
+    # visitor's thread wakes up, rather than at the end of its time slice.
+    if hasattr(os, "sched_setscheduler"):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
 
 class BackgroundDistiller:
