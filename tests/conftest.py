@@ -155,3 +155,28 @@ def cache_fit_images(loaded) -> None:
     lo, hi, size = distill_bounds(loaded.preprocess)
     pixels = distill.to_pixels(distill.distill_images(loaded.model, 8, lo, hi, size, steps=3), lo, hi)
     distill.write_pixels(distill.cache_dir() / distill.image_key(loaded.model, 8, lo, hi, size), pixels)
+
+
+# Shipped example photos under the synset names of what they show: a labelled folder in seconds.
+LABELLED_PHOTOS = {"n02123159_tiger_cat.jpg": "cat.jpg", "n07920052_espresso.jpg": "coffee.jpg",
+                   "n04266014_space_shuttle.jpg": "rocket.jpg", "n03976467_polaroid_camera.jpg": "camera.jpg"}
+
+
+def labelled_photos(folder: Path, count: int = len(LABELLED_PHOTOS)) -> Path:
+    """`folder` made and filled with the first `count` of LABELLED_PHOTOS."""
+    import shutil
+
+    folder.mkdir(parents=True)
+    for name, asset in list(LABELLED_PHOTOS.items())[:count]:
+        shutil.copy(ROOT / "assets" / asset, folder / name)
+    return folder
+
+
+def register_toy_cnn(monkeypatch, name: str) -> str:
+    """A random mini CNN registered as model `name` for the test: it quantizes in well under a second."""
+    from spiq.models import registry
+    from spiq.models.toy import toy_cnn
+
+    monkeypatch.setitem(registry._REGISTRY, name, registry.ModelSpec(
+        name, "random weights (tests)", lambda: toy_cnn()[0], lambda: None, toy_cnn()[1], "toy CNN", ()))
+    return name

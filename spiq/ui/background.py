@@ -1,8 +1,9 @@
 """Bias-fit images of the other models, distilled in the background after start, one model at a time.
 
 Each model is distilled by `spiq distill --model NAME` in a child process at the lowest CPU
-priority (nice 19, and the SCHED_IDLE policy where the OS has it) and on one thread: the child never holds this process's GIL or its torch
-threads, and the kernel gives a visitor's request the CPU whenever it wants it. The child writes
+priority (nice 19, and the SCHED_IDLE policy where the OS has it) and on one thread: the child
+never holds this process's GIL or its torch threads, and the kernel gives a visitor's request the
+CPU whenever it wants it. The child writes
 to the same disk cache the app reads (`spiq.quantize.distill.cache_dir`), so when it exits the
 fit is ready for everyone. No Gradio here: the handlers read `state`.
 """

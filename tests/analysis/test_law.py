@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import spiq
+from spiq.core.hooks import run_with_hooks
 from spiq.analysis.law import histogram_edges, law_counts, law_vs_reality
 from spiq.analysis.layers import channel_spread
 from spiq.ranges.laws import clip_range
@@ -53,16 +54,17 @@ def test_the_drawn_law_is_the_one_the_quantizer_used(setting):
     assert not np.allclose(law_counts(law_vs_reality(q, x, layer, other), edges), hist.data[1].y)
 
 
+def _layer_input(q, layer: str, x: torch.Tensor) -> dict:
+    """{"x": what `layer` of the float reference receives on `x`}, captured apart from the library."""
+    seen = {}
+    run_with_hooks(q.report.reference, {layer: lambda m, a: seen.__setitem__("x", a[0].detach().clone())}, x,
+                   pre=True)
+    return seen
+
+
 def test_clipped_shares_are_a_direct_count(setting):
     q, x, layer = setting
-    seen = {}
-    handle = q.report.reference.get_submodule(layer).register_forward_pre_hook(
-        lambda m, a: seen.__setitem__("x", a[0].detach().clone()))
-    try:
-        with torch.no_grad():
-            q.report.reference(x)
-    finally:
-        handle.remove()
+    seen = _layer_input(q, layer, x)
     lv = law_vs_reality(q, x, layer)
     values = seen["x"][0, lv.channel].flatten()
     assert torch.equal(lv.observed.sort().values, values.sort().values)
@@ -81,14 +83,7 @@ def test_predicted_against_observed_spread_for_every_channel(setting):
     channels = lv.law.channels
     assert lv.predicted_std.shape == lv.observed_std.shape == (channels,)
     assert torch.equal(lv.predicted_std, lv.law.moments()[1])
-    seen = {}
-    handle = q.report.reference.get_submodule(layer).register_forward_pre_hook(
-        lambda m, a: seen.__setitem__("x", a[0].detach().clone()))
-    try:
-        with torch.no_grad():
-            q.report.reference(x)
-    finally:
-        handle.remove()
+    seen = _layer_input(q, layer, x)
     assert torch.allclose(lv.observed_std, seen["x"][0].flatten(1).std(1, correction=0), rtol=1e-4)
     # the BatchNorm law tracks reality: channels predicted wider are wider on the image
     pred, obs = lv.predicted_std.log().numpy(), lv.observed_std.clamp_min(1e-6).log().numpy()

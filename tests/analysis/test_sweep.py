@@ -11,30 +11,20 @@ import pytest
 
 from spiq.analysis import sweep as sweep_mod
 from spiq.analysis.sweep import CELL_FIELDS, Cell, mark_pareto, pareto_front, read_cell, write_cell
+from conftest import labelled_photos, register_toy_cnn
 
 ROOT = Path(__file__).resolve().parents[2]
-PHOTOS = {"n02123159_tiger_cat.jpg": "cat.jpg", "n07920052_espresso.jpg": "coffee.jpg",
-          "n04266014_space_shuttle.jpg": "rocket.jpg", "n03976467_polaroid_camera.jpg": "camera.jpg"}
 TOY = "toy_cnn_sweep"
 
 
 @pytest.fixture
 def toy_model(monkeypatch):
-    """A random mini CNN registered as a model: its cells quantize in well under a second."""
-    from spiq.models import registry
-    from spiq.models.toy import toy_cnn
-
-    monkeypatch.setitem(registry._REGISTRY, TOY, registry.ModelSpec(
-        TOY, "random weights (tests)", lambda: toy_cnn()[0], lambda: None, toy_cnn()[1], "toy CNN", ()))
-    return TOY
+    return register_toy_cnn(monkeypatch, TOY)
 
 
 @pytest.fixture
 def folder(tmp_path):
-    images = tmp_path / "imgs"
-    images.mkdir()
-    for name, asset in PHOTOS.items():
-        shutil.copy(ROOT / "assets" / asset, images / name)
+    images = labelled_photos(tmp_path / "imgs")
     recipe = tmp_path / "recipe.json"
     # no distillation, no rounding search: a cell in seconds, not minutes
     recipe.write_text(json.dumps({"bias_images": 0, "weight_rounding": "nearest"}))

@@ -9,29 +9,21 @@ import pytest
 from playwright import sync_api
 
 from spiq import cli
+from conftest import labelled_photos, register_toy_cnn
 
 # A real browser: the slow tier.
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = os.environ.get("SPIQ_CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
-PHOTOS = {"n02123159_tiger_cat.jpg": "cat.jpg", "n07920052_espresso.jpg": "coffee.jpg",
-          "n04266014_space_shuttle.jpg": "rocket.jpg"}
 TOY = "toy_cnn_offline"
 
 
 @pytest.fixture
 def toy_inputs(tmp_path, monkeypatch):
     """A random mini CNN registered as a model, three labelled photos and a recipe that quantizes in seconds."""
-    from spiq.models import registry
-    from spiq.models.toy import toy_cnn
-
-    monkeypatch.setitem(registry._REGISTRY, TOY, registry.ModelSpec(
-        TOY, "random weights (tests)", lambda: toy_cnn()[0], lambda: None, toy_cnn()[1], "toy CNN", ()))
-    images = tmp_path / "imgs"
-    images.mkdir()
-    for name, asset in PHOTOS.items():
-        shutil.copy(ROOT / "assets" / asset, images / name)
+    register_toy_cnn(monkeypatch, TOY)
+    images = labelled_photos(tmp_path / "imgs", 3)
     recipe = tmp_path / "recipe.json"
     recipe.write_text(json.dumps({"method": "spiq", "weight_bits": 8, "input_bits": 4, "bias_images": 0,
                                   "weight_rounding": "nearest"}))
