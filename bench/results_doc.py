@@ -431,7 +431,7 @@ def generate(results_dir: Path = RESULTS, doc: Path = DOC, readme: Path = README
     spiq_int8 = next(r for r in data["int8"]["results"] if r["variant"] == "SPIQ int8")
     top += ["", "The same at W8A4 on the three models that work offline (the W8A5 and W8A8 columns: "
                 "[docs/results.md](docs/results.md#the-three-offline-models)):", "", *results_more.models_headline(data)]
-    top += results_more.advise_headline(data["advise"])
+    top += results_more.advise_headline(data["advise"]) + results_more.app_load_headline(data["app_load"])
     top += ["", f"SPIQ int8, exported to ONNX, runs at {spiq_int8['b1_vs_static']:.2f}× the latency of ONNX Runtime's own "
                 f"static int8 model at batch 1 and {spiq_int8['b16_vs_static']:.2f}× at batch 16 (`bench/results/int8.json`)."]
     tp = data["throughput"]

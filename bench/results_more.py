@@ -108,3 +108,13 @@ def advise_headline(d: dict) -> list[str]:
     return ["", f"Per-layer input widths chosen by `spiq advise` from distilled images only (SPIQ, 8-bit weights, "
                 f"{d['n_images']} held-out images): {'; '.join(said)} ([docs/advise.md](docs/advise.md)).", "",
             "![Agreement and logit SQNR against average input bits, advised and uniform](docs/advise-budgets.svg)"]
+
+
+def app_load_headline(d: dict) -> list[str]:
+    """The README's line on how long a new visitor waits, against the targets."""
+    t = d["targets"]
+    return ["", f"A new visitor of the app sees the first prediction {d['idle']['median_text_s']:.1f} s after opening "
+                f"the page on an idle server, {d['busy']['median_text_s']:.1f} s while three other sessions keep "
+                f"applying recipes (target {t['busy_median_text_s']:g} s), and {d['cold_start_text_s']:.1f} s after a "
+                f"cold start (target {t['cold_start_text_s']:g} s); browser and server shared 2 cores "
+                "([docs/app.md](docs/app.md#latency), `bench/results/app_load.json`)."]
