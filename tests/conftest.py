@@ -147,6 +147,12 @@ def lite0_sensitivity(lite0_loaded):
     return table, opened, images, prepared
 
 
+def without_fit_images(monkeypatch, cache, name: str) -> None:
+    """The app's cache as if model `name` had never been prepared: bias-fit images another test
+    found are forgotten (restored after the test)."""
+    monkeypatch.setattr(cache, "_prepared", {k: v for k, v in cache._prepared.items() if k[0] != name})
+
+
 def cache_fit_images(loaded) -> None:
     """What `spiq distill --model NAME` leaves in the cache for `loaded` (in 3 optimisation steps, not 300)."""
     from spiq.quantize import distill

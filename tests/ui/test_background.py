@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from conftest import APP_CNN, cache_fit_images
+from conftest import APP_CNN, cache_fit_images, without_fit_images
 from spiq.ui.background import FAILED, READY, RUNNING, BackgroundDistiller, Job, distill_command
 
 EMPTY_TABLE = {"headers": [], "data": []}   # no per-layer overrides
@@ -36,6 +36,7 @@ def test_a_model_whose_fit_is_not_ready_is_used_at_once_with_the_fit_off(app, mo
     module, url = app
     handlers = sys.modules["spiq.ui.handlers"]
     monkeypatch.setenv("SPIQ_CACHE", str(tmp_path))
+    without_fit_images(monkeypatch, module.CACHE, APP_CNN)   # another test may have made them
     monkeypatch.setattr(handlers.BACKGROUND, "jobs", {APP_CNN: Job(APP_CNN, RUNNING)})
     client = Client(url, verbose=False)
     # model, table, status, method, bias fit, its note, the timer asking again

@@ -380,12 +380,13 @@ def test_the_fit_note_says_when_a_models_background_images_are_ready(app, monkey
     and a note; the note says so when they are ready, without a reload."""
     import sys as _sys
 
-    from conftest import APP_CNN, cache_fit_images
+    from conftest import APP_CNN, cache_fit_images, without_fit_images
     from spiq.ui.background import READY, RUNNING, Job
 
     module, url = app
     handlers = _sys.modules["spiq.ui.handlers"]
     monkeypatch.setenv("SPIQ_CACHE", str(tmp_path))
+    without_fit_images(monkeypatch, module.CACHE, APP_CNN)   # another test may have made them
     monkeypatch.setattr(handlers.BACKGROUND, "jobs", {APP_CNN: Job(APP_CNN, RUNNING)})
     problems = []
     with sync_api.sync_playwright() as p:
