@@ -347,10 +347,14 @@ def throughput(d: dict, base: str) -> list:
                                   "load average"], [
             [r["variant"], str(r["workers"]), f"{r['images_per_s']:.1f}", "—" if r["variant"] == "float" else
              f"{r['quantize_s']:.0f}", duration(r["full_val_s"]), f"{r['loadavg_1min'][0]:.1f}"] for r in rows]),
-        f"The machine has {d['cores']} cores and was shared with other jobs: its one-minute load average (last column: "
-        f"when each row started) was {d['loadavg_before'][0]:.1f} when the run started and {d['loadavg_after'][0]:.1f} when "
-        "it ended, so these rates are what it gave under that load, not alone, and differences of a few tens of percent "
-        f"between rows are within its noise. {workers[-1]} workers against {workers[0]} change the rate by {gain}: "
+        (f"The machine has {d['cores']} cores and was shared with other jobs: its one-minute load average (last column: "
+         f"when each row started) was {d['loadavg_before'][0]:.1f} when the run started and {d['loadavg_after'][0]:.1f} when "
+         "it ended, so these rates are what it gave under that load, not alone, and differences of a few tens of percent "
+         if max(r["loadavg_1min"][0] for r in rows) >= 2 else
+         f"The machine has {d['cores']} cores and ran nothing else (one-minute load average {d['loadavg_before'][0]:.1f} at "
+         f"the start, {d['loadavg_after'][0]:.1f} at the end; the load of the run itself shows in the last column). "
+         "Differences of a few percent ")
+        + f"between rows are within its noise. {workers[-1]} workers against {workers[0]} change the rate by {gain}: "
         "decoding can only overlap the forward passes where a core is free for it. The same script runs on a GPU when "
         "one is present (`--device auto`)."]
 
@@ -437,7 +441,7 @@ def generate(results_dir: Path = RESULTS, doc: Path = DOC, readme: Path = README
     tp = data["throughput"]
     best = max((r for r in tp["results"] if r["variant"] == "SPIQ W8A4"), key=lambda r: r["images_per_s"])
     top += ["", f"Evaluating SPIQ W8A4 on the {tp['full_val']:,} ImageNet validation images would take "
-                f"{duration(best['full_val_s'])} on {tp['gpu'] or 'this shared ' + str(tp['cores']) + '-core CPU'} "
+                f"{duration(best['full_val_s'])} on {tp['gpu'] or 'this ' + str(tp['cores']) + '-core CPU'} "
                 f"({best['images_per_s']:.1f} images/s with {best['workers']} workers; `bench/results/throughput.json`)."]
     # Only what lies between the markers is replaced: the rest of the README is written by hand.
     text, n = re.subn(re.escape(START) + r"\n.*?" + re.escape(END), lambda _: "\n".join([START, *top, END]),
