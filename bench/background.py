@@ -3,7 +3,7 @@
     python bench/background.py [--repeats R]
 
 The app distils the other models' bias-fit images after start, one `spiq distill` child at a time
-at nice 19 on one thread (`spiq.ui.background`). Here a child of that same class distils 16
+at nice 19 and SCHED_IDLE on one thread (`spiq.ui.background`). Here a child of that same class distils 16
 EfficientNet-Lite0 images into a scratch cache (a real distillation: only 8 ship), while the
 visitor's two kinds of request are timed in this process with the app's model cache, 2 threads:
 - predict: top-5 of the float and the quantized model for a new image, the recipe cached;

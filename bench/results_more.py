@@ -92,8 +92,9 @@ def background(d: dict) -> list:
             for k, r in d["rows"].items()]
     load = ", ".join(f"{x:.1f}" for x in d["load_average"])
     return ["## Background distillation", "`python bench/background.py` writes `background.json`: a visitor's requests "
-            "timed while a `spiq distill` child distils at nice 19 on one thread, as the app's background does "
-            f"(median of {d['repeats']}; quiet: the mean of the runs before and after).",
+            "timed while a `spiq distill` child distils at nice 19 and SCHED_IDLE on one thread, as the app's "
+            f"background does. Medians of {d['repeats']} requests of each kind, with the child stopped (quiet) and "
+            "running in turn, so both see the same machine.",
             _table(["request", "quiet, s", "with the child distilling, s", "slowdown"], rows),
             f"Target: at most {d['target_slowdown'] * 100:.0f} % slower. Load average at the end of the run: {load}."]
 

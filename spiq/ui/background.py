@@ -42,7 +42,7 @@ def _lowest_priority() -> None:   # runs in the child, before exec
 
 
 class BackgroundDistiller:
-    """Runs `command(name)` for each name in turn, in a thread, children at nice 19 on one thread."""
+    """Runs `command(name)` for each name in turn, in a thread, children at the lowest priority on one thread."""
 
     def __init__(self, command: Callable[[str], list[str]] = distill_command):
         self.jobs: dict[str, Job] = {}
