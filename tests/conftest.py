@@ -178,11 +178,15 @@ def labelled_photos(folder: Path, count: int = len(LABELLED_PHOTOS)) -> Path:
     return folder
 
 
-def register_toy_cnn(monkeypatch, name: str) -> str:
-    """A random mini CNN registered as model `name` for the test: it quantizes in well under a second."""
+TOY_CNN = "toy_cnn_test"
+
+
+@pytest.fixture
+def toy_model(monkeypatch) -> str:
+    """A random mini CNN registered as model TOY_CNN for the test: it quantizes in well under a second."""
     from spiq.models import registry
     from spiq.models.toy import toy_cnn
 
-    monkeypatch.setitem(registry._REGISTRY, name, registry.ModelSpec(
-        name, "random weights (tests)", lambda: toy_cnn()[0], lambda: None, toy_cnn()[1], "toy CNN", ()))
-    return name
+    monkeypatch.setitem(registry._REGISTRY, TOY_CNN, registry.ModelSpec(
+        TOY_CNN, "random weights (tests)", lambda: toy_cnn()[0], lambda: None, toy_cnn()[1], "toy CNN", ()))
+    return TOY_CNN

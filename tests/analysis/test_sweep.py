@@ -11,15 +11,9 @@ import pytest
 
 from spiq.analysis import sweep as sweep_mod
 from spiq.analysis.sweep import CELL_FIELDS, Cell, mark_pareto, pareto_front, read_cell, write_cell
-from conftest import labelled_photos, register_toy_cnn
+from conftest import TOY_CNN as TOY, labelled_photos
 
 ROOT = Path(__file__).resolve().parents[2]
-TOY = "toy_cnn_sweep"
-
-
-@pytest.fixture
-def toy_model(monkeypatch):
-    return register_toy_cnn(monkeypatch, TOY)
 
 
 @pytest.fixture

@@ -9,20 +9,18 @@ import pytest
 from playwright import sync_api
 
 from spiq import cli
-from conftest import labelled_photos, register_toy_cnn
+from conftest import TOY_CNN as TOY, labelled_photos
 
 # A real browser: the slow tier.
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = os.environ.get("SPIQ_CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
-TOY = "toy_cnn_offline"
 
 
 @pytest.fixture
-def toy_inputs(tmp_path, monkeypatch):
-    """A random mini CNN registered as a model, three labelled photos and a recipe that quantizes in seconds."""
-    register_toy_cnn(monkeypatch, TOY)
+def toy_inputs(tmp_path, toy_model):
+    """The random mini CNN registered as a model, three labelled photos and a recipe that quantizes in seconds."""
     images = labelled_photos(tmp_path / "imgs", 3)
     recipe = tmp_path / "recipe.json"
     recipe.write_text(json.dumps({"method": "spiq", "weight_bits": 8, "input_bits": 4, "bias_images": 0,

@@ -9,17 +9,11 @@ from pathlib import Path
 import pytest
 
 from spiq import cli
-from conftest import labelled_photos, register_toy_cnn
+from conftest import labelled_photos
 
 ROOT = Path(__file__).resolve().parents[2]
-TOY = "toy_cnn_report"
 # Per image: predictions, channel ranges, layer error, its split by source, error map, attribution.
 VIEWS_PER_IMAGE = 6
-
-
-@pytest.fixture
-def toy_model(monkeypatch):
-    return register_toy_cnn(monkeypatch, TOY)
 
 
 @pytest.fixture
