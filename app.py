@@ -15,12 +15,12 @@ import gradio as gr
 
 from spiq import METHODS, QuantConfig
 from spiq.ui import advisor, views
-from spiq.ui.handlers import (ATTRIBUTIONS, CACHE, DEFAULT_MODEL, DELETE_CACHE, EXAMPLES, MAX_UPLOAD_BYTES, NO_ATTENTION,
-                              NO_IMAGE, TAB_OUTPUTS, VIEW_OUTPUTS, BitsSlider, SafeImage, apply, compute_tab, fit_status,
-                              fill_advice, link_query, load_recipe, model_choices, open_link, open_tab, plotly_preload,
-                              predict, refresh, select_model, show_advisor, show_attention, show_attribution,
-                              show_deploy, show_error_map, show_law, show_methods, show_ranges, unavailable_note,
-                              warm_up, recipe_file)
+from spiq.ui.handlers import (ATTRIBUTIONS, CACHE, DELETE_CACHE, MAX_UPLOAD_BYTES, NO_ATTENTION, NO_IMAGE, TAB_OUTPUTS,
+                              VIEW_OUTPUTS, BitsSlider, SafeImage, apply, compute_tab, fit_status, fill_advice, load_recipe,
+                              model_choices, open_link, open_tab, predict, predict_linked, refresh,
+                              select_model, show_advisor, show_attention, show_attribution, show_deploy, show_error_map,
+                              show_law, show_methods, show_ranges, unavailable_note, warm_up, recipe_file)
+from spiq.ui.page import DEFAULT_MODEL, EXAMPLES, first_predictions, link_query
 from spiq.ui.tabs import TABS
 
 # --- layout -------------------------------------------------------------------------------------
@@ -50,6 +50,7 @@ def group(name: str) -> dict:
 def build() -> gr.Blocks:
     default = QuantConfig()
     loaded = CACHE.load(DEFAULT_MODEL)
+    first_plot, first_text = first_predictions(CACHE)   # in the page itself: no request before the first result
     with gr.Blocks(title="SPIQ Explorer", delete_cache=DELETE_CACHE) as demo:
         applied = gr.State(default.to_json())          # this user's recipe, as last applied
         applied_model = gr.State(DEFAULT_MODEL)
@@ -85,8 +86,8 @@ def build() -> gr.Blocks:
                 examples = gr.Examples(EXAMPLES, inputs=image,
                                        label="Examples (freely licensed, see assets/LICENSES.md)")
             with gr.Column(scale=4, min_width=360):
-                pred_text = gr.Markdown(elem_id="pred-text")
-                pred_plot = gr.Plot(label="Top-5, float vs quantized", elem_id="pred-plot")
+                pred_text = gr.Markdown(first_text, elem_id="pred-text")
+                pred_plot = gr.Plot(first_plot, format="png", label="Top-5, float vs quantized", elem_id="pred-plot")
         with gr.Accordion("What SPIQ does, the methods, and the models not available here", open=False):
             gr.Markdown(ABOUT)
             gr.Markdown(unavailable_note())
@@ -248,10 +249,13 @@ def build() -> gr.Blocks:
                                  ).success(apply, [applied_model, applied, *controls, table, image],
                                            [applied, table, recipe, download, status, pred_plot, pred_text],
                                            api_name=False, **group("apply")))
-        # A link restores its recipe and example before the first predictions.
-        then_views(demo.load(open_link, applied_model, [*controls, table, applied, image, status, recipe, download],
+        # A link restores its recipe and example, then predicts; a default page has its predictions already.
+        linked = gr.State(False)
+        then_views(demo.load(open_link, applied_model, [*controls, table, applied, image, status, recipe, download,
+                                                   pred_plot, pred_text, linked],
                              api_name=False, show_progress="hidden", **group("cheap")
-                             ).success(**predict_io, api_name=False, **group("predict")))
+                             ).success(predict_linked, [linked, applied_model, applied, image], [pred_plot, pred_text],
+                                       api_name=False, show_progress="hidden", **group("predict")))
         api_only.click(refresh, view_in, views_out, api_name="refresh", **group("views"))
         api_only.click(show_methods, [applied_model, applied, image], [methods_plot, methods_table],
                        api_name="methods", **group("views"))
@@ -263,4 +267,4 @@ demo = build()
 if __name__ == "__main__":
     threading.Thread(target=warm_up, daemon=True).start()
     demo.queue(default_concurrency_limit=4).launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
-                                                   max_file_size=MAX_UPLOAD_BYTES, head=plotly_preload())
+                                                   max_file_size=MAX_UPLOAD_BYTES)

@@ -33,7 +33,7 @@ TARGETS = {"busy_median_text_s": 2.0, "busy_median_plot_s": 4.0, "cold_start_tex
 SEEN = """() => {
     const text = (document.querySelector('#pred-text') || {innerText: ''}).innerText;
     if (text.includes('logit SQNR') && !window.__text) window.__text = performance.now();
-    if (document.querySelector('#pred-plot .js-plotly-plot svg .trace') && !window.__plot) window.__plot = performance.now();
+    if (document.querySelector("#pred-plot img") && document.querySelector("#pred-plot img").naturalWidth > 0 && !window.__plot) window.__plot = performance.now();
     return window.__text && window.__plot;
 }"""
 BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]

@@ -65,5 +65,7 @@ def test_notebook_runs_top_to_bottom(name):
     figures = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
                if "application/vnd.plotly.v1+json" in o.get("data", {})]
     assert figures, "no plotly figure rendered inline"
+    if name == "tour.ipynb":   # the predictions, a matplotlib still, drawn as an image too
+        assert any("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors

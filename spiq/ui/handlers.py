@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import os
 import time
-from pathlib import Path
 
 import gradio as gr
 from gradio.utils import get_upload_folder
@@ -22,13 +21,9 @@ from spiq.quantize.api import check_config, methods_for
 from spiq.ui import advisor, tabs, views
 from spiq.ui.background import FAILED, BackgroundDistiller
 from spiq.ui.cache import ModelCache
+from spiq.ui.page import ASSETS, DEFAULT_MODEL, link_state
 from spiq.ui.scratch import ScratchDir
 
-# The example photos beside the package (app.py runs from the repository).
-ASSETS = Path(__file__).resolve().parents[2] / "assets"
-DEFAULT_MODEL = "efficientnet_lite0"
-# In the order bench/order_examples.py chose: first the one that shows SPIQ's point at first sight.
-EXAMPLES = [str(ASSETS / f) for f in (ASSETS / "examples.txt").read_text().split()]
 ATTRIBUTIONS = ["grad-cam", "integrated-gradients"]
 NO_IMAGE = "Pick an example or upload an image."
 NO_ATTENTION = "Attention maps are for vision transformers; pick a DeiT or ViT model to see them."
@@ -405,56 +400,18 @@ def load_recipe(file, model_name):
     return (*_controls(config), views.layer_rows(loaded.model, config), config.to_json())
 
 
-# A link's recipe: a URL longer than this is not one anyone shares (a recipe file is up to 1 MB).
-MAX_LINK_RECIPE = 8192
-
-
-def _example_names() -> dict[str, str]:
-    return {Path(e).name: e for e in EXAMPLES}
-
-
-@functools.lru_cache(maxsize=1)
-def _example_digests() -> dict[str, str]:
-    """Pixel digest -> file name of each shipped example: which example an image is, however it came."""
-    return {tabs.image_digest(open_image(Path(path))): name for name, path in _example_names().items()}
-
-
-def link_query(applied, image) -> str:
-    """The query string of a link to this state: the applied recipe and, if the image is a shipped
-    example, its file name (an uploaded image cannot travel in a link)."""
-    from urllib.parse import urlencode
-
-    params = {"recipe": QuantConfig.from_json(applied).to_json()}
-    if image is not None and (name := _example_digests().get(tabs.image_digest(image))) is not None:
-        params["example"] = name
-    return "?" + urlencode(params)
-
-
-def _link_state(query, model_name):
-    """The controls, table, recipe and example a link's query names, each checked as an upload is."""
-    config = None
-    if (text := query.get("recipe")) is not None:
-        if len(text) > MAX_LINK_RECIPE:
-            raise ConfigError(f"the link's recipe has {len(text)} characters; at most {MAX_LINK_RECIPE}")
-        config = QuantConfig.from_json(text)
-        check_config(CACHE.load(model_name).model, config)
-    example = query.get("example")
-    if example is not None and example not in _example_names():
-        raise ConfigError(f"the link names no shipped example {example[:40]!r}; the examples are "
-                          f"{', '.join(_example_names())}")
-    return config, example
-
-
 def open_link(model_name, request: gr.Request):
     """On page load: the state a link carries (query parameters `recipe` and `example`), checked
     like an uploaded recipe. A bad link is a warning naming what is wrong, and the default state.
-    Returns (*controls, table, applied recipe, image, status, recipe JSON, recipe download)."""
-    keep = [gr.update()] * 12
+    Returns (*controls, table, applied recipe, image, status, recipe JSON, recipe download,
+    prediction plot and text, linked): `linked` says the page is not the default one, whose
+    predictions it was drawn with; those are cleared until the link's own arrive."""
+    keep = [gr.update()] * 14 + [False]
     query = dict(request.query_params) if request is not None else {}
     if not query.keys() & {"recipe", "example"}:
         return keep
     try:
-        config, example = _link_state(query, model_name)
+        config, example = link_state(CACHE, query, model_name)
     except (ConfigError, ModelUnavailableError, KeyError, ValueError) as exc:
         gr.Warning(views.without_paths(f"This link cannot be opened: {exc}"), title="Bad link",
                    duration=None)   # stays until closed: the visitor must see why the page is not the link's
@@ -462,11 +419,17 @@ def open_link(model_name, request: gr.Request):
     out = keep
     if config is not None:
         loaded = CACHE.load(model_name)
-        out = [*_controls(config), views.layer_rows(loaded.model, config), config.to_json(), gr.update(),
-               f"Restored from the link: `{config.to_json()}`.", config.to_json(indent=2), recipe_file(config)]
+        out[:12] = [*_controls(config), views.layer_rows(loaded.model, config), config.to_json(), gr.update(),
+                    f"Restored from the link: `{config.to_json()}`.", config.to_json(indent=2), recipe_file(config)]
     if example is not None:
-        out[8] = _example_names()[example]
+        out[8] = example
+    out[12:] = [None, "Computing the link's predictions…", True]
     return out
+
+
+def predict_linked(linked, model_name, applied, image):
+    """A link's predictions; a default page keeps those it was drawn with (`first_predictions`)."""
+    return predict(model_name, applied, image) if linked else (gr.skip(), gr.skip())
 
 
 @user_errors
@@ -476,13 +439,6 @@ def show_deploy(model_name, applied, image, progress=gr.Progress()):
         return views.deploy(CACHE, model_name, config, _need_image(image), EXPORTS, _progress(progress))
     except ExportError as exc:
         raise gr.Error(views.without_paths(f"This recipe cannot be exported to int8: {exc}")) from None
-
-
-def plotly_preload() -> str:
-    """The page's <head> addition that fetches and compiles Gradio's plotly bundle (4.4 MB) while the
-    first predictions are computed, instead of after they arrive (Gradio loads it at the first plot)."""
-    bundles = sorted((Path(gr.__file__).parent / "templates" / "frontend" / "assets").glob("PlotlyPlot-*.js"))
-    return "".join(f'<link rel="modulepreload" href="./assets/{b.name}">' for b in bundles[:1])
 
 
 def warm_up():

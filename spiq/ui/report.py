@@ -3,11 +3,13 @@ a few of its images, for a paper review or a talk without the app running.
 
 The views are those of the app (`spiq.ui.views`), computed through a `ModelCache` that holds the
 very model the accuracy was measured on, so the figures and the numbers describe one model. The
-file opens offline: plotly's bundle is inlined once.
+file opens offline: plotly's bundle is inlined once, the predictions are PNG images.
 """
 from __future__ import annotations
 
+import base64
 import html
+import io
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +17,7 @@ from typing import Callable
 
 import plotly.graph_objects as go
 import torch
+from matplotlib.figure import Figure
 
 from spiq.analysis.evaluate import EvalResult
 from spiq.analysis.layers import fold_cost
@@ -31,7 +34,7 @@ class ImageViews:
     and whether the folder's evaluation flipped its top-1 (batched, a near-tie can go either way)."""
     name: str
     verdict: str
-    figures: list[tuple[str, go.Figure]] = field(default_factory=list)
+    figures: list[tuple[str, go.Figure | Figure]] = field(default_factory=list)
     flipped: bool = False
 
 
@@ -99,11 +102,25 @@ STYLE = ("body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}"
          "table.accuracy th{text-align:left;padding-right:2em}pre{background:#f4f4f4;padding:1em;overflow:auto}")
 
 
+def _still(fig: Figure) -> str:
+    """A matplotlib figure (the predictions) as an inline PNG: the file stays self-contained."""
+    with io.BytesIO() as buf:
+        fig.savefig(buf, format="png")
+        data = base64.b64encode(buf.getvalue()).decode()
+    return f'<img alt="figure" src="data:image/png;base64,{data}">'
+
+
+def _embed(figs: list) -> list[str]:
+    """Each figure as HTML: plotly ones interactive (the bundle inlined once), matplotlib ones as images."""
+    interactive = iter(embed_figures([f for f in figs if isinstance(f, go.Figure)]))
+    return [next(interactive) if isinstance(f, go.Figure) else _still(f) for f in figs]
+
+
 def report_html(model: str, config: QuantConfig, result: EvalResult, folder: str, shown: list[ImageViews],
                 fold: go.Figure | None = None, skipped: int = 0) -> str:
     """The whole report: the recipe, its accuracy, the fold cost, then each image's views."""
     figs = ([fold] if fold is not None else []) + [f for iv in shown for _, f in iv.figures]
-    parts = iter(embed_figures(figs))
+    parts = iter(_embed(figs))
     title = f"{model} {config.method} W{config.weight_bits}A{config.input_bits}"
     body = [f"<h1>spiq report: {html.escape(title)}</h1>",
             f"<p>Made on {time.strftime('%Y-%m-%d %H:%M')} by <code>spiq report</code>.</p>",

@@ -16,6 +16,35 @@ ROOT = Path(__file__).resolve().parents[2]
 EMPTY_TABLE = {"headers": [], "data": []}
 
 
+def _png(fig) -> str:
+    from gradio.processing_utils import encode_plot_to_base64
+
+    return encode_plot_to_base64(fig, "png")
+
+
+def _pixels(data_url: str) -> np.ndarray:
+    import base64
+    import io
+
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1]))).convert("RGB"))
+
+
+def test_the_page_is_drawn_with_the_default_predictions(app):
+    """The predictions written into the page are those a request for the default state returns."""
+    from spiq.config import QuantConfig
+    from spiq.models.data import open_image
+    from spiq.ui import page
+
+    module, _ = app
+    fig, text = page.first_predictions(module.CACHE)
+    want_fig, want_text = module.predict(page.DEFAULT_MODEL, QuantConfig().to_json(), open_image(Path(page.EXAMPLES[0])))
+    assert text == want_text and "logit SQNR" in text
+    assert _pixels(_png(fig)).tolist() == _pixels(_png(want_fig)).tolist()
+    served = {c["id"]: c.get("props", {}).get("value") for c in module.demo.config["components"]}
+    pred_text = next(c["id"] for c in module.demo.config["components"] if c.get("props", {}).get("elem_id") == "pred-text")
+    assert served[pred_text] == text
+
+
 def _apply(client, method, wbits, abits, image, bias_fit=True):
     return client.predict(method, wbits, abits, "channel", "method default", bias_fit, EMPTY_TABLE, handle_file(image),
                           api_name="/apply")
@@ -25,7 +54,7 @@ def _apply(client, method, wbits, abits, image, bias_fit=True):
 def test_concurrent_users_each_get_their_own_config(app, tmp_path):
     import spiq
     from spiq.analysis import layers as analysis
-    from spiq.ui import views
+    from spiq.ui import plots, views
     from spiq.core.metrics import parameter_checksum
     from spiq.config import QuantConfig
     from spiq.models.data import open_image
@@ -62,10 +91,8 @@ def test_concurrent_users_each_get_their_own_config(app, tmp_path):
         expected = views._describe(cmp)
         assert out[-1] == expected, (method, w, a, img)
         assert again[-1] == expected
-        bars = [tr for tr in json.loads(out[-2]["plot"])["data"]]
-        for bar, top in zip(bars, (cmp.float, cmp.quant)):   # the figure's top-5 probabilities too
-            assert bar["y"] == list(top.classes[::-1])
-            np.testing.assert_allclose(bar["x"], top.probs[::-1], rtol=1e-4)
+        # the figure too: the same pixels as the library's figure of these predictions
+        assert _pixels(out[-2]["plot"]).tolist() == _pixels(_png(plots.predictions(cmp))).tolist()
     assert parameter_checksum(float_model) == before
 
 

@@ -59,6 +59,15 @@ def _plot_traces(page, elem_id: str) -> int:
                                       "el.querySelectorAll('.trace, .hm, image').length")
 
 
+# the prediction figure, a still image: drawn (decoded) and its source, which changes with the predictions
+PRED_IMAGE = "(el => el.naturalWidth > 0 ? el.src : '')"
+
+
+def _pred_image(page) -> str:
+    page.wait_for_selector("#pred-plot img", state="attached", timeout=60_000)
+    return page.eval_on_selector("#pred-plot img", PRED_IMAGE)
+
+
 def _open_app(p, url: str, problems: list, args=(), permissions=()):
     """Chromium on the app's page, its console errors collected in `problems`."""
     if not Path(CHROMIUM).exists():
@@ -69,7 +78,7 @@ def _open_app(p, url: str, problems: list, args=(), permissions=()):
     page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
     page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
     page.goto(url, wait_until="domcontentloaded")
-    page.wait_for_selector("#pred-plot .js-plotly-plot", timeout=90_000)
+    page.wait_for_selector("#pred-plot img", timeout=90_000)
     return browser, page
 
 
@@ -81,7 +90,7 @@ def test_app_in_chromium(app_url, tmp_path):
         # pick an example: the coffee cup
         page.locator("img[src*='coffee']").first.click()
         page.wait_for_function("document.querySelector('#pred-text').innerText.includes('espresso')", timeout=60_000)
-        before = page.inner_text("#pred-text")
+        before, before_image = page.inner_text("#pred-text"), _pred_image(page)
         assert "top-1 kept" in before  # 8-bit inputs
 
         # input bits to 4, Apply: the recipe and the predictions change
@@ -94,7 +103,9 @@ def test_app_in_chromium(app_url, tmp_path):
         page.wait_for_function(f"document.querySelector('#pred-text').innerText !== {before!r}", timeout=60_000)
         after = page.inner_text("#pred-text")
         assert after != before and "logit SQNR" in after
-        assert _plot_traces(page, "pred-plot") > 0
+        page.wait_for_function(f"{PRED_IMAGE}(document.querySelector('#pred-plot img')) !== {before_image!r}",
+                               timeout=30_000)   # the figure follows the text
+        assert _pred_image(page).startswith("data:image/png")
         # after Apply the tab in view is drawn again (each other tab when it is opened)
         page.wait_for_function("document.querySelector('#views-note').innerText.includes('\"input_bits\": 4')",
                                timeout=120_000)
@@ -253,7 +264,9 @@ def test_views_are_computed_when_their_tab_is_shown(app):
         page.wait_for_function(PREDICTED, timeout=90_000)
         assert _plot_traces(page, "story-plot") > 0   # the tab in view
         page.wait_for_timeout(1500)
-        assert joined("predict") == 1 and joined("compute_tab") <= 1 and joined("refresh") == 0, joins
+        # the default page holds its predictions: the load's predict step computes nothing
+        assert joined("predict_linked") == 1 and joined("predict") == 0, joins
+        assert joined("compute_tab") <= 1 and joined("refresh") == 0, joins
         assert set(new_views(before)) <= {"story"}
 
         # a recipe no other test applies: Apply computes the predictions and the Story tab only
@@ -309,8 +322,8 @@ def test_recipe_image_and_predictions_fit_one_1280x720_screen(app_url):
         page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
         page.goto(app_url, wait_until="domcontentloaded")
         page.wait_for_function(PREDICTED, timeout=90_000)
-        assert _plot_traces(page, "pred-plot") > 0
-        page.wait_for_timeout(500)   # plotly's last relayout
+        assert _pred_image(page)
+        page.wait_for_timeout(500)   # the layout settles
         page.screenshot(path=str(Path(os.environ.get("SPIQ_SCREENSHOT_DIR", "/tmp")) / "app_1280x720.png"))
         for elem in ("apply", "image", "pred-text", "pred-plot"):
             box = page.locator(f"#{elem}").bounding_box()
@@ -318,6 +331,24 @@ def test_recipe_image_and_predictions_fit_one_1280x720_screen(app_url):
             assert 0 <= box["y"] and box["y"] + box["height"] <= 720, (elem, box)
             assert box["x"] + box["width"] <= 1280, (elem, box)
         assert page.evaluate("window.scrollY") == 0
+        browser.close()
+    assert not problems, "\n".join(problems)
+
+
+def test_a_new_page_shows_its_predictions_without_a_request(app_url):
+    """The default page is drawn with its predictions: they show with every queue request refused."""
+    problems, refused = [], []
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_context(viewport={"width": 1280, "height": 720}).new_page()
+        page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+        page.route("**/gradio_api/queue/**", lambda route: (refused.append(route.request.url), route.abort()))
+        page.goto(app_url, wait_until="domcontentloaded")
+        page.wait_for_function(PREDICTED, timeout=90_000)
+        assert "Float: **" not in page.inner_text("#pred-text")   # rendered markdown, not its source
+        assert _pred_image(page).startswith("data:image/png")
+        page.wait_for_timeout(1000)
+        assert refused, "the page sent no queue request: the refusal proved nothing"
         browser.close()
     assert not problems, "\n".join(problems)
 
@@ -344,6 +375,9 @@ def test_a_link_restores_the_recipe_and_the_example(app_url):
         assert page.locator("#image img[src*='rocket']").count() == 1
         page.wait_for_function("(document.querySelector('#views-note') || {innerText: ''}).innerText"
                                ".includes('static-tensor')", timeout=90_000)
+        # the link's predictions replace those the page was drawn with (the default example's)
+        page.wait_for_function("document.querySelector('#pred-text').innerText.includes('missile')", timeout=60_000)
+        assert "palace" not in page.inner_text("#pred-text") and _pred_image(page)
         # the Recipe tab shows the link to what is applied, absolute, ready to copy
         page.get_by_role("tab", name="Recipe").click()
         page.wait_for_function("document.querySelector('#share-link textarea').value.includes('example=rocket.jpg')",
@@ -354,7 +388,8 @@ def test_a_link_restores_the_recipe_and_the_example(app_url):
         # the link opens the same state in a new page
         page2 = context.new_page()
         page2.goto(link, wait_until="domcontentloaded")
-        page2.wait_for_function(PREDICTED, timeout=90_000)
+        page2.wait_for_function("(document.querySelector('#pred-text') || {innerText: ''}).innerText.includes('missile')",
+                                timeout=90_000)
         assert page2.input_value("#method input") == "static-tensor"
         assert page2.locator("#image img[src*='rocket']").count() == 1
 

@@ -104,7 +104,7 @@ def test_views_on_a_real_image():
     sc = views.scene(cache, "efficientnet_lite0", config, img)
     assert sc.picture.shape == (224, 224, 3) and sc.picture.dtype.name == "uint8"
     fig, text = views.predictions(cache, sc)
-    assert "Float: **tiger cat**" in text and len(fig.data) == 2
+    assert "Float: **tiger cat**" in text and len(fig.get_axes()) == 2
     fig, rows = views.methods(cache, "efficientnet_lite0", config, img)
     assert [r["method"] for r in rows] == [m for m in METHODS if m != "liu-ptq"]   # liu-ptq: transformers only
     dyn = {r["method"]: r for r in rows}

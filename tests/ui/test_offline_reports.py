@@ -28,9 +28,9 @@ def toy_inputs(tmp_path, toy_model):
     return images, recipe
 
 
-def drawn_figures(path: Path) -> tuple[int, int, list[str]]:
-    """(plotly figures in the file, those drawn with at least one trace, what went wrong) in Chromium,
-    every request that is not the file itself refused."""
+def drawn_figures(path: Path) -> tuple[int, int, int, list[str]]:
+    """(plotly figures in the file, those drawn with at least one trace, still images decoded, what
+    went wrong) in Chromium, every request that is not the file itself refused."""
     if not Path(CHROMIUM).exists():
         pytest.fail(f"Chromium not found at {CHROMIUM}: apt-get install chromium (or set SPIQ_CHROMIUM)")
     problems, outside = [], []
@@ -53,9 +53,10 @@ def drawn_figures(path: Path) -> tuple[int, int, list[str]]:
             drawn = page.eval_on_selector_all(".js-plotly-plot", "els => els.filter(el => "
                                               "(el._fullData || []).length > 0 && "
                                               "el.querySelectorAll('.trace, .hm, image').length > 0).length")
+            stills = page.eval_on_selector_all("img", "els => els.filter(el => el.naturalWidth > 0).length")
         finally:
             browser.close()
-    return total, drawn, problems + [f"network request: {u}" for u in outside]
+    return total, drawn, stills, problems + [f"network request: {u}" for u in outside]
 
 
 def test_the_sweep_report_draws_every_figure_offline(toy_inputs, tmp_path):
@@ -63,7 +64,7 @@ def test_the_sweep_report_draws_every_figure_offline(toy_inputs, tmp_path):
     out = tmp_path / "sweep"
     assert cli.main(["sweep", "--model", TOY, "--images", str(images), "--methods", "spiq,static-tensor",
                      "--wbits", "8", "--abits", "8,4", "--config", str(recipe), "--out", str(out)]) == 0
-    total, drawn, problems = drawn_figures(out / "report.html")
+    total, drawn, _, problems = drawn_figures(out / "report.html")
     # one weight width: agreement, top-1, logit SQNR, then the Pareto front
     assert total == 4 and drawn == total, problems
     assert not problems
@@ -74,6 +75,7 @@ def test_the_recipe_report_draws_every_figure_offline(toy_inputs, tmp_path):
     out = tmp_path / "report.html"
     assert cli.main(["report", "--model", TOY, "--config", str(recipe), "--images", str(images),
                      "--examples", "2", "--out", str(out)]) == 0
-    total, drawn, problems = drawn_figures(out)
-    assert total == 1 + 6 * 2 and drawn == total, problems   # the fold cost, then six views per image
+    total, drawn, stills, problems = drawn_figures(out)
+    # the fold cost, then per image the predictions (a still image) and five plotly views
+    assert total == 1 + 5 * 2 and drawn == total and stills == 2, problems
     assert not problems

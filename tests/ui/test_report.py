@@ -12,8 +12,9 @@ from spiq import cli
 from conftest import labelled_photos
 
 ROOT = Path(__file__).resolve().parents[2]
-# Per image: predictions, channel ranges, layer error, its split by source, error map, attribution.
-VIEWS_PER_IMAGE = 6
+# Per image: the predictions (a still image), then channel ranges, layer error, its split by source,
+# error map and attribution (plotly).
+VIEWS_PER_IMAGE = 5
 
 
 @pytest.fixture
@@ -28,6 +29,10 @@ def folder(tmp_path):
 
 def figures(page: str) -> int:
     return page.count('class="plotly-graph-div"')
+
+
+def stills(page: str) -> int:
+    return page.count('<img alt="figure" src="data:image/png;base64,')
 
 
 def make_report(model, images, recipe, out, *extra) -> int:
@@ -49,7 +54,7 @@ def check_report(page: str, recipe: Path, expected: dict, shown: int) -> None:
     assert f"{expected['agreement'] * 100:.2f} %" in page
     assert re.search(r"mean logit SQNR against the float model</th><td>-?\d+\.\d\d dB", page)
     assert f"{expected['n_images']} from" in page
-    assert figures(page) == 1 + VIEWS_PER_IMAGE * shown
+    assert figures(page) == 1 + VIEWS_PER_IMAGE * shown and stills(page) == shown
     assert len(re.findall(r"<script>/\*\*\s*\* plotly\.js v", page)) == 1   # the bundle, inlined once
     assert "<script src=" not in page   # no script from the network
 

@@ -70,7 +70,18 @@ def test_error_maps_and_predictions(lite0, q4, sample):
     assert cmp.flipped == (cmp.float.classes[0] != cmp.quant.classes[0])
     img = (x.permute(1, 2, 0) * 0.5 + 0.5).clamp(0, 1).mul(255).byte().numpy()
     assert len(plots.error_map(img, maps["logits"]).data) == 2
-    assert len(plots.predictions(cmp).data) == 2
+    _check_predictions_figure(plots.predictions(cmp), cmp)
+
+
+def _check_predictions_figure(fig, cmp):
+    """Float above quantized: each panel's bars are its top-5 probabilities, labelled with its classes."""
+    axes = fig.get_axes()
+    assert len(axes) == 2
+    for ax, top in zip(axes, (cmp.float, cmp.quant)):
+        widths = [bar.get_width() for bar in ax.patches]
+        np.testing.assert_allclose(widths, top.probs[::-1], rtol=1e-6)
+        labels = [t.get_text() for t in ax.get_yticklabels()]
+        assert [lab.rstrip("…") for lab in labels] == [c[:len(lab.rstrip("…"))] for c in top.classes[::-1]]
 
 
 def test_attribution_drift_follows_flips(lite0, subset, lite0_loaded):
