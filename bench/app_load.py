@@ -6,10 +6,13 @@
   page opened at that moment;
 - idle: N fresh pages one after another, from navigation start to the first prediction text in
   `#pred-text` and to the prediction plot drawn in `#pred-plot` (a plotly trace in its svg);
-- busy: the same N pages while S other sessions (pages with the Layer error tab open) keep
-  applying new recipes.
+- busy: the same N pages while S other sessions keep applying new recipes: by default
+  gradio_client sessions that, after each Apply, ask for every analysis view (`/refresh`: more
+  work than one open tab), as visitors whose browsers run elsewhere, as on a Space; with
+  `--load browser`, Chromium pages with the Layer error tab open, whose redraws then share this
+  machine's cores with the server and the measured page (a pessimistic figure).
 Targets: busy median first prediction text <= 2 s and plot <= 4 s; cold start <= 5 s.
-Writes bench/results/app_load.json.
+Writes bench/results/app_load.json (app_load_browser.json with `--load browser`).
 """
 from __future__ import annotations
 
@@ -28,14 +31,17 @@ import urllib.request
 from common import ROOT, machine, save
 
 TARGETS = {"busy_median_text_s": 2.0, "busy_median_plot_s": 4.0, "cold_start_text_s": 5.0}
-# Records, at the first animation frame they hold, when the prediction text and the plot appeared
-# (performance.now() counts from navigation start).
+# Records, at the first animation frame they hold, when the prediction text and the plot (a still
+# image, decoded) appeared (performance.now() counts from navigation start).
 SEEN = """() => {
     const text = (document.querySelector('#pred-text') || {innerText: ''}).innerText;
     if (text.includes('logit SQNR') && !window.__text) window.__text = performance.now();
-    if (document.querySelector("#pred-plot img") && document.querySelector("#pred-plot img").naturalWidth > 0 && !window.__plot) window.__plot = performance.now();
+    const img = document.querySelector('#pred-plot img');
+    if (img && img.naturalWidth > 0 && !window.__plot) window.__plot = performance.now();
     return window.__text && window.__plot;
 }"""
+# The busy sessions' recipes: (weight bits, input bits), each session from its own offset.
+BITS = list(itertools.product((8, 7, 6, 5, 4), (8, 7, 6, 5, 4, 3)))
 BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
 
 
@@ -84,8 +90,7 @@ async def _busy(browser, url: str, offset: int, stop: asyncio.Event, applied: li
     await page.goto(url)
     await page.wait_for_selector("#apply", timeout=120_000)
     await page.get_by_role("tab", name="Layer error").click()
-    bits = list(itertools.product((8, 7, 6, 5, 4), (8, 7, 6, 5, 4, 3)))
-    for w, a in itertools.islice(itertools.cycle(bits), offset, None):
+    for w, a in itertools.islice(itertools.cycle(BITS), offset, None):
         if stop.is_set():
             break
         for elem, value in (("#wbits", w), ("#abits", a)):
@@ -101,6 +106,21 @@ async def _busy(browser, url: str, offset: int, stop: asyncio.Event, applied: li
         except Exception:   # a slow round: apply the next recipe anyway
             pass
     await context.close()
+
+
+def _busy_client(url: str, offset: int, stop: asyncio.Event, applied: list) -> None:
+    """A gradio_client session: Apply a new recipe, then every view of it, again until stopped."""
+    from gradio_client import Client, handle_file
+
+    client = Client(url, verbose=False)
+    image = handle_file(str(ROOT / "assets" / (ROOT / "assets" / "examples.txt").read_text().split()[0]))
+    for w, a in itertools.islice(itertools.cycle(BITS), offset, None):
+        if stop.is_set():
+            break
+        client.predict("spiq", w, a, "channel", "method default", True, {"headers": [], "data": []}, image,
+                       api_name="/apply")
+        client.predict(image, None, None, None, "grad-cam", 11, api_name="/refresh")
+        applied.append(time.perf_counter())
 
 
 def _summary(samples: list[tuple[float, float]]) -> dict:
@@ -125,8 +145,12 @@ async def _measure(args, port: int) -> dict:
             await asyncio.sleep(args.settle)   # the background warm-up of the data-free ranges
             idle = [await _visit(browser, url) for _ in range(args.pages)]
             stop, applied = asyncio.Event(), []
-            busy_tasks = [asyncio.create_task(_busy(browser, url, 7 * i, stop, applied))
-                          for i in range(args.busy_sessions)]
+            if args.load == "browser":
+                busy_tasks = [asyncio.create_task(_busy(browser, url, 7 * i, stop, applied))
+                              for i in range(args.busy_sessions)]
+            else:
+                busy_tasks = [asyncio.create_task(asyncio.to_thread(_busy_client, url, 7 * i, stop, applied))
+                              for i in range(args.busy_sessions)]
             await asyncio.sleep(args.settle)   # the busy sessions are applying
             started = time.perf_counter()
             busy = []
@@ -149,6 +173,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pages", type=int, default=5)
     p.add_argument("--busy-sessions", type=int, default=3)
+    p.add_argument("--load", choices=("client", "browser"), default="client",
+                   help="the busy sessions: gradio_client sessions, or Chromium pages on this machine")
     p.add_argument("--settle", type=float, default=20.0, help="seconds before measuring idle and busy pages")
     p.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium")
     p.add_argument("--notes", default="", help="what else the machine was doing")
@@ -158,8 +184,9 @@ def main(argv=None) -> int:
     met = {"busy_median_text_s": r["busy"]["median_text_s"] <= TARGETS["busy_median_text_s"],
            "busy_median_plot_s": r["busy"]["median_plot_s"] <= TARGETS["busy_median_plot_s"],
            "cold_start_text_s": r["cold_start_text_s"] <= TARGETS["cold_start_text_s"]}
-    save("app_load", {"machine": machine(), "targets": TARGETS, "met": met, **r, "pages": args.pages,
-                      "busy_sessions": args.busy_sessions, "notes": args.notes})
+    save("app_load" if args.load == "client" else "app_load_browser",
+         {"load": args.load, "machine": machine(), "targets": TARGETS, "met": met, **r, "pages": args.pages,
+          "busy_sessions": args.busy_sessions, "notes": args.notes})
     print(f"{'new page, seconds from navigation':40} {'median':>8} {'worst':>8}")
     for phase in ("idle", "busy"):
         for what in ("text", "plot"):

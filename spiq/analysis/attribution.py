@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
+from spiq.core.devices import module_device
 from spiq.core.hooks import forward_hooks
 from spiq.graph.ops import GLOBAL_POOL, op_kind
 from spiq.graph.trace import is_passthrough, trace
@@ -45,22 +46,23 @@ def last_stage(model: nn.Module) -> str:
 
 def attribute(model: nn.Module, x: torch.Tensor, target: int, method: str = "integrated-gradients",
               layer: str | None = None, steps: int = IG_STEPS) -> torch.Tensor:
-    """An (H, W) attribution map of class `target` for one preprocessed image (3, H, W)."""
+    """An (H, W) attribution map of class `target` for one preprocessed image (3, H, W), computed
+    where `model` is, on the CPU."""
     from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam
 
-    x = (x.unsqueeze(0) if x.dim() == 3 else x).detach().clone().requires_grad_(True)
+    x = (x.unsqueeze(0) if x.dim() == 3 else x).detach().to(module_device(model), copy=True).requires_grad_(True)
     if method == "integrated-gradients":
         # chunks of 8: 24 steps in one batch at 224 px held ~3 GB of activations and ran 2-4x slower
         a = IntegratedGradients(model).attribute(x, target=target, n_steps=steps, internal_batch_size=min(steps, 8))
-        return a[0].abs().sum(0).detach()
+        return a[0].abs().sum(0).detach().cpu()
     if method == "grad-cam":
         from spiq.models.vit import is_transformer
 
         if is_transformer(model):
-            return _token_grad_cam(model, x, target, layer or last_stage(model))
+            return _token_grad_cam(model, x, target, layer or last_stage(model)).cpu()
         module = model.get_submodule(layer or last_stage(model))
         a = LayerGradCam(model, module).attribute(x, target=target, relu_attributions=True)
-        return LayerAttribution.interpolate(a, tuple(x.shape[-2:]), "bilinear")[0, 0].detach()
+        return LayerAttribution.interpolate(a, tuple(x.shape[-2:]), "bilinear")[0, 0].detach().cpu()
     raise ValueError(f"unknown attribution method {method!r}; choose one of {', '.join(METHODS)}")
 
 
@@ -111,7 +113,7 @@ def attribution_drift(model: nn.Module, qmodel: QuantResult, x: torch.Tensor,
     """The same attribution on both models, for the float model's top-1 unless `target` is given."""
     if target is None:
         with torch.no_grad():
-            target = int(model((x.unsqueeze(0) if x.dim() == 3 else x))[0].argmax())
+            target = int(model((x.unsqueeze(0) if x.dim() == 3 else x).to(module_device(model)))[0].argmax())
     # each model's own name for its last stage: an int8_graph twin (an fx GraphModule) keeps only
     # the leaves of a container such as timm's folded BN + act
     fm = attribute(model, x, target, method, last_stage(model) if method == "grad-cam" else None)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from spiq.analysis.layers import reference_of
 from spiq.core.hooks import run_with_hooks
 from spiq.core.tensors import Range
 from spiq.quantize.report import QuantResult
@@ -87,8 +88,9 @@ def law_vs_reality(qmodel: QuantResult, images: torch.Tensor, layer: str, channe
     bits = report.config.for_layer(layer).input_bits
     per_c = report.prepared.data_free_range(layer, law, bits, True, report.config)
     per_t = report.prepared.data_free_range(layer, law, bits, False, report.config)
-    values = _input_values(report.reference, layer, images)
-    clipped = _outside(values, per_c.lo[:, None], per_c.hi[:, None])
+    # the images run where the quantized model is; the law and its ranges stay on the CPU
+    values = _input_values(reference_of(qmodel.model, qmodel), layer, images)
+    clipped = _outside(values, per_c.lo.to(values.device)[:, None], per_c.hi.to(values.device)[:, None]).cpu()
     if channel is None:
         widest = int((per_c.hi - per_c.lo).argmax())
         channel = int(clipped.argmax()) if float(clipped.max()) > 0 else widest
@@ -98,12 +100,13 @@ def law_vs_reality(qmodel: QuantResult, images: torch.Tensor, layer: str, channe
     mean, std = law.moments()
     applied = report.layers[layer].range if layer in report.layers else None
     return LawVsReality(
-        layer=layer, channel=channel, bits=bits, law=law, law_x=x[channel], law_w=w, observed=values[channel],
+        layer=layer, channel=channel, bits=bits, law=law, law_x=x[channel], law_w=w, observed=values[channel].cpu(),
         spiq_range=(float(per_c.lo[channel]), float(per_c.hi[channel])),
         tensor_range=(float(per_t.lo), float(per_t.hi)), applied=applied,
-        clipped_spiq=float(clipped[channel]), clipped_tensor=float(_outside(values[channel], per_t.lo, per_t.hi)),
-        clipped_spiq_all=clipped, predicted_std=std, observed_std=values.std(1, correction=0),
-        predicted_mean=mean, observed_mean=values.mean(1))
+        clipped_spiq=float(clipped[channel]),
+        clipped_tensor=float(_outside(values[channel], per_t.lo.to(values.device), per_t.hi.to(values.device))),
+        clipped_spiq_all=clipped, predicted_std=std, observed_std=values.std(1, correction=0).cpu(),
+        predicted_mean=mean, observed_mean=values.mean(1).cpu())
 
 
 def histogram_edges(lv: LawVsReality, bins: int = 60) -> np.ndarray:

@@ -2,6 +2,8 @@
 
 Every number here compares a quantized layer with the BN-folded float layer on the very same
 float input, so a layer's figure is its own error, not what it inherited from earlier layers.
+Each function runs where the quantized model is (the float model where it is), the images moved
+there, and returns numbers or CPU tensors.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from spiq.core.devices import module_device, on_device
 from spiq.core.hooks import run_with_hooks
 from spiq.core.metrics import sqnr_db, tensor_sqnr_db
 from spiq.core.quant import QuantLayer, fake_quant_input, fold_input_scale, quantize_weight
@@ -21,8 +24,9 @@ from spiq.ranges.laws import observe, quantized_samples
 
 
 def reference_of(model: nn.Module, qmodel: QuantResult) -> nn.Module:
-    """The BN-folded float model to compare `qmodel` with: the one quantize() started from."""
-    return qmodel.report.reference
+    """The BN-folded float model to compare `qmodel` with: the one quantize() started from, on the
+    quantized model's device (a copy there when the shared reference is elsewhere)."""
+    return on_device(qmodel.report.reference, module_device(qmodel.model))
 
 
 def _data_free_range(qmodel: QuantResult, layer: str, bits: int, per_channel: bool):
@@ -50,20 +54,22 @@ def layer_breakdown(model: nn.Module, qmodel: QuantResult, images: torch.Tensor,
     is +inf and `clipped` 0.
     """
     reference = reference_of(model, qmodel)
+    device = module_device(reference)
     names = [n for n, m in qmodel.model.named_modules() if isinstance(m, QuantLayer)]
-    energy = {n: torch.zeros(5, dtype=torch.float64) for n in names}   # y, clip, input, weight, both
+    energy = {n: [0.0] * 5 for n in names}   # y, clip, input, weight, both
     count = {n: [0, 0] for n in names}
 
     def hook(name):
         q: QuantLayer = qmodel.model.get_submodule(name)
+        rng = qmodel.report.layers[name].range
+        if rng is not None:   # the report's range (searched on the CPU) moved once, where the layers run
+            shape = ((1, -1, 1, 1) if isinstance(q.layer, nn.Conv2d) else (-1,)) if rng.per_channel else ()
+            lo, hi = rng.lo.to(device).view(shape), rng.hi.to(device).view(shape)
 
         def fn(layer, args, y):
             x = args[0]
             iq = q.input_quant
-            rng = qmodel.report.layers[name].range
             if rng is not None:
-                shape = ((1, -1, 1, 1) if isinstance(layer, nn.Conv2d) else (-1,)) if rng.per_channel else ()
-                lo, hi = rng.lo.view(shape), rng.hi.view(shape)
                 x_clip = torch.minimum(torch.maximum(x, lo), hi)
                 count[name][0] += int((x_clip != x).sum())
             else:
@@ -79,7 +85,7 @@ def layer_breakdown(model: nn.Module, qmodel: QuantResult, images: torch.Tensor,
     run_with_hooks(reference, {n: hook(n) for n in names}, images, batch)
     out = []
     for n in names:
-        e = energy[n].tolist()
+        e = energy[n]
         out.append(LayerBreakdown(n, *(sqnr_db(e[0], e[i]) for i in range(1, 5)),
                                   clipped=count[n][0] / max(count[n][1], 1)))
     return out
@@ -158,18 +164,19 @@ def channel_ranges(model: nn.Module, qmodel: QuantResult, layer: str, images: to
     per_t = _data_free_range(qmodel, layer, bits, False)
     obs = observe(reference_of(model, qmodel), [layer], images)[layer]
     levels = 2 ** bits - 1
-    step = (per_c.hi - per_c.lo) / levels
+    lo, hi = per_c.lo.to(obs.sample.device), per_c.hi.to(obs.sample.device)   # the law's range, brought to the images
+    step = (hi - lo) / levels
     t_step = float((per_t.hi - per_t.lo) / levels)
     span = (obs.hi - obs.lo).clamp_min(0)
     s = obs.sample
-    outside = ((s < per_c.lo[:, None]) | (s > per_c.hi[:, None])).float().mean(1)
+    outside = ((s < lo[:, None]) | (s > hi[:, None])).float().mean(1)
     return ChannelRanges(
         layer=layer, bits=bits, data_free_lo=per_c.lo, data_free_hi=per_c.hi,
-        tensor_lo=float(per_t.lo), tensor_hi=float(per_t.hi), observed_lo=obs.lo, observed_hi=obs.hi,
-        step=step, tensor_step=t_step,
-        effective_bits=torch.log2(torch.minimum(span / step, torch.tensor(float(levels))) + 1),
-        effective_bits_tensor=torch.log2(torch.minimum(span / t_step, torch.tensor(float(levels))) + 1),
-        clipped=outside)
+        tensor_lo=float(per_t.lo), tensor_hi=float(per_t.hi), observed_lo=obs.lo.cpu(), observed_hi=obs.hi.cpu(),
+        step=step.cpu(), tensor_step=t_step,
+        effective_bits=torch.log2((span / step).clamp_max(levels) + 1).cpu(),
+        effective_bits_tensor=torch.log2((span / t_step).clamp_max(levels) + 1).cpu(),
+        clipped=outside.cpu())
 
 
 def channel_spread(qmodel: QuantResult, bits: int = 8) -> dict[str, float]:
@@ -256,16 +263,16 @@ class Comparison:
 @torch.no_grad()
 def compare_predictions(model: nn.Module, qmodel: QuantResult, x: torch.Tensor, classes: list[str],
                         k: int = 5) -> Comparison:
-    """`x` is one preprocessed image (3, H, W) or a batch of one."""
+    """`x` is one preprocessed image (3, H, W) or a batch of one, run where each model is."""
     x = x.unsqueeze(0) if x.dim() == 3 else x
-    yf, yq = model(x)[0], qmodel(x)[0]
+    yf, yq = model(x.to(module_device(model)))[0], qmodel(x.to(module_device(qmodel.model)))[0]
 
     def top(y):
         p = y.softmax(0)
         v, i = p.topk(k)
         return Prediction([classes[j] for j in i.tolist()], v.tolist())
 
-    return Comparison(top(yf), top(yq), bool(yf.argmax() != yq.argmax()), tensor_sqnr_db(yf, yq))
+    return Comparison(top(yf), top(yq), int(yf.argmax()) != int(yq.argmax()), tensor_sqnr_db(yf, yq))
 
 
 def token_grid(y: torch.Tensor) -> torch.Tensor:
@@ -312,20 +319,20 @@ def error_maps(model: nn.Module, qmodel: QuantResult, x: torch.Tensor, layers: l
     last = convs[-1]
     wanted = set(layers) | {last}
     ref_out, q_out = _capture(reference, wanted, x), _capture(qmodel.model, wanted, x)
-    top = model(x)[0].argmax()
+    top = int(model(x.to(module_device(model)))[0].argmax())
     size = x.shape[-2:]
     maps = {}
     for n in layers:
         diff = token_grid((q_out[n] - ref_out[n]).abs()[0])
         m = diff[channel] if channel is not None else diff.mean(0)
-        maps[n] = F.interpolate(m[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+        maps[n] = F.interpolate(m[None, None], size=size, mode="bilinear", align_corners=False)[0, 0].cpu()
     # logit error map: classifier row of the float top-1 applied to the last feature map's error
     head = [m for m in qmodel.model.modules() if isinstance(m, QuantLayer) and isinstance(m.layer, nn.Linear)]
     feat_err = (q_out[last] - ref_out[last])[0]
     if head and feat_err.dim() == 3 and head[-1].layer.in_features == feat_err.shape[0]:
         w = reference.get_submodule(head[-1].name).weight[top]
         m = (w[:, None, None] * feat_err).sum(0).abs()
-        maps["logits"] = F.interpolate(m[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+        maps["logits"] = F.interpolate(m[None, None], size=size, mode="bilinear", align_corners=False)[0, 0].cpu()
     return maps
 
 
@@ -364,6 +371,6 @@ def attention_maps(model: nn.Module, qmodel: QuantResult, x: torch.Tensor, block
 
     def maps(p):                                       # (1, H, N, N) -> (H, h, w), class token's row
         row = p[0, :, 0] if getattr(qmodel.model, "cls_token", None) is not None else p[0].mean(1)
-        return token_grid(row.t()).clone()
+        return token_grid(row.t()).cpu().clone()
 
     return AttentionMaps(block % len(blocks), maps(ref[f"{chosen}.p_in"]), maps(quant[f"{chosen}.p_in"]), inv, pairs)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from spiq.config import LayerOverride, QuantConfig
+from spiq.core.devices import module_device, on_device, resolve_device
 from spiq.core.hooks import run_with_hooks
 from spiq.core.metrics import sqnr_db, tensor_sqnr_db
 from spiq.models.registry import LoadedModel
@@ -65,7 +66,7 @@ def probed_layers(model: nn.Module, config: QuantConfig) -> list[str]:
 @torch.no_grad()
 def sensitivity(model: nn.Module | LoadedModel, config: QuantConfig, widths=(4, 5, 6, 8),
                 images: torch.Tensor | None = None, prepared: Prepared | None = None,
-                progress: Callable[[float, str], None] | None = None, lock=None) -> list[LayerSensitivity]:
+                progress: Callable[[float, str], None] | None = None, lock=None, device=None) -> list[LayerSensitivity]:
     """Per quantizable layer, the logit SQNR on `images` (default: the distilled ones) when only
     its input, or only its weights, is quantized at each of `widths` (weights also at
     `config.weight_bits`), ranked most sensitive input first.
@@ -78,13 +79,17 @@ def sensitivity(model: nn.Module | LoadedModel, config: QuantConfig, widths=(4, 
 
     `lock` is held whenever the shared `model` or `prepared` is used (quantizing, copying the
     float model, the reference logits); the probes run on private copies without it.
+
+    Quantizing runs where quantize() does, on the CPU; the probes, the reference logits and the
+    images run on `device` (cpu, cuda, auto; default: where the model is).
     """
     widths = sorted(set(widths))
     loaded_model = model.model if isinstance(model, LoadedModel) else model
     lock = lock or contextlib.nullcontext()
+    device = module_device(loaded_model) if device is None else resolve_device(device)
     with lock:
         prepared = prepared or prepare(model, config)
-        images = prepared.distilled_images(DISTILLED_IMAGES) if images is None else images
+        images = (prepared.distilled_images(DISTILLED_IMAGES) if images is None else images).to(device)
     names = probed_layers(loaded_model, config)
     sides = {"input": widths, "weight": sorted(set(widths) | {config.weight_bits})}
     say = progress or (lambda f, m: None)
@@ -93,10 +98,11 @@ def sensitivity(model: nn.Module | LoadedModel, config: QuantConfig, widths=(4, 
     for kind, bits in ((k, b) for k, bs in sides.items() for b in bs):
         say(0.3 * len(quantized) / steps, f"quantizing {kind}s at {bits} bits")
         with lock:
-            quantized[kind, bits] = quantize(model, probe_config(config, names, kind, bits), prepared=prepared).model
+            probe = quantize(model, probe_config(config, names, kind, bits), prepared=prepared).model
+        quantized[kind, bits] = on_device(probe, device)
     with lock:
-        work = copy.deepcopy(prepared.folded)   # float; one quantized layer swapped in at a time
-        reference = loaded_model(images)
+        work = copy.deepcopy(prepared.folded).to(device)   # float; one quantized layer swapped in at a time
+        reference = on_device(loaded_model, device)(images)
     own, sizes = _own_errors(work, quantized, names, images)
     probed = {}
     for i, (name, kind) in enumerate((n, k) for n in names for k in KINDS):

@@ -7,6 +7,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from spiq.core.devices import module_device
+
 
 @contextmanager
 def forward_hooks(model: nn.Module, hooks: dict[str, Callable], pre: bool = False) -> Iterator[None]:
@@ -28,7 +30,9 @@ def forward_hooks(model: nn.Module, hooks: dict[str, Callable], pre: bool = Fals
 @torch.no_grad()
 def run_with_hooks(model: nn.Module, hooks: dict[str, Callable], images: torch.Tensor, batch: int = 16,
                    pre: bool = False) -> None:
-    """Run `model` over `images` in batches with `hooks[name]` on each named layer (see forward_hooks)."""
+    """Run `model` over `images` in batches with `hooks[name]` on each named layer (see forward_hooks),
+    each batch moved to the model's device: the hooks see tensors where the model is."""
+    device = module_device(model)
     with forward_hooks(model, hooks, pre):
         for i in range(0, len(images), batch):
-            model(images[i:i + batch])
+            model(images[i:i + batch].to(device))

@@ -18,14 +18,15 @@ def sqnr_db(signal_energy: float, noise_energy: float) -> float:
 
 
 def tensor_sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
-    """sqnr_db of `test` against `reference` (the signal), in float64."""
+    """sqnr_db of `test` against `reference` (the signal), in float64, on the reference's device."""
     ref = reference.double()
-    return sqnr_db(float((ref ** 2).sum()), float(((test.double() - ref) ** 2).sum()))
+    return sqnr_db(float((ref ** 2).sum()), float(((test.to(ref) - ref) ** 2).sum()))
 
 
 def mean_logit_sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
     """Per image 20·log10(‖y‖/‖y − ŷ‖), averaged over a batch of logits (N, classes): a steadier
     measure than agreement of top-1s."""
+    test = test.to(reference.device)
     return (20 * torch.log10(reference.norm(dim=1) / (reference - test).norm(dim=1).clamp_min(1e-12))).mean().item()
 
 

@@ -72,8 +72,8 @@ class RankPairs:
     @classmethod
     def sample(cls, keys: int, pairs: int, seed: int = 0) -> "RankPairs":
         gen = torch.Generator().manual_seed(seed)
-        i = torch.randint(0, keys, (pairs,), generator=gen)
-        j = (i + torch.randint(1, keys, (pairs,), generator=gen)) % keys   # never i itself
+        i = torch.randint(0, keys, (pairs,), generator=gen, device=gen.device)
+        j = (i + torch.randint(1, keys, (pairs,), generator=gen, device=gen.device)) % keys   # never i itself
         return cls(i, j)
 
     def signs(self, scores: torch.Tensor) -> torch.Tensor:

@@ -49,12 +49,15 @@ def _z_grid(tail: str, k: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
         z = stats.t.ppf(u, nu) * np.sqrt((nu - 2) / nu)
     else:
         raise ValueError(f"unknown tail model {tail!r}; choose one of {TAIL_MODELS}")
-    return torch.tensor(z, dtype=torch.float32), torch.tensor(np.diff(edges), dtype=torch.float32)
+    # on the CPU whatever the default device: the cache outlives it, Dist.samples moves them to the law's
+    return (torch.tensor(z, dtype=torch.float32, device="cpu"),
+            torch.tensor(np.diff(edges), dtype=torch.float32, device="cpu"))
 
 
 def _uniform_quantiles(k: int = 1024) -> torch.Tensor:
     """The probabilities at which `_z_grid` sits, so a known law can share its weights."""
-    return torch.tensor(1.0 / (1.0 + np.exp(-np.linspace(-16.0, 16.0, 2 * k + 1)[1::2])), dtype=torch.float32)
+    return torch.tensor(1.0 / (1.0 + np.exp(-np.linspace(-16.0, 16.0, 2 * k + 1)[1::2])), dtype=torch.float32,
+                        device="cpu")
 
 
 @dataclass
@@ -77,7 +80,7 @@ class Dist:
 
     def samples(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Weighted samples (C, K) of the law and their weights (K,), shared by every law."""
-        z, w = _z_grid(self.tail)
+        z, w = (t.to(self.mean.device) for t in _z_grid(self.tail))
         if self.exact_samples is not None:
             x = self.exact_samples
         else:
@@ -252,7 +255,7 @@ class _SortedSamples:
     def __init__(self, x: torch.Tensor, w: torch.Tensor):
         xs, idx = x.double().sort(1)
         ws = w.double().expand_as(xs).gather(1, idx)
-        zero = torch.zeros(xs.shape[0], 1, dtype=torch.float64)
+        zero = xs.new_zeros(xs.shape[0], 1)
         self.xs = xs.contiguous()
         self.c = [torch.cat([zero, (ws * xs ** k).cumsum(1)], 1) for k in range(3)]
 
@@ -317,7 +320,7 @@ def clip_samples(x: torch.Tensor, w: torch.Tensor, bits: int, per_channel: bool,
     levels = 2 ** bits - 1
     x_lo = x.min(1).values.clamp_max(0)
     x_hi = x.max(1).values.clamp_min(0)
-    r = torch.logspace(-2.5, 0, n_candidates)
+    r = torch.logspace(-2.5, 0, n_candidates, device=x.device)
     sums = sums or _SortedSamples(x, w)
     if not per_channel:
         x_lo, x_hi = x_lo.min().expand(1), x_hi.max().expand(1)
@@ -404,8 +407,9 @@ def observe(model: nn.Module, layer_names: list[str], images: torch.Tensor, batc
             mn, mx = xc.min(1).values, xc.max(1).values
             lo[name] = torch.minimum(lo[name], mn) if name in lo else mn
             hi[name] = torch.maximum(hi[name], mx) if name in hi else mx
-            idx = torch.randint(0, xc.shape[1], (min(keep, xc.shape[1]),), generator=gen)
-            acc[name].append(xc[:, idx])
+            # drawn on the generator's CPU, so the subsample is the same whichever device the model is on
+            idx = torch.randint(0, xc.shape[1], (min(keep, xc.shape[1]),), generator=gen, device=gen.device)
+            acc[name].append(xc[:, idx.to(xc.device)])
         return fn
 
     run_with_hooks(model, {n: hook(n) for n in layer_names}, images, batch, pre=True)
@@ -419,7 +423,7 @@ def calibrated_range(obs: Observed, rule: str, bits: int, per_channel: bool,
         if not per_channel:
             lo, hi = lo.min(), hi.max()
     elif rule == "percentile":
-        q = torch.tensor([1 - percentile / 100, percentile / 100])
+        q = torch.tensor([1 - percentile / 100, percentile / 100], device=obs.sample.device)
         s = obs.sample if per_channel else obs.sample.reshape(1, -1)
         if s.shape[1] > 2 ** 24 - 1:
             s = s[:, torch.randperm(s.shape[1])[: 2 ** 24 - 1]]
@@ -429,7 +433,7 @@ def calibrated_range(obs: Observed, rule: str, bits: int, per_channel: bool,
             lo, hi = lo[0], hi[0]
     elif rule == "mse":
         k = obs.sample.shape[1]
-        return clip_samples(obs.sample, torch.full((k,), 1.0 / k), bits, per_channel)
+        return clip_samples(obs.sample, obs.sample.new_full((k,), 1.0 / k), bits, per_channel)
     else:
         raise ValueError(f"unknown calibration rule {rule!r}")
     hi = torch.where(hi - lo <= 1e-8, lo + 1e-8, hi)
