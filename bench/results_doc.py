@@ -414,7 +414,7 @@ def render(data: dict[str, dict]) -> str:
     blocks += layer_loss([d for k, d in data.items() if k.startswith("layer_loss_")]) + speed(data["speed"], base)
     blocks += int8(data["int8"], base) + ort_quantizer(data["ort_quantizer"], base)
     blocks += results_more.models(data) + throughput(data["throughput"], base)
-    blocks += app_latency(data["app_latency"], base) + results_more.app_load(data["app_load"])
+    blocks += app_latency(data["app_latency"], base) + results_more.app_load(data["app_load"], data.get("app_load_browser"))
     blocks += results_more.background(data["background"]) + results_more.advise(data["advise"])
     blocks += vit(data["vit"], toys, base)
 
