@@ -31,7 +31,7 @@ def test_the_first_example_shows_spiq_keeping_what_static_per_tensor_loses(score
 
 
 def test_the_app_lists_every_shipped_image_once_in_that_order():
-    from spiq.ui.handlers import EXAMPLES
+    from spiq.ui.page import EXAMPLES
 
     shipped = (ASSETS / "examples.txt").read_text().split()
     assert [Path(e).name for e in EXAMPLES] == shipped
