@@ -442,10 +442,9 @@ def show_deploy(model_name, applied, image, progress=gr.Progress()):
 
 
 def warm_up():
-    """In the background after start: the default recipe first (every new page's first
-    predictions), then the data-free ranges of every bit width, then the other models' bias-fit
-    images (unless SPIQ_BACKGROUND_DISTILL=0)."""
-    CACHE.quantized(DEFAULT_MODEL, QuantConfig())
+    """In the background after start: the data-free ranges of every bit width, then the other
+    models' bias-fit images (unless SPIQ_BACKGROUND_DISTILL=0). The default recipe is quantized
+    already: building the page computed its predictions (`page.first_predictions`)."""
     CACHE.warm(DEFAULT_MODEL)
     if os.environ.get("SPIQ_BACKGROUND_DISTILL", "1") != "0":
         BACKGROUND.start([n for n in list_models() if n != DEFAULT_MODEL and "cnn" in get_spec(n).tags
