@@ -15,12 +15,14 @@ import gradio as gr
 
 from spiq import METHODS, QuantConfig
 from spiq.ui import advisor, views
-from spiq.ui.handlers import (ATTRIBUTIONS, CACHE, DELETE_CACHE, MAX_UPLOAD_BYTES, NO_ATTENTION, NO_IMAGE, TAB_OUTPUTS,
-                              VIEW_OUTPUTS, BitsSlider, SafeImage, apply, compute_tab, fit_status, fill_advice, load_recipe,
+from spiq.ui.components import BitsSlider, BudgetSlider, SafeDataframe, SafeFile, SafeImage
+from spiq.ui.handlers import (ATTRIBUTIONS, CACHE, DELETE_CACHE, NO_ATTENTION, NO_IMAGE, TAB_OUTPUTS,
+                              VIEW_OUTPUTS, apply, compute_tab, fit_status, fill_advice, load_recipe,
                               model_choices, open_link, open_tab, predict, predict_linked, refresh,
                               select_model, show_advisor, show_attention, show_attribution, show_deploy, show_error_map,
                               show_law, show_methods, show_ranges, unavailable_note, warm_up, recipe_file)
 from spiq.ui.page import DEFAULT_MODEL, EXAMPLES, first_predictions, link_query
+from spiq.ui.server import launch_options
 from spiq.ui.tabs import TABS
 
 # --- layout -------------------------------------------------------------------------------------
@@ -92,7 +94,7 @@ def build() -> gr.Blocks:
             gr.Markdown(ABOUT)
             gr.Markdown(unavailable_note())
         with gr.Accordion("Per-layer settings (edit, then Apply)", open=False):
-            table = gr.Dataframe(views.layer_rows(loaded.model, default), headers=views.LAYER_TABLE_HEADERS,
+            table = SafeDataframe(views.layer_rows(loaded.model, default), headers=views.LAYER_TABLE_HEADERS,
                                  datatype=["str", "str", "number", "str", "number", "number", "str", "bool"],
                                  type="array", interactive=True, static_columns=[0, 1, 2], elem_id="layer-table")
         views_note = gr.Markdown(elem_id="views-note")
@@ -104,13 +106,13 @@ def build() -> gr.Blocks:
                 gr.Markdown("Float vs SPIQ vs per-tensor static at the applied bits, on one screen.")
                 story_plot = gr.Plot(label="Story", elem_id="story-plot")
             with gr.Tab("Channel ranges", id="ranges") as ranges_tab:
-                range_layer = gr.Dropdown([], label="Layer", elem_id="range-layer")
+                range_layer = gr.Dropdown([], label="Layer", elem_id="range-layer", allow_custom_value=True)
                 ranges_plot = gr.Plot(label="Channel ranges", elem_id="ranges-plot")
             with gr.Tab("Law vs reality", id="law") as law_tab:
                 gr.Markdown("The law SPIQ predicted for one input channel from BatchNorm statistics (the one its "
                             "ranges were chosen from) against the values the channel takes on this image.")
                 with gr.Row():
-                    law_layer = gr.Dropdown([], label="Layer", elem_id="law-layer")
+                    law_layer = gr.Dropdown([], label="Layer", elem_id="law-layer", allow_custom_value=True)
                     law_channel = gr.Number(None, precision=0, label="Input channel (Enter to show)",
                                             elem_id="law-channel")
                 law_text = gr.Markdown(elem_id="law-text")
@@ -124,7 +126,8 @@ def build() -> gr.Blocks:
                 error_table = gr.Dataframe(headers=views.LAYER_ERROR_HEADERS, type="array", interactive=False)
             with gr.Tab("Error map", id="error-map") as map_tab:
                 with gr.Row():
-                    map_layer = gr.Dropdown(["logits"], value="logits", label="Layer", elem_id="map-layer")
+                    map_layer = gr.Dropdown(["logits"], value="logits", label="Layer", elem_id="map-layer",
+                                            allow_custom_value=True)
                     channel = gr.Number(None, precision=0, label="Channel (empty: mean over channels)")
                 emap_plot = gr.Plot(label="Error map", elem_id="emap-plot")
             with gr.Tab("Attribution", id="attribution") as attr_tab:
@@ -143,7 +146,7 @@ def build() -> gr.Blocks:
                             "each layer measured on images distilled from BatchNorm statistics (the first time for a "
                             "model and recipe: tens of seconds).")
                 with gr.Row():
-                    budget = gr.Slider(4.0, 8.0, value=advisor.DEFAULT_BUDGET, step=0.25, elem_id="budget",
+                    budget = BudgetSlider(4.0, 8.0, value=advisor.DEFAULT_BUDGET, step=0.25, elem_id="budget",
                                        label="Budget: average input bits, weighted by input values per image")
                     fill_btn = gr.Button("Fill table and apply", variant="primary", elem_id="fill-advice")
                 advice_text = gr.Markdown(elem_id="advice-text")
@@ -166,7 +169,7 @@ def build() -> gr.Blocks:
                 with gr.Row():
                     download = gr.DownloadButton("Download recipe JSON", value=recipe_file(default),
                                                  elem_id="download-recipe")
-                    upload = gr.File(file_types=[".json"], type="filepath", label="Upload a recipe JSON")
+                    upload = SafeFile(file_types=[".json"], type="filepath", label="Upload a recipe JSON")
                 link = gr.Textbox(label="Link to this recipe and, for a shipped example, this image",
                                   buttons=["copy"], interactive=False, elem_id="share-link")
         # API endpoints only: every view at once (`refresh`), the Methods tab (`methods`).
@@ -254,8 +257,9 @@ def build() -> gr.Blocks:
         then_views(demo.load(open_link, applied_model, [*controls, table, applied, image, status, recipe, download,
                                                    pred_plot, pred_text, linked],
                              api_name=False, show_progress="hidden", **group("cheap")
+                             # a link's recipe is quantized first: work like Apply's, not a prediction's
                              ).success(predict_linked, [linked, applied_model, applied, image], [pred_plot, pred_text],
-                                       api_name=False, show_progress="hidden", **group("predict")))
+                                       api_name=False, show_progress="hidden", **group("apply")))
         api_only.click(refresh, view_in, views_out, api_name="refresh", **group("views"))
         api_only.click(show_methods, [applied_model, applied, image], [methods_plot, methods_table],
                        api_name="methods", **group("views"))
@@ -265,6 +269,9 @@ def build() -> gr.Blocks:
 demo = build()
 
 if __name__ == "__main__":
+    from spiq.ui import lifecycle
+
+    lifecycle.install()   # SIGTERM, Ctrl-C: children stopped, scratch deleted, a prompt exit
     threading.Thread(target=warm_up, daemon=True).start()
     demo.queue(default_concurrency_limit=4).launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
-                                                   max_file_size=MAX_UPLOAD_BYTES)
+                                                   **launch_options())

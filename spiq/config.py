@@ -91,6 +91,23 @@ def _json_depth(text: str) -> int:
     return deepest
 
 
+class _HugeNumber(float):
+    """An integer of more digits than any field takes: infinite, so every range check refuses it,
+    and named by its length (Python refuses to convert past 4,300 digits, naming no field)."""
+
+    def __new__(cls, text: str):
+        number = super().__new__(cls, "-inf" if text.startswith("-") else "inf")
+        number.digits = len(text.lstrip("-"))
+        return number
+
+    def __repr__(self) -> str:
+        return f"a {self.digits}-digit number"
+
+
+def _bounded_int(text: str):
+    return int(text) if len(text) <= 40 else _HugeNumber(text)
+
+
 def suggest(word: str, options) -> str:
     close = difflib.get_close_matches(str(word), list(options), n=3)
     return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
@@ -299,7 +316,7 @@ class QuantConfig:
         if _json_depth(text) > MAX_JSON_DEPTH:
             raise ConfigError(f"config is nested more than {MAX_JSON_DEPTH} levels deep; a recipe needs 3")
         try:
-            data = json.loads(text)
+            data = json.loads(text, parse_int=_bounded_int)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"config is not valid JSON: {exc}") from None
         return cls.from_dict(data)

@@ -101,18 +101,17 @@ def app():
     from spiq.models.toy import toy_cnn
 
     pre = toy_vit()[1]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(registry._REGISTRY, APP_VIT, registry.ModelSpec(
-            APP_VIT, "random weights (tests)", lambda: toy_vit()[0], lambda: None, pre, "random ViT", ("vit",)))
-        mp.setitem(registry._REGISTRY, APP_CNN, registry.ModelSpec(
-            APP_CNN, "random weights (tests)", lambda: toy_cnn(classes=1000)[0], lambda: None, toy_cnn()[1],
-            "random CNN", ("cnn",)))
+    with registry.registered(
+            registry.ModelSpec(APP_VIT, "random weights (tests)", lambda: toy_vit()[0], lambda: None, pre,
+                               "random ViT", ("vit",)),
+            registry.ModelSpec(APP_CNN, "random weights (tests)", lambda: toy_cnn(classes=1000)[0], lambda: None,
+                               toy_cnn()[1], "random CNN", ("cnn",))):
         sys.path.insert(0, str(ROOT))
         import app as app_module
+        from spiq.ui.server import launch_options
 
         app_module.demo.queue(default_concurrency_limit=8)
-        _, url, _ = app_module.demo.launch(prevent_thread_lock=True, quiet=True,
-                                           max_file_size=app_module.MAX_UPLOAD_BYTES)
+        _, url, _ = app_module.demo.launch(prevent_thread_lock=True, quiet=True, **launch_options())
         yield app_module, url
         app_module.demo.close()
 
@@ -182,11 +181,23 @@ TOY_CNN = "toy_cnn_test"
 
 
 @pytest.fixture
-def toy_model(monkeypatch) -> str:
+def register(request):
+    """`register(*specs, only=False)`: these models in the registry for the test (`registry.registered`)."""
+    from spiq.models import registry
+
+    def add(*specs, only=False):
+        block = registry.registered(*specs, only=only)
+        block.__enter__()
+        request.addfinalizer(lambda: block.__exit__(None, None, None))
+    return add
+
+
+@pytest.fixture
+def toy_model(register) -> str:
     """A random mini CNN registered as model TOY_CNN for the test: it quantizes in well under a second."""
     from spiq.models import registry
     from spiq.models.toy import toy_cnn
 
-    monkeypatch.setitem(registry._REGISTRY, TOY_CNN, registry.ModelSpec(
-        TOY_CNN, "random weights (tests)", lambda: toy_cnn()[0], lambda: None, toy_cnn()[1], "toy CNN", ()))
+    register(registry.ModelSpec(TOY_CNN, "random weights (tests)", lambda: toy_cnn()[0], lambda: None, toy_cnn()[1],
+                                "toy CNN", ()))
     return TOY_CNN

@@ -77,14 +77,14 @@ def test_evaluate_bad_input_is_a_clear_error(tmp_path, sample_dir):
     assert r.returncode == 2 and "unknown model 'resnet_18'" in r.stderr and "resnet18" in r.stderr
 
 
-def test_evaluate_liu_ptq_on_a_transformer_with_calibration_folder(tmp_path, monkeypatch, capsys, sample_dir):
+def test_evaluate_liu_ptq_on_a_transformer_with_calibration_folder(tmp_path, register, capsys, sample_dir):
     from spiq import cli
     from spiq.models import registry
     from spiq.models.vit import toy_vit
 
     pre = toy_vit()[1]
-    monkeypatch.setitem(registry._REGISTRY, "toy_vit", registry.ModelSpec(
-        "toy_vit", "random weights (tests)", lambda: toy_vit()[0], lambda: None, pre, "toy ViT", ("vit",)))
+    register(registry.ModelSpec("toy_vit", "random weights (tests)", lambda: toy_vit()[0], lambda: None, pre, "toy ViT",
+                                ("vit",)))
     calib = tmp_path / "calib"
     calib.mkdir()
     for f in sorted(sample_dir.iterdir())[-6:]:   # images kept apart from the 8 evaluated
@@ -106,7 +106,7 @@ def test_evaluate_liu_ptq_on_a_transformer_with_calibration_folder(tmp_path, mon
     assert rc == 2 and "vision transformers" in capsys.readouterr().err
 
 
-def test_distill_writes_the_shipped_form_and_refuses_what_it_cannot_do(tmp_path, monkeypatch, capsys):
+def test_distill_writes_the_shipped_form_and_refuses_what_it_cannot_do(tmp_path, monkeypatch, register, capsys):
     import torch
 
     from spiq import cli
@@ -125,13 +125,13 @@ def test_distill_writes_the_shipped_form_and_refuses_what_it_cannot_do(tmp_path,
     assert not (tmp_path / "cache").exists()   # read from the package, not distilled into the cache
     assert cli.main(["distill", "--model", "efficientnet_lite0", "--images", "0"]) == 2
     assert "--images must be from 1 to 256" in capsys.readouterr().err
-    monkeypatch.setitem(registry._REGISTRY, "toy_vit", registry.ModelSpec(
-        "toy_vit", "random weights (tests)", lambda: toy_vit()[0], lambda: None, toy_vit()[1], "toy ViT", ("vit",)))
+    register(registry.ModelSpec("toy_vit", "random weights (tests)", lambda: toy_vit()[0], lambda: None, toy_vit()[1],
+                                "toy ViT", ("vit",)))
     assert cli.main(["distill", "--model", "toy_vit"]) == 2
     assert "no BatchNorm" in capsys.readouterr().err
 
 
-def test_distill_all_prepares_every_loadable_model_with_batchnorm(tmp_path, monkeypatch, capsys):
+def test_distill_all_prepares_every_loadable_model_with_batchnorm(tmp_path, monkeypatch, register, capsys):
     from spiq import cli
     from spiq.models import registry
     from spiq.models.toy import toy_cnn
@@ -141,15 +141,15 @@ def test_distill_all_prepares_every_loadable_model_with_batchnorm(tmp_path, monk
     from spiq.quantize.prepared import distill_bounds
 
     monkeypatch.setenv("SPIQ_CACHE", str(tmp_path / "cache"))
-    specs = {"efficientnet_lite0": registry.get_spec("efficientnet_lite0"),
-             "toy_cnn": registry.ModelSpec("toy_cnn", "random weights (tests)", lambda: toy_cnn()[0], lambda: None,
-                                           toy_cnn()[1], "toy CNN", ("cnn",)),
-             "toy_vit": registry.ModelSpec("toy_vit", "random weights (tests)", lambda: toy_vit()[0], lambda: None,
-                                           toy_vit()[1], "toy ViT", ("vit",)),
-             "far_away": registry.ModelSpec("far_away", "nowhere", lambda: None, lambda: "weights not cached",
-                                            toy_vit()[1], "a model to download", ("cnn",),
-                                            download_problem=lambda: "the weights' host is unreachable")}
-    monkeypatch.setattr(registry, "_REGISTRY", specs)
+    register(registry.get_spec("efficientnet_lite0"),
+             registry.ModelSpec("toy_cnn", "random weights (tests)", lambda: toy_cnn()[0], lambda: None, toy_cnn()[1],
+                                "toy CNN", ("cnn",)),
+             registry.ModelSpec("toy_vit", "random weights (tests)", lambda: toy_vit()[0], lambda: None, toy_vit()[1],
+                                "toy ViT", ("vit",)),
+             registry.ModelSpec("far_away", "nowhere", lambda: None, lambda: "weights not cached", toy_vit()[1],
+                                "a model to download", ("cnn",),
+                                download_problem=lambda: "the weights' host is unreachable"),
+             only=True)
     steps = distill.distill_images   # a few steps of the real optimisation: the test is of what gets made
 
     monkeypatch.setattr(distill, "distill_images", lambda *a, progress=None: steps(*a[:5], steps=3, progress=progress))

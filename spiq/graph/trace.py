@@ -6,6 +6,7 @@ folding, range propagation, the quantized layers) reads this one graph.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 from torch import fx, nn
@@ -16,10 +17,34 @@ LEAF_TYPES = QUANTIZABLE + BATCHNORMS + (nn.LayerNorm, nn.AdaptiveAvgPool2d, nn.
                                          nn.Identity, nn.Flatten) + TIMM_BATCHNORM_ACTS + TIMM_POOLS
 
 
+# fx patches nn.Module.__call__ and __getattr__ on the class, for every thread, while it traces;
+# two traces at once would also restore each other's patches in the wrong order.
+_TRACING = threading.Lock()
+
+
 class LeafTracer(fx.Tracer):
+    """Traces one model at a time in the process, and only the tracing thread's module calls: a
+    server's other threads keep running their models (the shared float one included) untouched
+    while, say, an export traces."""
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         # fx_leaf: the project's own modules (QuantLayer, GridQuant, ChannelReLU6), traced whole like nn's
         return isinstance(m, LEAF_TYPES) or getattr(m, "fx_leaf", False) or super().is_leaf_module(m, qualname)
+
+    def trace(self, root, concrete_args=None):
+        with _TRACING:
+            self._thread = threading.get_ident()
+            return super().trace(root, concrete_args)
+
+    def call_module(self, m, forward, args, kwargs):
+        if threading.get_ident() != self._thread:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        if threading.get_ident() != self._thread:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
 
 class GraphError(RuntimeError):

@@ -6,11 +6,12 @@ CLI and the app can list what works offline.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 from torch import nn
@@ -42,6 +43,21 @@ _REGISTRY: dict[str, ModelSpec] = {}
 def register(spec: ModelSpec) -> ModelSpec:
     _REGISTRY[spec.name] = spec
     return spec
+
+
+@contextlib.contextmanager
+def registered(*specs: ModelSpec, only: bool = False) -> Iterator[None]:
+    """These models in the registry inside the block (with `only`, no other), the registry as it
+    was after it: for tests and notebooks that bring models of their own."""
+    saved = dict(_REGISTRY)
+    if only:
+        _REGISTRY.clear()
+    _REGISTRY.update({spec.name: spec for spec in specs})
+    try:
+        yield
+    finally:
+        _REGISTRY.clear()
+        _REGISTRY.update(saved)
 
 
 def list_models() -> list[str]:

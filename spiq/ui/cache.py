@@ -20,13 +20,14 @@ from typing import Callable
 import torch
 from torch import nn
 
-from spiq.config import QuantConfig
+from spiq.config import ConfigError, QuantConfig
 from spiq.models.data import IMAGE_EXTENSIONS, Preprocess, load_batch
 from spiq.quantize.api import quantize
 from spiq.quantize.biasfit import bias_images_for
 from spiq.quantize.prepared import Prepared, prepare, prepared_key
 from spiq.quantize.report import QuantResult
 from spiq.models.registry import load_model
+from spiq.ui.limits import Footprint, footprint
 
 
 class PriorityLock:
@@ -97,8 +98,12 @@ def config_key(config: QuantConfig) -> str:
 
 class ModelCache:
     def __init__(self, max_quantized: int = 4, calib_dir: str | Path | None = None, calib_images: int = 32,
-                 max_views: int = 64, max_slow: int = 8):
+                 max_views: int = 64, max_slow: int = 8, distill_inline: bool = True):
         self.lock = PriorityLock()
+        # False: a recipe whose bias-fit images are neither shipped nor cached is refused rather than
+        # distilled in the request (minutes of CPU, and memory that grows with the image count).
+        self.distill_inline = distill_inline
+        self._footprints: dict[str, Footprint] = {}
         self.pinned: set[tuple[str, str]] = set()   # (model, config) the LRU never drops: see pin()
         self.max_quantized = max_quantized
         self.max_views = max_views
@@ -129,6 +134,14 @@ class ModelCache:
                     p.requires_grad_(False)  # shared read-only; attributions need input gradients only
                 self._loaded[name] = Loaded(name, model, preprocess, classes)
             return self._loaded[name]
+
+    def footprint(self, name: str) -> Footprint:
+        """Model `name`'s weights and per-image activations, measured once (a forward pass with hooks)."""
+        with self.lock:
+            if name not in self._footprints:
+                loaded = self.load(name)
+                self._footprints[name] = footprint(loaded.model, (3, loaded.preprocess.crop, loaded.preprocess.crop))
+            return self._footprints[name]
 
     def prepared(self, name: str, config: QuantConfig) -> Prepared:
         key = (name, *prepared_key(config))
@@ -200,6 +213,10 @@ class ModelCache:
                 self._derived = {k: v for k, v in self._derived.items() if k[:2] != gone}
             return q
 
+    def has_quantized(self, name: str, config: QuantConfig) -> bool:
+        with self.lock:
+            return (name, config_key(config)) in self._quantized
+
     def pin(self, name: str, config: QuantConfig) -> None:
         """Keep (name, config) however many other configs are used: every new visitor's first
         predictions use the default recipe, and busy visitors trying recipes must not make each
@@ -225,6 +242,9 @@ class ModelCache:
         prepared = self.prepared(name, config)
         if prepared.images_ready(n):
             return False
+        if not self.distill_inline:
+            raise ConfigError(f"bias_images: the {n} bias-fit images of {name} are not distilled on this server; "
+                              "untick Bias fit (bias_images 0), or make them with `spiq distill`")
         with self.lock:   # copied while no request has hooks on the shared model
             model_lock = self._distilling.setdefault(name, threading.Lock())
             private = copy.deepcopy(loaded.model)
@@ -236,14 +256,23 @@ class ModelCache:
             prepared.distilled_images(n, progress, copy_of_source=private)
             return True
 
-    def derived(self, name: str, config: QuantConfig, what: str, compute: Callable[[], object], fresh: bool = False):
+    def derived(self, name: str, config: QuantConfig, what: str, compute: Callable[[], object], fresh: bool = False,
+                locked: bool = True):
         """A result that depends only on (model, config), computed once while that model is cached
-        (again when `fresh`: the kept one is gone, e.g. its files were deleted)."""
+        (again when `fresh`: the kept one is gone, e.g. its files were deleted). `locked=False`:
+        `compute` takes the lock itself around what runs a shared model, so that long work that
+        does not (ONNX Runtime) holds no one up; two requests may then both compute it."""
         key = (name, config_key(config), what)
         with self.lock:
-            if fresh or key not in self._derived:
+            if not fresh and key in self._derived:
+                return self._derived[key]
+            if locked:
                 self._derived[key] = compute()
-            return self._derived[key]
+                return self._derived[key]
+        value = compute()
+        with self.lock:
+            self._derived[key] = value
+        return value
 
     def cached_view(self, key: tuple) -> tuple[bool, object]:
         """(found, value) of a view computed before, without computing: the cheap path of a request."""

@@ -5,7 +5,9 @@ Module state is the server's: one model cache, bounded scratch folders for files
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import inspect
 import os
 import time
 
@@ -15,10 +17,10 @@ from gradio.utils import get_upload_folder
 from spiq.config import ConfigError, QuantConfig
 from spiq.core.memory import keep_freed_memory
 from spiq.export.onnx import ExportError
-from spiq.models.data import MAX_IMAGE_BYTES, ImageError, decode_data_url, open_allowed_image, open_image
+from spiq.models.data import ImageError
 from spiq.models.registry import ModelUnavailableError, get_spec, list_models, loadable
 from spiq.quantize.api import check_config, methods_for
-from spiq.ui import advisor, tabs, views
+from spiq.ui import advisor, echo, limits, tabs, views
 from spiq.ui.background import FAILED, BackgroundDistiller
 from spiq.ui.cache import ModelCache
 from spiq.ui.page import ASSETS, DEFAULT_MODEL, link_state
@@ -43,49 +45,17 @@ keep_freed_memory()   # before the worker threads: each would get an arena of it
 # recipe downloads (bytes).
 EXPORTS = ScratchDir("spiq-onnx-", max_entries=6)
 RECIPES = ScratchDir("spiq-recipe-", max_entries=256)
-# Gradio refuses larger uploads itself; SafeImage holds data URLs to the same limit.
-MAX_UPLOAD_BYTES = MAX_IMAGE_BYTES
 DELETE_CACHE = (600, 1800)   # every 10 min, Gradio deletes uploads and copies older than 30 min
 # Served in place rather than copied into Gradio's cache, so the bound above is the whole disk use.
 gr.set_static_paths([EXPORTS.root, RECIPES.root])
 
-CACHE = ModelCache(max_quantized=int(os.environ.get("SPIQ_CACHE_SIZE", "12")), calib_dir=ASSETS)
+# Bias-fit images are distilled only in the background (BACKGROUND), never inside a request.
+CACHE = ModelCache(max_quantized=int(os.environ.get("SPIQ_CACHE_SIZE", "12")), calib_dir=ASSETS,
+                   distill_inline=False)
+ADMISSION = limits.Admission(limits.memory_budget())
 CACHE.pin(DEFAULT_MODEL, QuantConfig())   # every new page's first predictions
 # The other models' bias-fit images, distilled after start (warm_up) so no visitor waits minutes.
 BACKGROUND = BackgroundDistiller()
-
-
-class SafeImage(gr.Image):
-    """An image input decoded by spiq's own safe decoder, so a bad upload is a clear message.
-
-    Whatever the payload claims, only files in Gradio's upload folder or the shipped examples are
-    opened: a payload without Gradio's `meta` key skips Gradio's own check."""
-
-    def get_block_name(self) -> str:
-        return "image"  # the browser side is Gradio's own image component
-
-    def preprocess(self, payload):
-        if payload is None:
-            return None
-        try:
-            if payload.url and payload.url.startswith("data:"):
-                return open_image(decode_data_url(payload.url))
-            return open_allowed_image(payload.path, (get_upload_folder(), ASSETS))
-        except ImageError as exc:
-            raise gr.Error(f"This image cannot be used: {exc}", title="Bad image") from None
-
-
-class BitsSlider(gr.Slider):
-    """A bit-width slider that refuses, by its own name, what the API can send it: 8.5, NaN, "8"."""
-
-    def get_block_name(self) -> str:
-        return "slider"
-
-    def preprocess(self, payload):
-        try:
-            return views.control_bits(self.label, payload)
-        except ConfigError as exc:
-            raise gr.Error(str(exc)) from None
 
 
 def user_errors(fn):
@@ -97,7 +67,7 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except (ConfigError, ImageError, ModelUnavailableError, KeyError, ValueError) as exc:
             msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-            raise gr.Error(views.without_paths(str(msg))) from None
+            raise gr.Error(echo.plain(msg)) from None
     return wrapper
 
 
@@ -130,7 +100,7 @@ def model_choices():
 
 
 def unavailable_note() -> str:
-    lines = [f"- `{n}`: {views.without_paths(p)}" for n in list_models() if (p := loadable(n)) is not None]
+    lines = [f"- `{n}`: {echo.markdown(p)}" for n in list_models() if (p := loadable(n)) is not None]
     return "\n".join(lines) if lines else "Every registered model is available."
 
 
@@ -148,48 +118,90 @@ def _fit_waits(name: str) -> bool:
     return BACKGROUND.pending(name) and not CACHE.fit_ready(name)
 
 
+def _runnable(model_name: str, config: QuantConfig) -> QuantConfig:
+    """`config` if the public app runs it on `model_name` now, before any work and before a session
+    takes it: its fields within the app's limits, its bias-fit images already distilled."""
+    limits.check_recipe(config)
+    if config.bias_images != 0 and not CACHE.fit_ready(model_name, config):
+        if _fit_waits(model_name) and config.bias_images is None:
+            raise ConfigError(f"Bias-fit images for {model_name} are still being distilled in the background. "
+                              "Untick Bias fit to apply now; the note under it says when the fit is ready.")
+        raise ConfigError(f"bias_images: the public app fits biases on the distilled images it has for "
+                          f"{model_name} (8, once distilled); this recipe asks for {config.bias_images}. Untick Bias "
+                          "fit, or run the recipe locally")
+    return config
+
+
+def _work(model_name: str, images: int, copies: int = 3):
+    """Admission of work on `images` images at once (see limits.Admission), before it starts."""
+    return ADMISSION.admit(CACHE.footprint(model_name).cost(images, copies))
+
+
+# A view holds a few layers' activations for one image, Integrated Gradients 8 images with their
+# gradients, the advisor's probes 4 images twice; an export copies the weights a few times over.
+VIEW_IMAGES, DEPLOY_COPIES = 8, 8
+
+
+def admitted(images: int = VIEW_IMAGES, copies: int = 3):
+    """The handler's work on its `model_name`, admitted before it starts (see `_work`)."""
+    def decorate(fn):
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            with _work(signature.bind_partial(*args, **kwargs).arguments["model_name"], images, copies):
+                return fn(*args, **kwargs)
+        return wrapper
+    return decorate
+
+
+def _recipe_images(config: QuantConfig) -> int:
+    """Images quantizing `config` runs at once: its bias fit's, or a batch of calibration images."""
+    fit = config.bias_images if config.bias_images is not None else 8
+    return max(1, fit, 16 if config.needs_calibration else 0)
+
+
 def fit_status(name: str):
     """The note under Bias fit for model `name`, and whether to keep asking (the Timer)."""
     job = BACKGROUND.state(name)
     if job is None:
         return "", gr.Timer(active=False)
     if _fit_waits(name):
-        return (f"Bias-fit images for **{name}** are being distilled in the background ({job.state}); until they "
-                "are ready, this model runs with the fit off. This note says when.", gr.Timer(active=True))
+        return (f"Bias-fit images for **{echo.markdown(name)}** are being distilled in the background ({job.state}); "
+                "until they are ready, this model runs with the fit off. This note says when.", gr.Timer(active=True))
     if job.state == FAILED and not CACHE.fit_ready(name):
-        return (f"Distilling **{name}**'s bias-fit images in the background failed "
-                f"({views.without_paths(job.message)}); Apply with Bias fit on distills them now (minutes).",
-                gr.Timer(active=False))
-    return f"Bias-fit images for **{name}** are ready: tick Bias fit and Apply to use them.", gr.Timer(active=False)
+        return (f"Distilling **{echo.markdown(name)}**'s bias-fit images in the background failed "
+                f"({echo.markdown(job.message)}); this model runs with the fit off here.", gr.Timer(active=False))
+    return (f"Bias-fit images for **{echo.markdown(name)}** are ready: tick Bias fit and Apply to use them.",
+            gr.Timer(active=False))
 
 
 @user_errors
 def select_model(name, applied_model, method, wbits, abits, wgran, igran, bias_fit, progress=gr.Progress()):
     problem = loadable(name)
     if problem is not None:
-        gr.Warning(views.without_paths(f"{name} cannot be used here: {problem}"))
+        gr.Warning(echo.plain(f"{name} cannot be used here: {problem}"))
         return applied_model, applied_model, *[gr.update()] * 7
     progress(0.1, desc=f"loading {name}")
     loaded = CACHE.load(name)
     # the controls carry over (but a method the model cannot take); per-layer overrides belong to
     # the previous model's layers
     method = method if method in methods_for(loaded.model) else QuantConfig().method
-    bias_fit = bias_fit and not _fit_waits(name)   # usable at once, with the fit off
+    bias_fit = bias_fit and CACHE.fit_ready(name)   # usable at once, with the fit off
     config = _config_from_controls(QuantConfig().to_json(), method, wbits, abits, wgran, igran, bias_fit, None)
     return (name, name, views.layer_rows(loaded.model, config), config.to_json(),
-            f"Loaded **{name}** with `{config.to_json()}`.", method, bias_fit, *fit_status(name))
+            f"Loaded **{echo.markdown(name)}** with {echo.code(config.to_json())}.", method, bias_fit,
+            *fit_status(name))
 
 
 @user_errors
 def apply(model_name, applied, method, wbits, abits, wgran, igran, bias_fit, rows, image, progress=gr.Progress()):
-    config = _config_from_controls(applied, method, wbits, abits, wgran, igran, bias_fit, rows)
-    if config.bias_images != 0 and _fit_waits(model_name):
-        raise gr.Error(f"Bias-fit images for {model_name} are still being distilled in the background. Untick "
-                       "Bias fit to apply now; the note under it says when the fit is ready.")
+    config = _runnable(model_name, _config_from_controls(applied, method, wbits, abits, wgran, igran, bias_fit, rows))
     loaded = CACHE.load(model_name)
     progress(0, desc="quantizing")
-    CACHE.quantized(model_name, config, _progress(progress))
-    note = f"Applied `{config.to_json()}`"
+    with _work(model_name, _recipe_images(config)):
+        CACHE.quantized(model_name, config, _progress(progress))
+    note = f"Applied {echo.code(config.to_json())}"
     fig, text = (None, NO_IMAGE)
     if image is not None:
         with CACHE.lock.urgent():
@@ -203,8 +215,12 @@ def apply(model_name, applied, method, wbits, abits, wgran, igran, bias_fit, row
 def predict(model_name, applied, image):
     if image is None:
         return None, NO_IMAGE
-    with CACHE.lock.urgent():   # before the next step of anyone's views
-        sc = views.scene(CACHE, model_name, QuantConfig.from_json(applied), image)
+    config = QuantConfig.from_json(applied)
+    # a recipe not quantized yet (a link's) is work like Apply's; a cached one is a forward pass
+    work = (contextlib.nullcontext() if CACHE.has_quantized(model_name, config)
+            else _work(model_name, _recipe_images(config)))
+    with work, CACHE.lock.urgent():   # before the next step of anyone's views
+        sc = views.scene(CACHE, model_name, config, image)
         return views.predictions(CACHE, sc)
 
 
@@ -216,11 +232,7 @@ def _request(model_name, applied, image, range_layer, map_layer, channel, attr_m
 
 
 def _budget(budget) -> float:
-    if budget is None:
-        return advisor.DEFAULT_BUDGET
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
-        raise ConfigError(f"the budget must be a number of bits, got {budget!r}")
-    return float(budget)
+    return advisor.DEFAULT_BUDGET if budget is None else limits.check_budget(budget)
 
 
 def _tab_updates(tab: str, result, req: tabs.Request) -> list:
@@ -239,7 +251,7 @@ def _tab_updates(tab: str, result, req: tabs.Request) -> list:
         values = result if isinstance(result, tuple) else (result,)
     for slot, value in zip(_SLOTS[tab], values, strict=True):
         out[slot] = value
-    out[NOTE_SLOT] = f"Views show `{req.config.to_json()}` on `{req.model}`."
+    out[NOTE_SLOT] = f"Views show {echo.code(req.config.to_json())} on {echo.code(req.model)}."
     return out
 
 
@@ -278,6 +290,7 @@ def _pending(entry, shows: str, now: float) -> bool:
 
 
 @user_errors
+@admitted()
 def compute_tab(job, drawn, model_name, applied, image, range_layer, map_layer, channel, attr_method, block,
                 budget=None, law_layer=None, law_channel=None, progress=gr.Progress()):
     """The tab a job names, for the session's current request. Returns (drawn, *TAB_OUTPUTS)."""
@@ -296,6 +309,7 @@ _REFRESH = ((0.1, "story", "story"), (0.2, "ranges", "channel ranges"), (0.3, "l
 
 
 @user_errors
+@admitted()
 def refresh(model_name, applied, image, range_layer, map_layer, channel, attr_method, block,
             progress=gr.Progress()):
     """Every analysis view but Methods for the current image and recipe, at once: an API endpoint
@@ -315,6 +329,7 @@ def refresh(model_name, applied, image, range_layer, map_layer, channel, attr_me
 
 
 @user_errors
+@admitted()
 def show_methods(model_name, applied, image, progress=gr.Progress()):
     """The Methods tab as an API endpoint: after new bits every method quantizes anew (each with its
     own bias fit), over a second of work."""
@@ -322,6 +337,13 @@ def show_methods(model_name, applied, image, progress=gr.Progress()):
         return gr.update(), gr.update()
     req = _request(model_name, applied, image, None, None, None, None, None)
     return tabs.compute(CACHE, req, "methods", _progress(progress))
+
+
+def _layer(layer) -> str | None:
+    """A layer dropdown's value: a name (checked against the model where it is used), or None."""
+    if layer is not None and not isinstance(layer, str):
+        raise ConfigError(f"a layer is named by a string, got {type(layer).__name__}")
+    return layer or None
 
 
 def _channel(channel):
@@ -333,25 +355,36 @@ def _channel(channel):
 
 
 @user_errors
+@admitted()
 def show_ranges(model_name, applied, image, layer):
+    """One layer's channel ranges; without a layer (an API client's first call), the tab's own."""
     sc = views.scene(CACHE, model_name, QuantConfig.from_json(applied), _need_image(image))
+    layer = _layer(layer) or views.default_range_layer(CACHE, sc)
+    if layer is None:
+        raise gr.Error("No layer of this model has a data-free range to show.")
     return views.channel_ranges(CACHE, sc, layer)
 
 
 @user_errors
+@admitted()
 def show_law(model_name, applied, image, layer, channel):
     """The Law tab for another layer (its default channel) or channel: (channel, histogram, scatter, text)."""
     sc = views.scene(CACHE, model_name, QuantConfig.from_json(applied), _need_image(image))
+    layer = _layer(layer) or advisor.default_law_layer(CACHE, sc)
+    if layer is None:
+        raise gr.Error(NO_LAW)
     return advisor.law(CACHE, sc, layer, _channel(channel))
 
 
 @user_errors
+@admitted()
 def show_advisor(model_name, applied, budget, progress=gr.Progress()):
     """The Advisor tab at another budget: (summary, figure, rows); measures first if it has not."""
     return advisor.advisor(CACHE, model_name, QuantConfig.from_json(applied), _budget(budget), _progress(progress))
 
 
 @user_errors
+@admitted()
 def fill_advice(model_name, applied, budget, progress=gr.Progress()):
     """The advice at `budget` as the session's controls, per-layer table and recipe, to be applied
     as an uploaded recipe is. Returns (*controls, table rows, recipe JSON)."""
@@ -363,12 +396,14 @@ def fill_advice(model_name, applied, budget, progress=gr.Progress()):
 
 
 @user_errors
+@admitted()
 def show_error_map(model_name, applied, image, layer, channel):
     sc = views.scene(CACHE, model_name, QuantConfig.from_json(applied), _need_image(image))
     return views.error_map(CACHE, sc, layer, _channel(channel) if layer != "logits" else None)
 
 
 @user_errors
+@admitted()
 def show_attention(model_name, applied, image, block):
     sc = views.scene(CACHE, model_name, QuantConfig.from_json(applied), _need_image(image))
     if not views.is_transformer(sc.qmodel.model):
@@ -377,6 +412,7 @@ def show_attention(model_name, applied, image, block):
 
 
 @user_errors
+@admitted()
 def show_attribution(model_name, applied, image, method, progress=gr.Progress()):
     progress(0.1, desc=f"{method} on both models")
     sc = views.scene(CACHE, model_name, QuantConfig.from_json(applied), _need_image(image))
@@ -397,6 +433,7 @@ def load_recipe(file, model_name):
     config = views.read_recipe(file, (get_upload_folder(),))
     loaded = CACHE.load(model_name)
     check_config(loaded.model, config)   # before the session takes it: a bad recipe leaves it as it was
+    _runnable(model_name, config)
     return (*_controls(config), views.layer_rows(loaded.model, config), config.to_json())
 
 
@@ -412,15 +449,18 @@ def open_link(model_name, request: gr.Request):
         return keep
     try:
         config, example = link_state(CACHE, query, model_name)
+        if config is not None:
+            _runnable(model_name, config)
     except (ConfigError, ModelUnavailableError, KeyError, ValueError) as exc:
-        gr.Warning(views.without_paths(f"This link cannot be opened: {exc}"), title="Bad link",
+        gr.Warning(echo.plain(f"This link cannot be opened: {exc}"), title="Bad link",
                    duration=None)   # stays until closed: the visitor must see why the page is not the link's
         return keep
     out = keep
     if config is not None:
         loaded = CACHE.load(model_name)
         out[:12] = [*_controls(config), views.layer_rows(loaded.model, config), config.to_json(), gr.update(),
-                    f"Restored from the link: `{config.to_json()}`.", config.to_json(indent=2), recipe_file(config)]
+                    f"Restored from the link: {echo.code(config.to_json())}.", config.to_json(indent=2),
+                    recipe_file(config)]
     if example is not None:
         out[8] = example
     out[12:] = [None, "Computing the link's predictions…", True]
@@ -433,12 +473,13 @@ def predict_linked(linked, model_name, applied, image):
 
 
 @user_errors
+@admitted(copies=DEPLOY_COPIES)
 def show_deploy(model_name, applied, image, progress=gr.Progress()):
     config = QuantConfig.from_json(applied)
     try:
         return views.deploy(CACHE, model_name, config, _need_image(image), EXPORTS, _progress(progress))
     except ExportError as exc:
-        raise gr.Error(views.without_paths(f"This recipe cannot be exported to int8: {exc}")) from None
+        raise gr.Error(echo.plain(f"This recipe cannot be exported to int8: {exc}")) from None
 
 
 def warm_up():

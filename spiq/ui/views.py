@@ -7,7 +7,6 @@ same functions. Every model run holds the cache's lock (see `spiq.ui.cache`).
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -253,15 +252,6 @@ def _cell_bool(layer: str, value) -> bool:
     raise ConfigError(f"layer {layer}: skip must be true or false, got {value!r}")
 
 
-# An absolute path: what an error message must not show a remote user (URLs and ratios stay).
-_SERVER_PATH = re.compile(r"(?<![\w.:/])(?:/[\w.@+-]+)*/([\w.@+-]+)/?")
-
-
-def without_paths(message: str) -> str:
-    """`message` with every absolute path cut to its last part, for a public server's errors."""
-    return _SERVER_PATH.sub(lambda m: m.group(1), message)
-
-
 def recipe_digest(config: QuantConfig) -> str:
     return hashlib.sha1(config_key(config).encode()).hexdigest()[:16]
 
@@ -279,7 +269,8 @@ CONTROL_GRANULARITIES = ("method default", *GRANULARITIES)
 def control_bits(label: str, value) -> int:
     """A slider's value as whole bits, naming the control: the API lets anyone send 8.5, NaN or "8"."""
     ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-    if not ok or not float(value).is_integer() or not MIN_BITS <= value <= MAX_BITS:
+    # range first: a huge integer has no float to test for wholeness
+    if not ok or not MIN_BITS <= value <= MAX_BITS or not float(value).is_integer():
         raise ConfigError(f"{label} must be a whole number from {MIN_BITS} to {MAX_BITS}, got {value!r}")
     return int(value)
 
@@ -319,7 +310,12 @@ def config_from_rows(config: QuantConfig, rows) -> QuantConfig:
     """`config` with per-layer overrides wherever a table row differs from the model-wide settings."""
     base = config.replace(overrides={})
     overrides = {}
-    for row in rows:
+    for i, row in enumerate(rows):
+        if not isinstance(row, (list, tuple)) or not all(isinstance(c, (str, int, float, bool, type(None), np.generic))
+                                                      for c in row):
+            raise ConfigError(f"the per-layer table's row {i + 1} must be a list of texts, numbers and booleans")
+        if not isinstance(row[0] if row else None, str):
+            raise ConfigError(f"the per-layer table's row {i + 1} must start with a layer name")
         if len(row) != len(LAYER_TABLE_HEADERS):
             raise ConfigError(f"the layer table needs {len(LAYER_TABLE_HEADERS)} columns "
                               f"({', '.join(LAYER_TABLE_HEADERS)}), got a row of {len(row)}")
@@ -327,7 +323,7 @@ def config_from_rows(config: QuantConfig, rows) -> QuantConfig:
         d = base.for_layer(name)
         ov = {}
         if method != d.method:
-            if method not in METHODS:
+            if not isinstance(method, str) or method not in METHODS:
                 raise ConfigError(f"layer {name}: unknown method {method!r}; choose one of {', '.join(METHODS)}")
             ov["method"] = method
         if (w := _cell_bits(name, "weight bits", wbits)) != d.weight_bits:
@@ -354,9 +350,9 @@ def _kept(cache: ModelCache, name: str, config: QuantConfig, what: str, exports:
     """`make(folder)` once per (model, config) while its files last: the scratch folder deletes the
     least recently used entries, and a result whose files went is made again."""
     folder = exports.entry(key)
-    result = cache.derived(name, config, what, lambda: make(folder))
+    result = cache.derived(name, config, what, lambda: make(folder), locked=False)
     if not all(Path(p).exists() for p in _paths(result)):
-        result = cache.derived(name, config, what, lambda: make(exports.entry(key)), fresh=True)
+        result = cache.derived(name, config, what, lambda: make(exports.entry(key)), fresh=True, locked=False)
     return result
 
 
@@ -370,7 +366,8 @@ def _baselines(cache: ModelCache, name: str, exports: ScratchDir) -> dict[str, s
     from spiq.export import runtime
 
     def make(folder):
-        fp = export.export_onnx(cache.load(name).model, folder / f"{name}_fp32.onnx", quantized=False, batch=1).path
+        with cache.lock:   # the export runs the shared float model
+            fp = export.export_onnx(cache.load(name).model, folder / f"{name}_fp32.onnx", quantized=False, batch=1).path
         return {"ORT FP32": fp,
                 "ORT static int8": runtime.ort_static_int8(fp, folder / f"{name}_ort_static.onnx", cache.calibration(name)),
                 "ORT dynamic int8": runtime.ort_dynamic_int8(fp, folder / f"{name}_ort_dynamic.onnx")}
@@ -393,25 +390,30 @@ def deploy(cache: ModelCache, name: str, config: QuantConfig, image: Image.Image
     export.check_exportable(config)   # before any work
     loaded = cache.load(name)
     x = loaded.preprocess(image)[None]
-    with cache.lock:   # nothing else runs while latencies are measured
-        qmodel = cache.quantized(name, config)
-        step(0.05, "exporting the recipe to ONNX")
-        tag = f"{name}_{config.method}_W{config.weight_bits}A{config.input_bits}_{recipe_digest(config)[:8]}"
-        report = _kept(cache, name, config, "onnx", exports, tag,
-                       lambda folder: export.export_onnx(qmodel, folder / f"{tag}.onnx", batch=1))
-        step(0.2, "ONNX Runtime baselines (float export, quantize_static, quantize_dynamic)")
-        paths = {**_baselines(cache, name, exports), "SPIQ int8" if config.method == "spiq" else
-                 f"{config.method} int8 (spiq export)": report.path}
-        rows = []
-        for i, (variant, path) in enumerate(paths.items()):
-            step(0.4 + 0.1 * i, f"timing {variant}")
-            lat = runtime.session_latency(path, 1, tuple(x.shape[1:]), images=x)
-            rows.append({"variant": variant, "ms": lat.median_ms, "p10": lat.p10_ms, "p90": lat.p90_ms})
-        step(0.85, "int8 vs simulation, layer by layer")
-        session = runtime.ort_session(report.path)
-        real = runtime.run_onnx(session, x)[0]
+    # The shared models run under the lock; ONNX Runtime's quantizers and timings do not hold it, so
+    # other visitors' predictions go on meanwhile (and share the CPU with the timings).
+    qmodel = cache.quantized(name, config)
+    step(0.05, "exporting the recipe to ONNX")
+    tag = f"{name}_{config.method}_W{config.weight_bits}A{config.input_bits}_{recipe_digest(config)[:8]}"
+
+    def export_recipe(folder):
+        with cache.lock:
+            return export.export_onnx(qmodel, folder / f"{tag}.onnx", batch=1)
+    report = _kept(cache, name, config, "onnx", exports, tag, export_recipe)
+    step(0.2, "ONNX Runtime baselines (float export, quantize_static, quantize_dynamic)")
+    paths = {**_baselines(cache, name, exports), "SPIQ int8" if config.method == "spiq" else
+             f"{config.method} int8 (spiq export)": report.path}
+    rows = []
+    for i, (variant, path) in enumerate(paths.items()):
+        step(0.4 + 0.1 * i, f"timing {variant}")
+        lat = runtime.session_latency(path, 1, tuple(x.shape[1:]), images=x)
+        rows.append({"variant": variant, "ms": lat.median_ms, "p10": lat.p10_ms, "p90": lat.p90_ms})
+    step(0.85, "int8 vs simulation, layer by layer")
+    real = runtime.run_onnx(runtime.ort_session(report.path), x)[0]
+    with cache.lock:
         sim = qmodel(x)[0]
         layers = export.layer_sqnr(qmodel, report, x)
+        float_top = int(loaded.model(x)[0].argmax())
     cpu = runtime.cpu_int8_features()
     fp = next(r["ms"] for r in rows if r["variant"] == "ORT FP32")
     static = next(r["ms"] for r in rows if r["variant"] == "ORT static int8")
@@ -421,7 +423,7 @@ def deploy(cache: ModelCache, name: str, config: QuantConfig, image: Image.Image
     text = (f"**{rows[-1]['variant']}**: {mine:.2f} ms per image = {mine / static:.2f}× ORT static int8, "
             f"{mine / fp:.2f}× ORT FP32 (CPU: {cpu}).  \n"
             f"Top-1 on this image: real int8 **{classes[int(real.argmax())]}**, simulation "
-            f"**{classes[int(sim.argmax())]}**, float **{classes[int(loaded.model(x)[0].argmax())]}**; "
+            f"**{classes[int(sim.argmax())]}**, float **{classes[float_top]}**; "
             f"logits SQNR real vs simulation {logit_sqnr:.1f} dB.  \n"
             f"{report.summary()}")
     return plots.deploy_latency(rows, cpu), plots.deploy_parity(layers), text, report.path

@@ -159,3 +159,19 @@ def test_downloaded_torchvision_checkpoints_are_read_as_tensors_only(tmp_path, m
     with pytest.raises(ModelUnavailableError):
         get_spec("resnet18").build()
     assert not marker.exists()
+
+
+def test_registered_models_are_there_inside_the_block_only():
+    from spiq.models import registry
+    from spiq.models.toy import toy_cnn
+
+    spec = registry.ModelSpec("toy_block", "random weights (tests)", lambda: toy_cnn()[0], lambda: None, toy_cnn()[1])
+    before = registry.list_models()
+    with registry.registered(spec):
+        assert registry.list_models() == [*before, "toy_block"] and registry.loadable("toy_block") is None
+    assert registry.list_models() == before
+    with pytest.raises(RuntimeError, match="raised inside"):
+        with registry.registered(spec, only=True):
+            assert registry.list_models() == ["toy_block"]
+            raise RuntimeError("raised inside")
+    assert registry.list_models() == before

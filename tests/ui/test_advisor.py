@@ -99,5 +99,5 @@ def test_the_layer_error_tab_is_drawn_again_once_the_advisor_measured(cache):
 def test_the_advisor_refuses_what_it_cannot_measure(cache):
     text, fig, rows = advisor.advisor(cache, MODEL, QuantConfig(method="calib-minmax"), 4.5)
     assert "calibration images" in text and fig is None and rows == []
-    with pytest.raises(Exception, match="budget must lie"):
+    with pytest.raises(Exception, match="budget must be from 4 to 8 bits in steps of 0.25"):
         handlers.fill_advice(MODEL, APPLIED.to_json(), 9.0)

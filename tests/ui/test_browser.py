@@ -1,4 +1,5 @@
 """The app in a real browser: Debian's Chromium driven by Playwright (no browser download needed)."""
+import json
 import os
 import shutil
 import socket
@@ -6,7 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from urllib.parse import unquote_plus
+from urllib.parse import unquote_plus, urlsplit
 
 import pytest
 from playwright import sync_api
@@ -408,6 +409,27 @@ def test_a_link_restores_the_recipe_and_the_example(app_url):
             assert "/" not in toast.split("'../app.py'")[-1]   # no server path
         browser.close()
     assert not problems, "\n".join(problems)
+
+
+def test_a_hostile_link_is_shown_as_text_never_as_markup(app_url):
+    """A link's recipe echoed into the "Bad link" toast draws no image, link, form or overlay: the
+    visitor reads the payload as text."""
+    from urllib.parse import quote
+
+    payload = ('<img id="pwn-img" src="https://evil.example/x.png"><a id="pwn-a" href="https://evil.example">log in</a>'
+               '<form id="pwn-form"><input type="password"></form><div id="pwn-div" style="position:fixed;inset:0">')
+    requests = []
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page()
+        page.on("request", lambda r: requests.append(r.url))
+        page.goto(f"{app_url}/?recipe={quote(json.dumps({'method': payload}))}", wait_until="domcontentloaded")
+        toast = page.wait_for_function("(document.querySelector('[data-testid=toast-body]') || {}).innerText",
+                                       timeout=60_000).json_value()
+        assert "cannot be opened" in toast and '<img id="pwn-img"' in toast, toast   # the text, as sent
+        assert page.locator("#pwn-img, #pwn-a, #pwn-form, #pwn-div, [data-testid=toast-body] input").count() == 0
+        browser.close()
+    assert not [u for u in requests if urlsplit(u).hostname == "evil.example"]
 
 
 def test_the_fit_note_says_when_a_models_background_images_are_ready(app, monkeypatch, tmp_path):

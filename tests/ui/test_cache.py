@@ -123,7 +123,7 @@ def test_views_on_a_real_image():
         views.error_map(cache, sc, "blocks.2.0.conv_dw", channel=10_000)
 
 
-def test_distilling_a_new_model_leaves_the_shared_lock_to_other_models(monkeypatch, tmp_path):
+def test_distilling_a_new_model_leaves_the_shared_lock_to_other_models(monkeypatch, register, tmp_path):
     import threading
 
     import torchvision
@@ -134,9 +134,8 @@ def test_distilling_a_new_model_leaves_the_shared_lock_to_other_models(monkeypat
 
     monkeypatch.setenv("SPIQ_CACHE", str(tmp_path))   # nothing cached for the new model
     lite0_spec = registry.get_spec("efficientnet_lite0")
-    monkeypatch.setitem(registry._REGISTRY, "cnn", registry.ModelSpec(
-        "cnn", "random weights (tests)", lambda: torchvision.models.resnet18(weights=None).eval(), lambda: None,
-        lite0_spec.preprocess, "random ResNet-18"))
+    register(registry.ModelSpec("cnn", "random weights (tests)", lambda: torchvision.models.resnet18(weights=None).eval(),
+                                lambda: None, lite0_spec.preprocess, "random ResNet-18"))
     started, release = threading.Event(), threading.Event()
 
     def slow_distill(model, n, lo, hi, size=224, *_a, **_k):   # stands in for minutes of distilling
