@@ -8,6 +8,24 @@ MODEL_METHODS = ["spiq", "static-tensor (BN)", "dynamic-tensor", "dynamic-channe
 MODEL_BITS = ["W8A8", "W8A5", "W8A4"]
 
 
+def commit_of(d: dict) -> str:
+    """The checkout a results file was measured at, as bench/common.py's commit() recorded it."""
+    c = d["commit"]
+    return f"`{c.removesuffix('-dirty')}` with uncommitted changes" if c.endswith("-dirty") else f"`{c}`"
+
+
+def measured_at(*runs: dict, labels: list[str] | None = None) -> str:
+    """The sentence naming the commit these results files were measured at; `labels` name each file
+    where they differ."""
+    by: dict[str, list[str]] = {}
+    for i, d in enumerate(runs):
+        by.setdefault(commit_of(d), []).append(labels[i] if labels else "")
+    if len(by) == 1:
+        return f"Measured at commit {next(iter(by))}."
+    each = [f"{c} ({', '.join(names)})" for c, names in by.items()]
+    return "Measured at commits " + ", ".join(each[:-1]) + " and " + each[-1] + "."
+
+
 def _pct(x: float) -> str:
     return f"{x * 100:.1f}"
 
@@ -32,7 +50,8 @@ def models_headline(data: dict[str, dict], bits: str = "W8A4") -> list[str]:
     rows = [[f"`{m.removesuffix(' (BN)')}`"] + [f"{_pct(_row(d, m, bits)['agreement'])} % / "
                                                   f"{_row(d, m, bits)['logit_sqnr_db']:.1f} dB" for d in runs.values()]
             for m in MODEL_METHODS]
-    return _table([f"{bits}, agreement / logit SQNR"] + [m.replace("efficientnet_", "") for m in runs], rows)
+    names = [m.replace("efficientnet_", "") for m in runs]
+    return _table([f"{bits}, agreement / logit SQNR"] + names, rows) + ["", measured_at(*runs.values(), labels=names)]
 
 
 def models(data: dict[str, dict]) -> list:
@@ -41,6 +60,7 @@ def models(data: dict[str, dict]) -> list:
              "`python bench/accuracy.py --model efficientnet_lite1` (and `lite2`) writes `accuracy_<model>.json`; "
              "Lite0's rows come from `accuracy.json`. Same protocol as above: the sample without the calibration "
              "images, defaults with the bias fit. Cells: top-1 % / agreement % / logit SQNR dB.",
+             measured_at(*runs.values(), labels=[m.replace("efficientnet_", "") for m in runs]),
              _table(["model", "float top-1 %"], [[m.replace("efficientnet_", ""), _pct(d["top1_fp"])]
                                                   for m, d in runs.items()])]
     for m, d in runs.items():
@@ -62,7 +82,7 @@ def advise(d: dict) -> list:
             f"EfficientNet-Lite0, SPIQ, 8-bit weights; per-layer input widths from {', '.join(map(str, d['widths']))} "
             "chosen by `spiq advise` under an average-input-bits budget ([advise.md](advise.md)). Every row is scored "
             f"on {d['n_images']} held-out sample images; \"(real)\" rows drive the same search with the 32 calibration "
-            "images instead of distilled ones.",
+            "images instead of distilled ones. " + measured_at(d),
             _table(["recipe", "avg input bits", "predicted SQNR, dB", "top-1 %", "agreement %", "logit SQNR, dB"], rows),
             "Agreement difference in points, with the ~95 % interval of the paired difference, and logit SQNR "
             "difference in dB:", _table(["advised", "against", "agreement", "logit SQNR"], diffs),
@@ -93,7 +113,8 @@ def app_load(d: dict, browser: dict | None = None) -> list:
     return ["## The app under load", "`python bench/app_load.py` writes `app_load.json`: new pages in a real Chromium, "
             "times from navigation to the first prediction's text and plot, with the load from gradio_client "
             "sessions (visitors whose browsers run elsewhere, as on a Space); `--load browser` writes "
-            "`app_load_browser.json`, the load from Chromium pages sharing this machine's 2 cores.",
+            "`app_load_browser.json`, the load from Chromium pages sharing this machine's 2 cores. "
+            + measured_at(*([d, browser] if browser is not None else [d]), labels=["`app_load.json`", "`app_load_browser.json`"]),
             _table(["measure", "measured", "target"], rows),
             *([d["notes"]] if d.get("notes") else []), *([browser["notes"]] if browser and browser.get("notes") else [])]
 
@@ -105,7 +126,7 @@ def background(d: dict) -> list:
     return ["## Background distillation", "`python bench/background.py` writes `background.json`: a visitor's requests "
             "timed while a `spiq distill` child distils at nice 19 and SCHED_IDLE on one thread, as the app's "
             f"background does. Medians of {d['repeats']} requests of each kind, with the child stopped (quiet) and "
-            "running in turn, so both see the same machine.",
+            "running in turn, so both see the same machine. " + measured_at(d),
             _table(["request", "quiet, s", "with the child distilling, s", "slowdown"], rows),
             f"Target: at most {d['target_slowdown'] * 100:.0f} % slower. Load average at the end of the run: {load}."]
 
@@ -118,7 +139,8 @@ def advise_headline(d: dict) -> list[str]:
             f"{u.split()[1]}'s {_pct(rows[u]['agreement'])} % / {rows[u]['logit_sqnr_db']:.1f} dB" for a, u in pairs
             if a in rows and u in rows]
     return ["", f"Per-layer input widths chosen by `spiq advise` from distilled images only (SPIQ, 8-bit weights, "
-                f"{d['n_images']} held-out images): {'; '.join(said)} ([docs/advise.md](docs/advise.md)).", "",
+                f"{d['n_images']} held-out images): {'; '.join(said)} ([docs/advise.md](docs/advise.md); measured at "
+                f"commit {commit_of(d)}).", "",
             "![Agreement and logit SQNR against average input bits, advised and uniform](docs/advise-budgets.svg)"]
 
 
@@ -130,4 +152,4 @@ def app_load_headline(d: dict) -> list[str]:
                 f"{d['busy']['median_plot_s']:.1f} s) while three other sessions keep applying recipes (targets "
                 f"{t['busy_median_text_s']:g} s and {t['busy_median_plot_s']:g} s), and {d['cold_start_text_s']:.1f} s "
                 f"after a cold start (target {t['cold_start_text_s']:g} s) "
-                "([docs/app.md](docs/app.md#latency), `bench/results/app_load.json`)."]
+                f"([docs/app.md](docs/app.md#latency), `bench/results/app_load.json`, measured at commit {commit_of(d)})."]

@@ -64,6 +64,29 @@ def test_a_changed_number_changes_the_page_and_the_readme(tmp_path, monkeypatch,
     assert err.count("\n") == 1 and f"{doc} and {readme} out of date" in err
 
 
+def test_the_page_and_the_readme_say_which_commit_the_numbers_come_from(tmp_path):
+    results = tmp_path / "results"
+    shutil.copytree(results_doc.RESULTS, results)
+    readme = tmp_path / "README.md"
+    shutil.copy(results_doc.README, readme)
+    assert all("commit" in json.loads(p.read_text()) for p in results.glob("*.json"))   # bench/common.py's save()
+    data = json.loads((results / "accuracy.json").read_text())
+    was = f"Measured at commit `{data['commit']}`."
+    out = results_doc.generate(results, tmp_path / "results.md", readme)
+    accuracy_section = out[tmp_path / "results.md"].split("## Accuracy")[1].split("##")[0]
+    assert was in _headline(out[readme]) and was in accuracy_section
+
+    data["commit"] = "abc1234-dirty"   # measured on a checkout with changes not yet committed
+    (results / "accuracy.json").write_text(json.dumps(data))
+    out = results_doc.generate(results, tmp_path / "results.md", readme)
+    now = "Measured at commit `abc1234` with uncommitted changes."
+    accuracy_section = out[tmp_path / "results.md"].split("## Accuracy")[1].split("##")[0]
+    assert now in _headline(out[readme]) and now in accuracy_section and was not in _headline(out[readme])
+    # the int8 line of the headline keeps its own file's commit
+    int8 = json.loads((results / "int8.json").read_text())["commit"]
+    assert f"`bench/results/int8.json`, measured at commit `{int8}`" in _headline(out[readme])
+
+
 def test_the_script_needs_only_the_standard_library():
     for script in (SCRIPT, SCRIPT.with_name("results_more.py")):   # the page's sections live in the second
         tree = ast.parse(script.read_text())
