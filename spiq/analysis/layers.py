@@ -16,7 +16,7 @@ from torch import nn
 from spiq.core.devices import module_device, on_device
 from spiq.core.hooks import run_with_hooks
 from spiq.core.metrics import sqnr_db, tensor_sqnr_db
-from spiq.core.quant import QuantLayer, fake_quant_input, fold_input_scale, quantize_weight
+from spiq.core.quant import Grid, QuantLayer, fake_quant_input, fold_input_scale, quantize_weight
 from spiq.models.vit import is_transformer, vit_graph
 from spiq.methods.liu_intervals import RankPairs
 from spiq.quantize.report import QuantResult
@@ -163,7 +163,7 @@ def channel_ranges(model: nn.Module, qmodel: QuantResult, layer: str, images: to
     per_c = _data_free_range(qmodel, layer, bits, True)
     per_t = _data_free_range(qmodel, layer, bits, False)
     obs = observe(reference_of(model, qmodel), [layer], images)[layer]
-    levels = 2 ** bits - 1
+    levels = Grid.UNSIGNED.levels(bits)[1]
     lo, hi = per_c.lo.to(obs.sample.device), per_c.hi.to(obs.sample.device)   # the law's range, brought to the images
     step = (hi - lo) / levels
     t_step = float((per_t.hi - per_t.lo) / levels)

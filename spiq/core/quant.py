@@ -9,6 +9,7 @@ arithmetic runs in place, faster.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from enum import Enum
 
 import torch
 from torch import nn
@@ -35,14 +36,25 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor | float, zero: torch.Tensor 
     return x + (q - x).detach() if torch.is_grad_enabled() and x.requires_grad else q
 
 
-def weight_levels(bits: int) -> int:
-    return 2 ** (bits - 1) - 1
+class Grid(str, Enum):
+    """The integer codes a quantizer rounds to, and the one place their bounds are computed."""
+    WEIGHT = "weight"       # symmetric signed: -(2^(b-1) - 1) .. 2^(b-1) - 1 (no code without a negation)
+    SIGNED = "signed"       # -2^(b-1) .. 2^(b-1) - 1
+    UNSIGNED = "unsigned"   # 0 .. 2^b - 1, inputs with a zero point
+
+    def levels(self, bits: int) -> tuple[int, int]:
+        """(qmin, qmax) of a `bits`-bit grid."""
+        if self is Grid.UNSIGNED:
+            return 0, 2 ** bits - 1
+        half = 2 ** (bits - 1)
+        return (-(half - 1) if self is Grid.WEIGHT else -half), half - 1
 
 
 def input_scale_zero(rng: Range, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and integer zero point of the grid covering [lo, hi] with 2^bits codes."""
-    scale = ((rng.hi - rng.lo) / (2 ** bits - 1)).float().clamp_min(1e-12)
-    zero = torch.round(-rng.lo / scale).clamp(0, 2 ** bits - 1).to(torch.int32)
+    qmin, qmax = Grid.UNSIGNED.levels(bits)
+    scale = ((rng.hi - rng.lo) / qmax).float().clamp_min(1e-12)
+    zero = torch.round(-rng.lo / scale).clamp(qmin, qmax).to(torch.int32)
     return scale, zero
 
 
@@ -89,7 +101,7 @@ def squant_round(x: torch.Tensor, n: int) -> torch.Tensor:
 def quantize_weight(w: torch.Tensor, bits: int, per_channel: bool, clip: str = "max",
                     rounding: str = "nearest") -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric weight quantization: integer codes and the scale per output channel (or tensor)."""
-    n = weight_levels(bits)
+    n = Grid.WEIGHT.levels(bits)[1]
     flat = w.reshape(w.shape[0], -1) if per_channel else w.reshape(1, -1)
     amax = flat.abs().max(1).values.clamp_min(1e-12)
     if clip == "mse":
@@ -149,7 +161,7 @@ def channel_axis(layer: nn.Module) -> int:
 
 
 def fake_quant_input(x: torch.Tensor, q: InputQuant) -> torch.Tensor:
-    qmax = 2 ** q.bits - 1
+    qmax = Grid.UNSIGNED.levels(q.bits)[1]
     axis = q.axis % x.dim()
     if q.mode == "static":
         if torch.is_grad_enabled() and x.requires_grad:   # the fused kernels carry the straight-through gradient
@@ -176,7 +188,7 @@ class GridQuant(nn.Module):
     simulation has none (a residual branch before its add, the add's output, a pooled tensor)."""
     fx_leaf = True   # traced whole; graph.ops lets a producer search walk through it
 
-    def __init__(self, step: torch.Tensor, zero: torch.Tensor, qmax: int = 255):
+    def __init__(self, step: torch.Tensor, zero: torch.Tensor, qmax: int = Grid.UNSIGNED.levels(8)[1]):
         super().__init__()
         self.qmax = qmax
         self.register_buffer("step", step.float())

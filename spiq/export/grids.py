@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from spiq.core.quant import InputQuant, QuantLayer
+from spiq.core.quant import Grid, InputQuant, QuantLayer
 from spiq.core.tensors import Range, broadcast_input, per_input_channel
 from spiq.export.lower import Op
 from spiq.export.support import ExportError
@@ -16,7 +16,7 @@ from spiq.quantize.layer import bias_shift, plan_layer
 from spiq.quantize.report import QuantReport
 from spiq.ranges.laws import law_moments, range_effect, unknown_input_dist
 
-QMAX = 255                # uint8 activations
+QMAX = Grid.UNSIGNED.levels(8)[1]   # uint8 activations: 255
 DEAD = 1e-6               # a channel whose step is this small against the widest is dead (its range is {0})
 
 

@@ -26,8 +26,9 @@ from torch.nn import functional as F
 
 from spiq.config import MAX_BITS, MIN_BITS, ConfigError, QuantConfig
 from spiq.core.hooks import run_with_hooks
-from spiq.methods.liu_intervals import (RankPairs, Search, Similarity, candidate_bits, choose_bits, fake_quant, levels,
-                                        nuclear_norm, search_intervals)
+from spiq.core.quant import Grid
+from spiq.methods.liu_intervals import (RankPairs, Search, Similarity, candidate_bits, choose_bits, nuclear_norm,
+                                        on_interval, search_intervals)
 from spiq.methods.registry import Method, register
 from spiq.models.vit import BlockNames, VitGraph
 
@@ -91,18 +92,18 @@ class Site:
     search: Search
     bits_a: int
     bits_b: int
-    kind_a: str
-    kind_b: str
+    kind_a: Grid
+    kind_b: Grid
     bias_shift: torch.Tensor | None = None
 
     def quantize_a(self, x: torch.Tensor) -> torch.Tensor:
-        return fake_quant(x, self.search.delta_a, self.kind_a, self.bits_a)
+        return on_interval(x, self.search.delta_a, self.kind_a, self.bits_a)
 
     def quantize_b(self, x: torch.Tensor) -> torch.Tensor:
-        return fake_quant(x, self.search.delta_b, self.kind_b, self.bits_b)
+        return on_interval(x, self.search.delta_b, self.kind_b, self.bits_b)
 
     def weight_codes(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        lo, hi = levels("weight", self.bits_b)
+        lo, hi = Grid.WEIGHT.levels(self.bits_b)
         return torch.clamp(torch.round(w / self.search.delta_b), lo, hi), torch.tensor(self.search.delta_b)
 
 
@@ -166,9 +167,9 @@ class LiuSettings:
 class _Operands:
     """One site's search problem: out = fn(a, b) against the float target."""
     a: torch.Tensor
-    kind_a: str
+    kind_a: Grid
     b: torch.Tensor
-    kind_b: str
+    kind_b: Grid
     fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     target: torch.Tensor
     pairs: RankPairs | None = None   # attention scores: the ranking term's pairs
@@ -206,9 +207,9 @@ class _Searcher:
                 return x @ y.transpose(-2, -1)
 
             pairs = RankPairs.sample(o.k.shape[2], self.s.rank_pairs) if self.s.rank_weight > 0 else None
-            return _Operands(o.q, "signed", o.k, "signed", matmul, o.scores, pairs)
+            return _Operands(o.q, Grid.SIGNED, o.k, Grid.SIGNED, matmul, o.scores, pairs)
         if role == "pv":
-            return _Operands(o.p, "unsigned", o.v, "signed", torch.matmul, o.p @ o.v)
+            return _Operands(o.p, Grid.UNSIGNED, o.v, Grid.SIGNED, torch.matmul, o.p @ o.v)
         a = {"qkv": lambda: o.x[:, self.calib.rows], "proj": lambda: o.attn_out, "fc1": lambda: o.fc1_in,
              "fc2": lambda: o.fc2_in}[role]()
         return self._linear(self.model.get_submodule(site), a)
@@ -220,7 +221,7 @@ class _Searcher:
         def fn(x, w, bias=layer.bias):
             return F.linear(x, w, bias)
 
-        return _Operands(a, "signed", w, "weight", fn, fn(a, w))
+        return _Operands(a, Grid.SIGNED, w, Grid.WEIGHT, fn, fn(a, w))
 
     def site(self, name: str, bits_b: int, bits_a: int) -> Site:
         """Search one site: a layer (weight bits, input bits) or a matmul "<attn>.qk"/"<attn>.pv"."""
@@ -237,7 +238,7 @@ class _Searcher:
             found = search_intervals(op.a, op.kind_a, bits_a, op.b, op.kind_b, bits_b, op.fn, op.target,
                                      self.s.points, self.s.rounds, penalty)
             site = Site(found, bits_a, bits_b, op.kind_a, op.kind_b)
-            if self.s.bias_correction and op.kind_b == "weight":
+            if self.s.bias_correction and op.kind_b == Grid.WEIGHT:
                 out = op.fn(site.quantize_a(op.a), site.quantize_b(op.b))
                 site.bias_shift = (op.target - out).reshape(-1, out.shape[-1]).mean(0)
             self.memo[key] = site

@@ -13,34 +13,25 @@ from typing import Callable
 
 import torch
 
-from spiq.core.quant import InputQuant
-from spiq.core.quant import fake_quant as core_fake_quant
-
-KINDS = ("weight", "signed", "unsigned")
+from spiq.core.quant import Grid, InputQuant, fake_quant
 
 
-def levels(kind: str, bits: int) -> tuple[int, int]:
-    if kind == "weight":
-        return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
-    if kind == "signed":
-        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    return 0, 2 ** bits - 1
-
-
-def max_interval(x: torch.Tensor, kind: str, bits: int) -> float:
+def max_interval(x: torch.Tensor, kind: Grid, bits: int) -> float:
     """The interval that just covers the tensor's largest magnitude: the search's unit."""
-    top = levels(kind, bits)[1]
-    peak = x.max() if kind == "unsigned" else x.abs().max()
+    top = Grid(kind).levels(bits)[1]
+    peak = x.max() if kind == Grid.UNSIGNED else x.abs().max()
     return max(float(peak) / top, 1e-12)
 
 
-def fake_quant(x: torch.Tensor, delta: float, kind: str, bits: int) -> torch.Tensor:
-    return core_fake_quant(x, delta, 0, *levels(kind, bits), arithmetic="divide")
+def on_interval(x: torch.Tensor, delta: float, kind: Grid, bits: int) -> torch.Tensor:
+    """`x` on the zero-centred grid of step `delta` (core's fake quantization, zero point 0)."""
+    return fake_quant(x, delta, 0, *Grid(kind).levels(bits), arithmetic="divide")
 
 
-def input_quant(delta: float, kind: str, bits: int, axis: int = -1) -> InputQuant:
-    """The searched interval as the affine input quantizer the quantized layers run."""
-    zero = 0 if kind == "unsigned" else 2 ** (bits - 1)
+def input_quant(delta: float, kind: Grid, bits: int, axis: int = -1) -> InputQuant:
+    """The searched interval as the affine input quantizer the quantized layers run (unsigned codes:
+    a signed grid's codes shifted by half its range)."""
+    zero = 0 if kind == Grid.UNSIGNED else -Grid.SIGNED.levels(bits)[0]
     return InputQuant("static", bits, False, torch.tensor(delta, dtype=torch.float32),
                       torch.tensor(zero, dtype=torch.int32), axis)
 
@@ -103,7 +94,7 @@ class Search:
     rounds: int
 
 
-def search_intervals(a: torch.Tensor, kind_a: str, bits_a: int, b: torch.Tensor, kind_b: str, bits_b: int,
+def search_intervals(a: torch.Tensor, kind_a: Grid, bits_a: int, b: torch.Tensor, kind_b: Grid, bits_b: int,
                      fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], target: torch.Tensor,
                      points: int = 100, rounds: int = 20,
                      penalty: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Search:
@@ -122,7 +113,7 @@ def search_intervals(a: torch.Tensor, kind_a: str, bits_a: int, b: torch.Tensor,
         return float(s - penalty(out)) if penalty is not None else float(s)
 
     da, db = max_a, max_b
-    aq, bq = fake_quant(a, da, kind_a, bits_a), fake_quant(b, db, kind_b, bits_b)
+    aq, bq = on_interval(a, da, kind_a, bits_a), on_interval(b, db, kind_b, bits_b)
     best = start = objective(aq, bq)
     done = 0
     # Liu et al.'s order: the weight (or second operand) first, with the input fixed. A half-step
@@ -132,9 +123,9 @@ def search_intervals(a: torch.Tensor, kind_a: str, bits_a: int, b: torch.Tensor,
         search_b = step % 2 == 0
         done += search_b
         if search_b:
-            scores = [objective(aq, fake_quant(b, g * max_b, kind_b, bits_b)) for g in grid]
+            scores = [objective(aq, on_interval(b, g * max_b, kind_b, bits_b)) for g in grid]
         else:
-            scores = [objective(fake_quant(a, g * max_a, kind_a, bits_a), bq) for g in grid]
+            scores = [objective(on_interval(a, g * max_a, kind_a, bits_a), bq) for g in grid]
         k = max(range(len(grid)), key=scores.__getitem__)
         if scores[k] <= best:
             if step > 0:
@@ -143,10 +134,10 @@ def search_intervals(a: torch.Tensor, kind_a: str, bits_a: int, b: torch.Tensor,
         best = scores[k]
         if search_b:
             db = grid[k] * max_b
-            bq = fake_quant(b, db, kind_b, bits_b)
+            bq = on_interval(b, db, kind_b, bits_b)
         else:
             da = grid[k] * max_a
-            aq = fake_quant(a, da, kind_a, bits_a)
+            aq = on_interval(a, da, kind_a, bits_a)
     return Search(da, db, max_a, max_b, best, start, done)
 
 

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from spiq.config import LayerSettings, QuantConfig
-from spiq.core.quant import InputQuant, QuantLayer, channel_axis, input_scale_zero, make_weights
+from spiq.core.quant import Grid, InputQuant, QuantLayer, channel_axis, input_scale_zero, make_weights
 from spiq.core.tensors import Range, broadcast_input, per_input_channel
 from spiq.methods.liu import LiuPlan, Site
-from spiq.methods.liu_intervals import input_quant, levels
+from spiq.methods.liu_intervals import input_quant
 from spiq.methods.registry import LayerInput, Method
 from spiq.quantize.prepared import Prepared
 from spiq.quantize.report import LayerReport, QuantReport
@@ -139,7 +139,7 @@ def _take_searched(q: nn.Module, name: str, layer: nn.Module, method: Method, si
             layer.bias = nn.Parameter(codes.new_zeros(codes.shape[0]), requires_grad=False)
         layer.bias.data = layer.bias.data + site.bias_shift
     inq = input_quant(site.search.delta_a, site.kind_a, site.bits_a, channel_axis(layer))
-    lo, hi = levels(site.kind_a, site.bits_a)
+    lo, hi = Grid(site.kind_a).levels(site.bits_a)
     rng = Range(torch.tensor(lo * site.search.delta_a), torch.tensor(hi * site.search.delta_a))
     q.set_submodule(name, QuantLayer(layer, inq, codes, w_scale, False, name))
     return LayerReport(method.name, site.bits_a, site.bits_b, False, rng, "calibration")

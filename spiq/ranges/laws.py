@@ -27,7 +27,7 @@ from spiq.graph.ops import ACT, ADD, GLOBAL_POOL, MAXPOOL, MUL, PASSTHROUGH, POO
 from spiq.graph.trace import ModelGraph
 from spiq.config import TAIL_MODELS
 from spiq.core.hooks import run_with_hooks
-from spiq.core.quant import fake_quant
+from spiq.core.quant import Grid, fake_quant
 from spiq.core.tensors import Range, broadcast_input
 
 
@@ -317,7 +317,7 @@ def sigma_range(d: Dist, n: float, per_channel: bool) -> Range:
 def clip_samples(x: torch.Tensor, w: torch.Tensor, bits: int, per_channel: bool,
                  clip_penalty: float = 1.0, n_candidates: int = 96, sums: _SortedSamples | None = None) -> Range:
     """Range search over weighted samples x (C, K), weights w (K,) (`sums`: their prefix sums, if known)."""
-    levels = 2 ** bits - 1
+    levels = Grid.UNSIGNED.levels(bits)[1]
     x_lo = x.min(1).values.clamp_max(0)
     x_hi = x.max(1).values.clamp_min(0)
     r = torch.logspace(-2.5, 0, n_candidates, device=x.device)
@@ -356,8 +356,9 @@ def quantized_samples(d: Dist, rng: Range, bits: int) -> tuple[torch.Tensor, tor
     """The law's samples x (C, K), their weights, and q(x) on the grid of `rng` at `bits`."""
     x, w = d.samples()
     lo, hi = (rng.lo, rng.hi) if rng.per_channel else (rng.lo.expand(x.shape[0]), rng.hi.expand(x.shape[0]))
-    step = ((hi - lo) / (2 ** bits - 1))[:, None]
-    return x, w, fake_quant(x, step, torch.round(-lo[:, None] / step), 0, 2 ** bits - 1, arithmetic="divide")
+    qmin, qmax = Grid.UNSIGNED.levels(bits)
+    step = ((hi - lo) / qmax)[:, None]
+    return x, w, fake_quant(x, step, torch.round(-lo[:, None] / step), qmin, qmax, arithmetic="divide")
 
 
 @dataclass(frozen=True)

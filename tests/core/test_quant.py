@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import spiq
-from spiq.core.quant import QuantLayer, weight_levels
+from spiq.core.quant import Grid, QuantLayer
 
 LAYERS = ["conv_stem", "blocks.1.0.conv_dw", "blocks.2.1.conv_pw", "blocks.4.1.conv_pwl", "classifier"]
 
@@ -30,7 +30,7 @@ def test_simulation_equals_integer_arithmetic(lite0, sample, method, wbits, abit
         layer: QuantLayer = q.model.get_submodule(name)
         assert layer.folded == (method == "spiq")
         codes = layer.weight_codes
-        assert codes.abs().max() <= weight_levels(wbits) and torch.equal(codes, codes.round())
+        assert codes.abs().max() <= Grid.WEIGHT.levels(wbits)[1] and torch.equal(codes, codes.round())
         bias = layer.layer.bias.detach().clone()
         with torch.no_grad():
             full = layer(xs[name])

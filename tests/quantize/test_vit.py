@@ -118,12 +118,12 @@ def test_interval_search_ends_at_a_coordinate_optimum(calibrations):
 
     found = liu.search_intervals(a, "signed", 4, w, "weight", 4, fn, fn(a, w), points=40)
     sim = liu.Similarity(fn(a, w))
-    aq, wq = liu.fake_quant(a, found.delta_a, "signed", 4), liu.fake_quant(w, found.delta_b, "weight", 4)
+    aq, wq = liu.on_interval(a, found.delta_a, "signed", 4), liu.on_interval(w, found.delta_b, "weight", 4)
     assert math.isclose(float(sim(fn(aq, wq))), found.score, rel_tol=1e-6)
     assert found.score > found.max_score and found.delta_a != found.max_a
     for g in torch.linspace(0.5, 1.2, 40).tolist():
-        assert float(sim(fn(aq, liu.fake_quant(w, g * found.max_b, "weight", 4)))) <= found.score + 1e-7
-        assert float(sim(fn(liu.fake_quant(a, g * found.max_a, "signed", 4), wq))) <= found.score + 1e-7
+        assert float(sim(fn(aq, liu.on_interval(w, g * found.max_b, "weight", 4)))) <= found.score + 1e-7
+        assert float(sim(fn(liu.on_interval(a, g * found.max_a, "signed", 4), wq))) <= found.score + 1e-7
 
 
 def test_pearson_search_beats_max_intervals_on_held_out_images(prepared, calibrations):
