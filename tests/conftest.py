@@ -201,3 +201,40 @@ def toy_model(register) -> str:
     register(registry.ModelSpec(TOY_CNN, "random weights (tests)", lambda: toy_cnn()[0], lambda: None, toy_cnn()[1],
                                 "toy CNN", ()))
     return TOY_CNN
+
+
+def load_script(path: Path):
+    """A script of the repository (bench/, tests/: not packages) loaded by path, as it runs."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_serving(proc, port: int, output, timeout: float = 240) -> None:
+    """Return once `proc` (app.py) accepts connections on `port`; fail with the end of its output
+    (`output()`) if it exits or does not serve within `timeout` s."""
+    import socket
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"app.py exited: {output()[-2000:]}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.3)
+    proc.kill()
+    pytest.fail(f"app.py did not serve within {timeout:g} s")

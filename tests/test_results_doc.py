@@ -1,24 +1,15 @@
 """docs/results.md and the README's headline table are generated from bench/results/*.json by bench/results_doc.py."""
 import ast
-import importlib.util
 import json
 import shutil
 import sys
 from pathlib import Path
 
+from conftest import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "results_doc.py"
-
-
-def _load():
-    # bench/ is not a package: load the script by path, as CI runs it
-    spec = importlib.util.spec_from_file_location("results_doc", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-results_doc = _load()
+results_doc = load_script(SCRIPT)
 
 
 def _headline(readme_text: str) -> str:

@@ -1,23 +1,16 @@
 """The quantized numbers are pinned: a change that moves any recipe's logits fails here until
 tests/quantize/fingerprint.json is rewritten with it (see fingerprint.py)."""
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from conftest import load_script
+
 SCRIPT = Path(__file__).with_name("fingerprint.py")
 
 
-def _load():
-    # tests/ is not a package: the module is loaded by path, as `python tests/quantize/fingerprint.py` runs it
-    spec = importlib.util.spec_from_file_location("fingerprint", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-fingerprint = _load()
+fingerprint = load_script(SCRIPT)   # as `python tests/quantize/fingerprint.py` runs it
 
 
 def test_the_stored_fingerprint_covers_every_cnn_method_at_each_width(lite0):

@@ -2,7 +2,6 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -11,6 +10,8 @@ from urllib.parse import unquote_plus, urlsplit
 
 import pytest
 from playwright import sync_api
+
+from conftest import free_port, wait_serving
 
 # A real browser against a served app: the slow tier.
 pytestmark = pytest.mark.slow
@@ -22,32 +23,14 @@ PLOTS = {"Story": ["story-plot"], "Channel ranges": ["ranges-plot"], "Law vs rea
          "Attribution": ["attr-plot"], "Methods": ["methods-plot"], "Deploy": [], "Recipe": []}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app_url():
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False"}
     proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"app.py exited: {proc.stdout.read()}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("app.py did not start serving within 90 s")
-    yield url
+    wait_serving(proc, port, lambda: proc.stdout.read(), timeout=90)
+    yield f"http://127.0.0.1:{port}"
     proc.terminate()
     proc.wait(timeout=20)
 

@@ -7,13 +7,14 @@ leaves is what that folder holds, and the processes it leaves are those whose en
 """
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from conftest import free_port, wait_serving
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -144,34 +145,14 @@ def test_the_sweep_keeps_live_owners_and_tells_a_reused_pid_apart(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, other.name, "spiq-999999999-1-link"])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_serving(proc: subprocess.Popen, port: int, log: Path, timeout: float = 240) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"app.py exited: {log.read_text()[-2000:]}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.3)
-    proc.kill()
-    pytest.fail(f"app.py did not serve within {timeout} s")
-
-
 @pytest.mark.slow   # the real app: ~15 s to start on an idle machine, a minute on a busy one
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["Ctrl-C", "SIGTERM"])
 def test_the_app_exits_cleanly_on_ctrl_c_and_sigterm(tmp, sig):
-    port = _free_port()
+    port = free_port()
     log = tmp.parent / "app.log"   # a file, not a pipe: nothing reads the app's output while it runs
     with log.open("w") as out:
         proc = _spawn(["app.py"], tmp, cwd=ROOT, env={"GRADIO_SERVER_PORT": str(port)}, stdout=out, stderr=out)
-    _wait_serving(proc, port, log)
+    wait_serving(proc, port, log.read_text)
     assert [p.name for p in tmp.glob("spiq-*")] != []   # its scratch, while it runs
     proc.send_signal(sig)
     proc.wait(timeout=30)
