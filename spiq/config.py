@@ -8,6 +8,8 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 
+from spiq.core.errors import SpiqError
+
 GRANULARITIES = ("channel", "tensor")
 # Tail laws of BN-implied pre-activations (spiq.ranges): Gaussian, Laplace, Student t with k dof.
 TAIL_MODELS = ("gauss", "laplace", "t3", "t4", "t6", "t8", "t10")
@@ -21,7 +23,7 @@ CONFIG_VERSION = 1   # of the recipe's JSON form; from_dict reads a recipe witho
 _JSON_STRING = re.compile(r'"(?:\\.|[^"\\])*"')
 
 
-class ConfigError(ValueError):
+class ConfigError(SpiqError, ValueError):
     """A configuration field is missing, unknown, or out of range."""
 
 

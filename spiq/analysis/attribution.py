@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
+from spiq.core.errors import AnalysisError
 from spiq.core.devices import module_device
 from spiq.core.hooks import forward_hooks
 from spiq.graph.ops import GLOBAL_POOL, op_kind
@@ -41,7 +42,7 @@ def last_stage(model: nn.Module) -> str:
                 src = src.args[0]
             if src.op == "call_module":
                 return src.target
-    raise ValueError(f"{type(model).__name__}: no global pooling found to place Grad-CAM at")
+    raise AnalysisError(f"{type(model).__name__}: no global pooling found to place Grad-CAM at")
 
 
 def attribute(model: nn.Module, x: torch.Tensor, target: int, method: str = "integrated-gradients",

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from spiq.core.errors import AnalysisError, UnknownNameError
 from spiq.analysis.layers import reference_of
 from spiq.core.hooks import run_with_hooks
 from spiq.core.tensors import Range
@@ -63,12 +64,12 @@ def law_of(qmodel: QuantResult, layer: str) -> Dist:
     prop = report.propagation
     if prop is None or layer not in prop.inputs:
         if prop is not None and layer not in prop.fallbacks:
-            raise KeyError(f"{layer!r} is not a quantizable layer of this model")
+            raise UnknownNameError(f"{layer!r} is not a quantizable layer of this model")
         reason = prop.fallbacks[layer] if prop is not None else "no graph analysis"
-        raise ValueError(f"{layer}: no data-free law to compare with ({reason})")
+        raise AnalysisError(f"{layer}: no data-free law to compare with ({reason})")
     law = prop.inputs[layer]
     if law.use_bounds:
-        raise ValueError(f"{layer} reads the normalised image: its range is the input's bounds, not a law "
+        raise AnalysisError(f"{layer} reads the normalised image: its range is the input's bounds, not a law "
                          f"predicted from BatchNorm statistics")
     return law
 
@@ -95,7 +96,7 @@ def law_vs_reality(qmodel: QuantResult, images: torch.Tensor, layer: str, channe
         widest = int((per_c.hi - per_c.lo).argmax())
         channel = int(clipped.argmax()) if float(clipped.max()) > 0 else widest
     if not 0 <= channel < law.channels:
-        raise ValueError(f"{layer} has input channels 0 to {law.channels - 1}; got {channel}")
+        raise AnalysisError(f"{layer} has input channels 0 to {law.channels - 1}; got {channel}")
     x, w = law.samples()
     mean, std = law.moments()
     applied = report.layers[layer].range if layer in report.layers else None

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from spiq.core.errors import AnalysisError, UnknownNameError
 from spiq.core.devices import module_device, on_device
 from spiq.core.hooks import run_with_hooks
 from spiq.core.metrics import sqnr_db, tensor_sqnr_db
@@ -155,11 +156,11 @@ def channel_ranges(model: nn.Module, qmodel: QuantResult, layer: str, images: to
     """Per-channel vs per-tensor input ranges of `layer` and how the images fill them."""
     report = qmodel.report
     if layer not in report.layers:
-        raise KeyError(f"{layer!r} is not a quantized layer of this model")
+        raise UnknownNameError(f"{layer!r} is not a quantized layer of this model")
     bits = report.layers[layer].input_bits
     dist = report.propagation.inputs.get(layer) if report.propagation else None
     if dist is None:
-        raise ValueError(f"{layer}: no data-free law (its producer could not be analysed)")
+        raise AnalysisError(f"{layer}: no data-free law (its producer could not be analysed)")
     per_c = _data_free_range(qmodel, layer, bits, True)
     per_t = _data_free_range(qmodel, layer, bits, False)
     obs = observe(reference_of(model, qmodel), [layer], images)[layer]
@@ -284,7 +285,7 @@ def token_grid(y: torch.Tensor) -> torch.Tensor:
     while side > 0 and tokens - side * side > 8:
         side -= 1
     if side == 0:
-        raise ValueError(f"{tokens} tokens do not hold a square grid of patches")
+        raise AnalysisError(f"{tokens} tokens do not hold a square grid of patches")
     return y[tokens - side * side:].t().reshape(y.shape[1], side, side)
 
 
@@ -315,7 +316,7 @@ def error_maps(model: nn.Module, qmodel: QuantResult, x: torch.Tensor, layers: l
     layers = layers or convs
     unknown = [n for n in layers if n not in convs]
     if unknown:
-        raise KeyError(f"not quantized layers with a spatial output: {', '.join(unknown)}")
+        raise UnknownNameError(f"not quantized layers with a spatial output: {', '.join(unknown)}")
     last = convs[-1]
     wanted = set(layers) | {last}
     ref_out, q_out = _capture(reference, wanted, x), _capture(qmodel.model, wanted, x)
@@ -356,11 +357,11 @@ def attention_maps(model: nn.Module, qmodel: QuantResult, x: torch.Tensor, block
     """
     graph = vit_graph(qmodel.model)
     if graph is None:
-        raise ValueError("attention maps are for vision transformers; this model has no attention")
+        raise AnalysisError("attention maps are for vision transformers; this model has no attention")
     x = x.unsqueeze(0) if x.dim() == 3 else x
     blocks = graph.blocks
     if not -len(blocks) <= block < len(blocks):
-        raise ValueError(f"the model has blocks 0 to {len(blocks) - 1}; got {block}")
+        raise AnalysisError(f"the model has blocks 0 to {len(blocks) - 1}; got {block}")
     chosen = blocks[block].attn
     taps = [f"{b.attn}.scores" for b in blocks] + [f"{chosen}.p_in"]
     ref, quant = _capture(reference_of(model, qmodel), taps, x), _capture(qmodel.model, taps, x)

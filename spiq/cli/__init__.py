@@ -8,12 +8,8 @@ import argparse
 import sys
 
 from spiq.cli import advise, distill, evaluate, export, report, sweep
-from spiq.cli.common import UsageError
-from spiq.config import ConfigError
+from spiq.core.errors import SpiqError
 from spiq.core.memory import keep_freed_memory
-from spiq.export.onnx import ExportError
-from spiq.models.data import DatasetError, ImageError
-from spiq.models.registry import ModelUnavailableError
 
 VERBS = (evaluate, sweep, export, advise, distill, report)
 
@@ -37,9 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()
     try:
         return args.func(args)
-    except (ConfigError, DatasetError, ImageError, UsageError, ModelUnavailableError, ExportError, KeyError) as exc:
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"spiq: error: {msg}", file=sys.stderr)
+    except SpiqError as exc:   # any other exception is a bug, and keeps its traceback
+        print(f"spiq: error: {exc}", file=sys.stderr)
         return 2
 
 

@@ -10,6 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from spiq.core.errors import SpiqError
 from spiq.config import ConfigError, QuantConfig, read_recipe_text
 
 
@@ -17,7 +18,7 @@ IMAGES_HELP = ("labelled folder: <synset>_*.jpg files, <synset>/ subfolders, ILS
                "LOC_val_solution.csv, or ILSVRC2012_devkit_t12.tar.gz + ILSVRC2012_img_val.tar (docs/cli.md)")
 
 
-class UsageError(ValueError):
+class UsageError(SpiqError, ValueError):
     """A command line that cannot work: an output path that cannot be written, a bad file."""
 
 

@@ -1,6 +1,7 @@
 """What the int8 export can write: its error, and the check of a recipe before any work."""
 from __future__ import annotations
 
+from spiq.core.errors import SpiqError
 from spiq.methods.registry import METHODS, get_method
 
 SUPPORTED = ("Conv2d, Linear, ReLU, ReLU6, SiLU, Hardswish, GELU, Sigmoid, Tanh, Hardsigmoid, residual add, "
@@ -8,7 +9,7 @@ SUPPORTED = ("Conv2d, Linear, ReLU, ReLU6, SiLU, Hardswish, GELU, Sigmoid, Tanh,
 NO_VIT = "int8 ONNX export handles convolutional networks; vision transformers are not exported yet"
 
 
-class ExportError(ValueError):
+class ExportError(SpiqError, ValueError):
     """The model or its quantization has no int8 ONNX form. Nothing was written."""
 
 

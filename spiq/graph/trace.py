@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from torch import fx, nn
 
+from spiq.core.errors import SpiqError
 from spiq.graph.ops import BATCHNORMS, PASSTHROUGH, QUANTIZABLE, TIMM_BATCHNORM_ACTS, TIMM_POOLS, op_kind
 
 LEAF_TYPES = QUANTIZABLE + BATCHNORMS + (nn.LayerNorm, nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.MaxPool2d, nn.Dropout,
@@ -47,7 +48,7 @@ class LeafTracer(fx.Tracer):
         return super().getattr(attr, attr_val, parameter_proxy_cache)
 
 
-class GraphError(RuntimeError):
+class GraphError(SpiqError, RuntimeError):
     """The model could not be traced into a graph."""
 
 

@@ -30,7 +30,7 @@ from spiq.core.quant import Grid
 from spiq.methods.liu_intervals import (RankPairs, Search, Similarity, candidate_bits, choose_bits, nuclear_norm,
                                         on_interval, search_intervals)
 from spiq.methods.registry import Method, register
-from spiq.models.vit import BlockNames, VitGraph
+from spiq.models.vit import BlockNames, TransformerError, VitGraph
 
 NAME = "liu-ptq"
 SEARCH_OPTIONS = ("search_points", "search_rounds", "search_tokens", "rank_pairs")
@@ -110,7 +110,7 @@ class Site:
 def patches(images: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """A patch embedding's input as the linear sees it: (S, patches, C·k·k) rows."""
     if conv.kernel_size != conv.stride or any(conv.padding) or conv.groups != 1:
-        raise ValueError("the patch embedding must be a conv whose kernel equals its stride, unpadded")
+        raise TransformerError("the patch embedding must be a conv whose kernel equals its stride, unpadded")
     return F.unfold(images, conv.kernel_size, stride=conv.stride).transpose(1, 2)
 
 

@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from spiq.config import ConfigError
 from spiq.core.quant import Grid, InputQuant, fake_quant
 
 
@@ -174,7 +175,7 @@ def choose_bits(costs: dict[str, dict[int, float]], sizes: dict[str, int], budge
         best = nxt
     if not best:
         low = min(min(c) for c in costs.values())
-        raise ValueError(f"a budget of {budget_bits} bits is below the smallest candidate ({low} bits)")
+        raise ConfigError(f"mixed_precision: a budget of {budget_bits} bits is below the smallest candidate ({low} bits)")
     used = cap if cap in best else max(best)
     return dict(zip(names, best[used][1]))
 

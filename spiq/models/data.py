@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from spiq.core.errors import SpiqError
+
 IMAGENET_SYNSETS: list[str] = resources.files("spiq.models").joinpath("imagenet_synsets.txt").read_text().split()
 
 
@@ -36,11 +38,11 @@ MAX_SIDE = 16_384
 MAX_ASPECT = 20
 
 
-class ImageError(ValueError):
+class ImageError(SpiqError, ValueError):
     """An input that is not a usable image."""
 
 
-class DatasetError(ValueError):
+class DatasetError(SpiqError, ValueError):
     """An image folder that cannot be evaluated."""
 
 

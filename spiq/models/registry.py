@@ -16,10 +16,11 @@ from typing import Callable, Iterator, NamedTuple
 import torch
 from torch import nn
 
+from spiq.core.errors import SpiqError, UnknownNameError
 from spiq.models.data import IMAGENET_CLASSES, Preprocess
 
 
-class ModelUnavailableError(RuntimeError):
+class ModelUnavailableError(SpiqError, RuntimeError):
     """The model's weights are neither embedded nor cached, and could not be downloaded."""
 
 
@@ -72,7 +73,7 @@ def get_spec(name: str) -> ModelSpec:
 
         close = difflib.get_close_matches(name, _REGISTRY, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise KeyError(f"unknown model {name!r}.{hint} Known models: {', '.join(_REGISTRY)}") from None
+        raise UnknownNameError(f"unknown model {name!r}.{hint} Known models: {', '.join(_REGISTRY)}") from None
 
 
 def availability(name: str) -> str | None:

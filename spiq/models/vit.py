@@ -16,13 +16,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from spiq.core.errors import SpiqError
 from spiq.core.quant import ActQuant
 
 # The operands of the two attention matmuls, as TapAttention names them.
 MATMUL_SITES = ("q_in", "k_in", "p_in", "v_in")
 
 
-class TransformerError(ValueError):
+class TransformerError(SpiqError, ValueError):
     """A transformer whose structure the quantizer does not know."""
 
 

@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from spiq.config import ConfigError
 from spiq.core.hooks import forward_hooks
 
 STEPS = 300
@@ -58,7 +59,7 @@ def distill_images(model: nn.Module, n: int, input_lo: torch.Tensor, input_hi: t
     touched. The loss is the sum of `batchnorm_gap` over every BN.
     """
     if not has_batchnorm(model):
-        raise ValueError(f"{type(model).__name__} has no BatchNorm2d to distill images from")
+        raise ConfigError(f"{type(model).__name__} has no BatchNorm2d to distill images from")
     net = copy.deepcopy(model).eval()
     for p in net.parameters():
         p.requires_grad_(False)

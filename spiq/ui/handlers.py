@@ -14,11 +14,11 @@ import time
 import gradio as gr
 from gradio.utils import get_upload_folder
 
+from spiq.core.errors import SpiqError
 from spiq.config import ConfigError, QuantConfig
 from spiq.core.memory import keep_freed_memory
 from spiq.export.onnx import ExportError
-from spiq.models.data import ImageError
-from spiq.models.registry import ModelUnavailableError, get_spec, list_models, loadable
+from spiq.models.registry import get_spec, list_models, loadable
 from spiq.quantize.api import check_config, methods_for
 from spiq.ui import advisor, echo, limits, tabs, views
 from spiq.ui.background import FAILED, BackgroundDistiller
@@ -65,9 +65,8 @@ def user_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, ImageError, ModelUnavailableError, KeyError, ValueError) as exc:
-            msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-            raise gr.Error(echo.plain(msg)) from None
+        except SpiqError as exc:   # any other exception is a bug: Gradio shows a generic error
+            raise gr.Error(echo.plain(exc)) from None
     return wrapper
 
 
@@ -228,7 +227,7 @@ def _request(model_name, applied, image, range_layer, map_layer, channel, attr_m
              law_layer=None, law_channel=None) -> tabs.Request:
     return tabs.Request(model_name, QuantConfig.from_json(applied), image, tabs.image_digest(image), range_layer,
                         map_layer, _channel(channel), attr_method or "grad-cam",
-                        None if block is None else int(block), _budget(budget), law_layer, _channel(law_channel))
+                        _block(block), _budget(budget), law_layer, _channel(law_channel))
 
 
 def _budget(budget) -> float:
@@ -349,9 +348,17 @@ def _layer(layer) -> str | None:
 def _channel(channel):
     if channel is None or channel == "":
         return None
-    if float(channel) != int(channel):
-        raise ValueError(f"channel must be a whole number, got {channel}")
+    if isinstance(channel, bool) or not isinstance(channel, (int, float)) or not float(channel).is_integer():
+        raise ConfigError(f"channel must be a whole number, got {str(channel)[:40]!r}")
     return int(channel)
+
+
+def _block(block):
+    if block is None:
+        return None
+    if isinstance(block, bool) or not isinstance(block, (int, float)) or not float(block).is_integer():
+        raise ConfigError(f"block must be a whole number, got {str(block)[:40]!r}")
+    return int(block)
 
 
 @user_errors
@@ -408,7 +415,7 @@ def show_attention(model_name, applied, image, block):
     sc = views.scene(CACHE, model_name, QuantConfig.from_json(applied), _need_image(image))
     if not views.is_transformer(sc.qmodel.model):
         raise gr.Error(NO_ATTENTION)
-    return views.attention(CACHE, sc, int(block))
+    return views.attention(CACHE, sc, _block(block))
 
 
 @user_errors
@@ -451,7 +458,7 @@ def open_link(model_name, request: gr.Request):
         config, example = link_state(CACHE, query, model_name)
         if config is not None:
             _runnable(model_name, config)
-    except (ConfigError, ModelUnavailableError, KeyError, ValueError) as exc:
+    except SpiqError as exc:
         gr.Warning(echo.plain(f"This link cannot be opened: {exc}"), title="Bad link",
                    duration=None)   # stays until closed: the visitor must see why the page is not the link's
         return keep

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from spiq.core.errors import UnknownNameError
 from spiq.config import QuantConfig
 from spiq.ui import advisor, views
 from spiq.ui.cache import ModelCache, config_key
@@ -54,7 +55,7 @@ class Request:
 
     def key(self, tab: str) -> tuple:
         if tab not in TABS:
-            raise ValueError(f"unknown view {tab!r}; the views are {', '.join(TABS)}")
+            raise UnknownNameError(f"unknown view {tab!r}; the views are {', '.join(TABS)}")
         return (self.model, config_key(self.config), self.digest, tab,
                 *(getattr(self, o) for o in OPTIONS.get(tab, ())))
 

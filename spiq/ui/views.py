@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from spiq.core.errors import AnalysisError, UnknownNameError
 from spiq.analysis import layers as analysis
 
 from spiq.ui import plots
@@ -116,12 +117,15 @@ LAYER_ERROR_HEADERS = ["layer", "isolated dB", "propagated dB", "clip-only dB", 
 
 def error_map(cache: ModelCache, sc: Scene, layer: str, channel: int | None = None):
     """|y − ŷ| of one conv (or token) layer, or of the "logits", over the image the model sees."""
+    if layer != "logits" and layer not in sc.map_layers:
+        raise UnknownNameError(f"{layer!r} is not a layer with a spatial output; the error map shows "
+                               f"logits or {', '.join(sc.map_layers[:3])}…")
     target = [layer] if layer != "logits" else sc.map_layers[-1:]
     if channel is not None:
         out = sc.qmodel.model.get_submodule(target[0]).layer
         c = out.out_channels if isinstance(out, nn.Conv2d) else out.out_features
         if not 0 <= channel < c:
-            raise ValueError(f"{target[0]} has channels 0 to {c - 1}; got {channel}")
+            raise AnalysisError(f"{target[0]} has channels 0 to {c - 1}; got {channel}")
     with cache.lock:
         maps = analysis.error_maps(sc.loaded.model, sc.qmodel, sc.x, target, channel)
     if layer == "logits" and "logits" not in maps:   # a transformer's head reads the class token only
