@@ -162,11 +162,12 @@ def predictions(cmp) -> Figure:
     The one figure drawn with matplotlib, as a still image: the page shows it as soon as it is
     drawn, where a plotly figure would first wait for plotly's 4.4 MB script to load and compile."""
     fig = Figure(figsize=(4.6, 4.3), dpi=100)
-    fig.subplots_adjust(left=0.37, right=0.97, top=0.86, bottom=0.11, hspace=0.35)
+    # no figure title: the plot's label ("Top-5, float vs quantized") covers the image's top left
+    fig.subplots_adjust(left=0.37, right=0.97, top=0.9, bottom=0.11, hspace=0.35)
     axes = fig.subplots(2, 1, sharex=True)
-    fig.suptitle(f"Top-5 (logit SQNR {cmp.logit_sqnr:.1f} dB)", fontsize=11)
-    for ax, (p, color, title) in zip(axes, ((cmp.float, FLOAT, "float"), (
-            cmp.quant, BAD if cmp.flipped else QUANT, "quantized" + (" — top-1 flipped" if cmp.flipped else "")))):
+    quant_title = f"quantized, logit SQNR {cmp.logit_sqnr:.1f} dB" + (" — top-1 flipped" if cmp.flipped else "")
+    for ax, (p, color, title) in zip(axes, ((cmp.float, FLOAT, "float"),
+                                            (cmp.quant, BAD if cmp.flipped else QUANT, quant_title))):
         bars = ax.barh(range(len(p.probs)), p.probs[::-1], color=color)
         ax.bar_label(bars, labels=[f"{v:.0%}" for v in p.probs[::-1]], padding=2, fontsize=8)
         ax.set_yticks(range(len(p.probs)), labels=[_short(c) for c in p.classes[::-1]], fontsize=8)
@@ -329,9 +330,10 @@ def law_vs_reality(lv) -> tuple[go.Figure, go.Figure]:
     span = [min(edges[0], t_lo), max(edges[-1], t_hi)]
     pad = 0.03 * (span[1] - span[0])
     hist.update_layout(
-        title=f"{lv.layer}, input channel {lv.channel} ({lv.bits} bits): clipped {100 * lv.clipped_spiq:.2f} % by "
-              f"SPIQ's range [{s_lo:.3g}, {s_hi:.3g}], {100 * lv.clipped_tensor:.2f} % by the per-tensor range "
-              f"[{t_lo:.3g}, {t_hi:.3g}]", legend_orientation="h", bargap=0, height=460)
+        # two short lines: the figure shares the width with the spread scatter (half of 1280 px)
+        title=f"{lv.layer}, input channel {lv.channel} ({lv.bits} bits)<br><sup>clipped {100 * lv.clipped_spiq:.2f} % "
+              f"by SPIQ [{s_lo:.3g}, {s_hi:.3g}], {100 * lv.clipped_tensor:.2f} % per tensor "
+              f"[{t_lo:.3g}, {t_hi:.3g}]</sup>", legend_orientation="h", bargap=0, height=460)
     hist.update_xaxes(title_text="input value", range=[span[0] - pad, span[1] + pad])
     hist.update_yaxes(title_text="values per bin (log)", type="log", range=[np.log10(0.5), np.log10(top * 2)])
     return hist, _spread_scatter(lv)
@@ -352,8 +354,8 @@ def _spread_scatter(lv) -> go.Figure:
         go.Scatter(x=line, y=line, mode="lines", name="observed = predicted", line=dict(color=TENSOR, dash="dash")),
         go.Scatter(x=[pred[c]], y=[obs[c]], mode="markers", name=f"channel {c}",
                    marker=dict(color=QUANT, size=14, symbol="star", line=dict(width=1, color="black")))])
-    fig.update_layout(title=f"{lv.layer}: every input channel's spread, law against this image "
-                            f"(below the line: the law is wider than the image)", legend_orientation="h", height=460)
+    fig.update_layout(title=f"{lv.layer}: each input channel's spread<br><sup>the law against this image (below the "
+                            "line: the law is wider)</sup>", legend_orientation="h", height=460)
     fig.update_xaxes(title_text="predicted std (BatchNorm law)", type="log")
     fig.update_yaxes(title_text="observed std (this image)", type="log")
     return fig

@@ -452,6 +452,38 @@ def _trace_names(page, elem_id: str) -> list:
     return page.eval_on_selector(f"#{elem_id} .js-plotly-plot", "el => (el._fullData || []).map(t => t.name)")
 
 
+# Each drawn plotly figure's title lines that reach past its own box: cut off at the page's edge
+# or under the neighbouring figure.
+TITLES_OUTSIDE = """() => [...document.querySelectorAll('.js-plotly-plot')].filter(p => p.offsetParent).flatMap(p => {
+    const box = p.getBoundingClientRect();
+    return [...p.querySelectorAll('.gtitle, .g-gtitle text')].filter(t => {
+        const r = t.getBoundingClientRect();
+        return r.width > 0 && (r.left < box.left - 1 || r.right > box.right + 1);
+    }).map(t => t.textContent);
+})"""
+
+
+def test_every_figure_title_fits_a_1280_px_page(app):
+    """At 1280x720 the figures' titles are whole: the Law tab's two figures share the width, and
+    the predictions figure carries no title of its own under the plot's label."""
+    _, url = app
+    problems = []
+    with sync_api.sync_playwright() as p:
+        browser, page = _open_app(p, url, problems)
+        page.set_viewport_size({"width": 1280, "height": 720})
+        page.wait_for_function(PREDICTED, timeout=90_000)
+        for tab, plots in (("Story", ["story-plot"]), ("Channel ranges", ["ranges-plot"]),
+                           ("Law vs reality", ["law-plot", "spread-plot"]),
+                           ("Layer error", ["sqnr-plot", "breakdown-plot", "fold-plot"])):
+            page.get_by_role("tab", name=tab).click()
+            for plot in plots:
+                assert _plot_traces(page, plot) > 0, (tab, plot)
+            page.wait_for_timeout(500)   # plotly's relayout to the tab's width
+            assert page.evaluate(TITLES_OUTSIDE) == [], tab
+        browser.close()
+    assert not problems, "\n".join(problems)
+
+
 def test_law_and_advisor_views(app):
     """Law vs reality draws its two figures for the default layer and any channel; the Advisor
     measures, follows the budget, fills the per-layer table with its widths and applies them, and
