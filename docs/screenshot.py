@@ -55,11 +55,11 @@ def take(url: str, out: Path) -> None:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
         page = browser.new_page(viewport={"width": WIDTH, "height": HEIGHT})
         page.goto(url, wait_until="domcontentloaded")
-        page.wait_for_selector("#pred-plot .js-plotly-plot", timeout=90_000)
+        page.wait_for_function("(document.querySelector('#pred-plot img') || {}).naturalWidth > 0", timeout=90_000)
         # The plot element appears before the first prediction fills it: wait for the summary too.
         page.wait_for_function("(document.querySelector('#pred-text') || {}).innerText?.includes('logit SQNR')",
                                timeout=90_000)
-        page.wait_for_timeout(1000)   # plotly's transition into the final bars
+        page.wait_for_timeout(1000)   # the page settles
         page.screenshot(path=str(out))
         browser.close()
 
