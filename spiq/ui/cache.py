@@ -230,6 +230,13 @@ class ModelCache:
         n = bias_images_for(config, self.load(name).model)
         return not n or self.prepared(name, config).images_ready(n)
 
+    def check_fit(self, name: str, config: QuantConfig) -> None:
+        """Raise unless config's bias fit can run here: its images ready, or distilled on demand."""
+        if not self.distill_inline and not self.fit_ready(name, config):
+            n = bias_images_for(config, self.load(name).model)
+            raise ConfigError(f"bias_images: the {n} bias-fit images of {name} are not distilled on this server; "
+                              "untick Bias fit (bias_images 0), or make them with `spiq distill`")
+
     def distill(self, name: str, config: QuantConfig, progress: Callable[[float, str], None] | None = None) -> bool:
         """Make the images config's bias fit needs, if they are not ready, without the shared lock:
         minutes for a model whose images neither ship nor are cached, during which other models'
@@ -242,9 +249,7 @@ class ModelCache:
         prepared = self.prepared(name, config)
         if prepared.images_ready(n):
             return False
-        if not self.distill_inline:
-            raise ConfigError(f"bias_images: the {n} bias-fit images of {name} are not distilled on this server; "
-                              "untick Bias fit (bias_images 0), or make them with `spiq distill`")
+        self.check_fit(name, config)
         with self.lock:   # copied while no request has hooks on the shared model
             model_lock = self._distilling.setdefault(name, threading.Lock())
             private = copy.deepcopy(loaded.model)

@@ -20,6 +20,7 @@ from spiq.core.memory import keep_freed_memory
 from spiq.export.onnx import ExportError
 from spiq.models.registry import get_spec, list_models, loadable
 from spiq.quantize.api import check_config, methods_for
+from spiq.quantize.biasfit import bias_images_for
 from spiq.ui import advisor, echo, limits, tabs, views
 from spiq.ui.background import FAILED, BackgroundDistiller
 from spiq.ui.cache import ModelCache
@@ -121,13 +122,10 @@ def _runnable(model_name: str, config: QuantConfig) -> QuantConfig:
     """`config` if the public app runs it on `model_name` now, before any work and before a session
     takes it: its fields within the app's limits, its bias-fit images already distilled."""
     limits.check_recipe(config)
-    if config.bias_images != 0 and not CACHE.fit_ready(model_name, config):
-        if _fit_waits(model_name) and config.bias_images is None:
-            raise ConfigError(f"Bias-fit images for {model_name} are still being distilled in the background. "
-                              "Untick Bias fit to apply now; the note under it says when the fit is ready.")
-        raise ConfigError(f"bias_images: the public app fits biases on the distilled images it has for "
-                          f"{model_name} (8, once distilled); this recipe asks for {config.bias_images}. Untick Bias "
-                          "fit, or run the recipe locally")
+    if config.bias_images is None and _fit_waits(model_name):
+        raise ConfigError(f"Bias-fit images for {model_name} are still being distilled in the background. "
+                          "Untick Bias fit to apply now; the note under it says when the fit is ready.")
+    CACHE.check_fit(model_name, config)
     return config
 
 
@@ -154,9 +152,10 @@ def admitted(images: int = VIEW_IMAGES, copies: int = 3):
     return decorate
 
 
-def _recipe_images(config: QuantConfig) -> int:
-    """Images quantizing `config` runs at once: its bias fit's, or a batch of calibration images."""
-    fit = config.bias_images if config.bias_images is not None else 8
+def _recipe_images(model_name: str, config: QuantConfig) -> int:
+    """Images quantizing `config` runs at once: its bias fit's, or a batch of calibration images
+    (`run_with_hooks` observes 16 at a time)."""
+    fit = bias_images_for(config, CACHE.load(model_name).model)
     return max(1, fit, 16 if config.needs_calibration else 0)
 
 
@@ -198,7 +197,7 @@ def apply(model_name, applied, method, wbits, abits, wgran, igran, bias_fit, row
     config = _runnable(model_name, _config_from_controls(applied, method, wbits, abits, wgran, igran, bias_fit, rows))
     loaded = CACHE.load(model_name)
     progress(0, desc="quantizing")
-    with _work(model_name, _recipe_images(config)):
+    with _work(model_name, _recipe_images(model_name, config)):
         CACHE.quantized(model_name, config, _progress(progress))
     note = f"Applied {echo.code(config.to_json())}"
     fig, text = (None, NO_IMAGE)
@@ -217,7 +216,7 @@ def predict(model_name, applied, image):
     config = QuantConfig.from_json(applied)
     # a recipe not quantized yet (a link's) is work like Apply's; a cached one is a forward pass
     work = (contextlib.nullcontext() if CACHE.has_quantized(model_name, config)
-            else _work(model_name, _recipe_images(config)))
+            else _work(model_name, _recipe_images(model_name, config)))
     with work, CACHE.lock.urgent():   # before the next step of anyone's views
         sc = views.scene(CACHE, model_name, config, image)
         return views.predictions(CACHE, sc)
@@ -226,8 +225,8 @@ def predict(model_name, applied, image):
 def _request(model_name, applied, image, range_layer, map_layer, channel, attr_method, block, budget=None,
              law_layer=None, law_channel=None) -> tabs.Request:
     return tabs.Request(model_name, QuantConfig.from_json(applied), image, tabs.image_digest(image), range_layer,
-                        map_layer, _channel(channel), attr_method or "grad-cam",
-                        _block(block), _budget(budget), law_layer, _channel(law_channel))
+                        map_layer, _whole("channel", channel), attr_method or "grad-cam",
+                        _whole("block", block), _budget(budget), law_layer, _whole("channel", law_channel))
 
 
 def _budget(budget) -> float:
@@ -345,20 +344,14 @@ def _layer(layer) -> str | None:
     return layer or None
 
 
-def _channel(channel):
-    if channel is None or channel == "":
+def _whole(what: str, value) -> int | None:
+    """A channel or block number as a client sent it: empty, or a whole number named when it is not."""
+    if value is None or value == "":
         return None
-    if isinstance(channel, bool) or not isinstance(channel, (int, float)) or not float(channel).is_integer():
-        raise ConfigError(f"channel must be a whole number, got {str(channel)[:40]!r}")
-    return int(channel)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+        raise ConfigError(f"{what} must be a whole number, got {str(value)[:40]!r}")
+    return int(value)
 
-
-def _block(block):
-    if block is None:
-        return None
-    if isinstance(block, bool) or not isinstance(block, (int, float)) or not float(block).is_integer():
-        raise ConfigError(f"block must be a whole number, got {str(block)[:40]!r}")
-    return int(block)
 
 
 @user_errors
@@ -380,7 +373,7 @@ def show_law(model_name, applied, image, layer, channel):
     layer = _layer(layer) or advisor.default_law_layer(CACHE, sc)
     if layer is None:
         raise gr.Error(NO_LAW)
-    return advisor.law(CACHE, sc, layer, _channel(channel))
+    return advisor.law(CACHE, sc, layer, _whole("channel", channel))
 
 
 @user_errors
@@ -406,7 +399,7 @@ def fill_advice(model_name, applied, budget, progress=gr.Progress()):
 @admitted()
 def show_error_map(model_name, applied, image, layer, channel):
     sc = views.scene(CACHE, model_name, QuantConfig.from_json(applied), _need_image(image))
-    return views.error_map(CACHE, sc, layer, _channel(channel) if layer != "logits" else None)
+    return views.error_map(CACHE, sc, layer, _whole("channel", channel) if layer != "logits" else None)
 
 
 @user_errors
@@ -415,7 +408,7 @@ def show_attention(model_name, applied, image, block):
     sc = views.scene(CACHE, model_name, QuantConfig.from_json(applied), _need_image(image))
     if not views.is_transformer(sc.qmodel.model):
         raise gr.Error(NO_ATTENTION)
-    return views.attention(CACHE, sc, _block(block))
+    return views.attention(CACHE, sc, _whole("block", block))
 
 
 @user_errors
