@@ -1,6 +1,6 @@
 """Accuracy of every method at every bit width on the real ImageNet sample (EfficientNet-Lite0 by default).
 
-    python bench/accuracy.py [--model efficientnet_lite1,efficientnet_lite2] [--limit N]
+    python -m bench.accuracy [--model efficientnet_lite1,efficientnet_lite2] [--limit N]
                              [--methods "spiq,static-tensor (BN)"] [--bits W8A4,W8A8]
 
 Writes bench/results/accuracy.json and accuracy.md for EfficientNet-Lite0 (the tables in the
@@ -21,7 +21,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from common import SAMPLE_DIR, machine, save
+from bench.common import SAMPLE_DIR, machine, save
 
 import spiq
 from spiq.analysis.evaluate import calibration_split, evaluate, load_images, logits, paired_difference

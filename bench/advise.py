@@ -1,6 +1,6 @@
 """Mixed-precision recipes advised from distilled images, against uniform widths, on real images.
 
-    python bench/advise.py [--limit N] [--budgets 4.0,4.5,5.0,6.0] [--widths 3,4,5,6,8] [--no-real]
+    python -m bench.advise [--limit N] [--budgets 4.0,4.5,5.0,6.0] [--widths 3,4,5,6,8] [--no-real]
 
 The advisor (`spiq advise`: the data-free sensitivity table, then an exact dynamic programme over
 additive noise) picks per-layer input widths from 3,4,5,6,8 for SPIQ with 8-bit weights under an
@@ -21,14 +21,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from common import SAMPLE_DIR, machine, save
+from bench.common import SAMPLE_DIR, machine, save
 
 import spiq
 from spiq.analysis.advise import advise
 from spiq.analysis.evaluate import calibration_split, load_images, logits, paired_difference
 from spiq.analysis.sensitivity import predicted_sqnr_db, sensitivity
 from spiq.core.metrics import mean_logit_sqnr_db
-from spiq.quantize.prepared import prepare
+from spiq.quantize.memo import Memo
 
 UNIFORM = (4, 5, 6, 8)
 CURVE = Path(__file__).resolve().parents[1] / "docs" / "advise-budgets.svg"
@@ -123,21 +123,21 @@ def main(argv=None) -> int:  # long: one linear run of the benchmark, saved afte
     calib, images, labels = images[calib_idx], images[held_out], labels[held_out]
     fp_logits = logits(loaded.model, images)
     base = spiq.QuantConfig(method="spiq", weight_bits=8, input_bits=4)
-    prepared = prepare(loaded, base)
+    memo = Memo(loaded)
     rows, agrees = {}, {}
     data = {"model": "efficientnet_lite0", "n_images": len(labels), "widths": widths, "machine": machine(),
             "top1_fp": (fp_logits.argmax(1) == labels).float().mean().item(), "rows": [], "differences": [],
             "calibration": "32 images drawn (seed 0) from the sample, as bench/accuracy.py; every row scored on the others"}
 
     def run(label, config, extra):
-        q = spiq.quantize(loaded, config, prepared=prepared)
+        q = spiq.quantize(loaded, config, memo=memo)
         rows[label], agrees[label] = score(label, q, images, labels, fp_logits, extra)
         data["rows"] = list(rows.values())
         data["differences"] = differences(rows, agrees)
         save("advise", data, markdown(data))
 
     start = time.time()
-    table = sensitivity(loaded, base, sorted(set(widths) | set(UNIFORM)), prepared=prepared)
+    table = sensitivity(loaded, base, sorted(set(widths) | set(UNIFORM)), memo=memo)
     data["seconds_sensitivity"] = time.time() - start
     data["sensitivity"] = [vars(r) for r in table]
     for b in UNIFORM:
@@ -149,7 +149,7 @@ def main(argv=None) -> int:  # long: one linear run of the benchmark, saved afte
         run(f"advised {budget:.1f} (distilled)", adv.config, {"budget": budget, **adv.to_dict()})
     if not args.no_real:
         start = time.time()
-        real = sensitivity(loaded, base, widths, images=calib, prepared=prepared)
+        real = sensitivity(loaded, base, widths, images=calib, memo=memo)
         data["seconds_sensitivity_real"] = time.time() - start
         data["sensitivity_real"] = [vars(r) for r in real]
         for budget in budgets:

@@ -1,6 +1,6 @@
 """How fast the app answers, measured end to end through its HTTP API (2 threads, EfficientNet-Lite0).
 
-    python bench/app_latency.py [--repeats R]
+    python -m bench.app_latency [--repeats R]
 
 - cold start: `python app.py` launched until the first page is served;
 - re-quantize: bits or method changed, new predictions back (the /apply endpoint);
@@ -20,7 +20,7 @@ import sys
 import time
 import urllib.request
 
-from common import ROOT, machine, save
+from bench.common import ROOT, machine, save
 
 TARGETS = {"cold_start_s": 20.0, "requantize_s": 1.0, "refresh_s": 3.0, "memory_growth_mb": 200.0}
 
@@ -88,6 +88,7 @@ def main(argv=None) -> int:
         _stop(proc)
 
 
+# long: every measured path in the order a visitor takes them, each timed where it happens
 def _measure(client, handle_file, pid: int, t_cold: float, args) -> int:
     table = {"headers": [], "data": []}
     cat = handle_file(str(ROOT / "assets" / "cat.jpg"))

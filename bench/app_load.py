@@ -1,6 +1,6 @@
 """How long a new visitor waits for the first prediction, in a real Chromium against `python app.py`.
 
-    python bench/app_load.py [--pages N] [--busy-sessions S] [--chromium PATH]
+    python -m bench.app_load [--pages N] [--busy-sessions S] [--chromium PATH]
 
 - cold start: a fresh server process, from its first answer to the first prediction text of a
   page opened at that moment (and from `python app.py` to that answer: the server computes the
@@ -29,7 +29,7 @@ import sys
 import time
 import urllib.request
 
-from common import ROOT, machine, save
+from bench.common import ROOT, machine, save
 
 TARGETS = {"busy_median_text_s": 2.0, "busy_median_plot_s": 4.0, "cold_start_text_s": 5.0}
 # Records, at the first animation frame they hold, when the prediction text and the plot (a still
@@ -46,13 +46,13 @@ BITS = list(itertools.product((8, 7, 6, 5, 4), (8, 7, 6, 5, 4, 3)))
 BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _start(port: int) -> tuple[subprocess.Popen, float]:
+def start_app(port: int) -> tuple[subprocess.Popen, float]:
     """`python app.py` on `port`; returns when it first answers: (process, perf_counter at that moment)."""
     env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False"}
     proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
@@ -138,7 +138,7 @@ async def _measure(args, port: int) -> dict:
         browser = await p.chromium.launch(executable_path=args.chromium, args=BROWSER_ARGS)
         # (c) cold start: the page opens the moment the fresh server first answers
         launched = time.perf_counter()
-        proc, answered = _start(port)
+        proc, answered = start_app(port)
         try:
             page_text, _ = await _visit(browser, url)
             cold = time.perf_counter() - answered
@@ -182,7 +182,7 @@ def main(argv=None) -> int:
     p.add_argument("--notes", default="", help="what else the machine was doing")
     args = p.parse_args(argv)
 
-    r = asyncio.run(_measure(args, _free_port()))
+    r = asyncio.run(_measure(args, free_port()))
     met = {"busy_median_text_s": r["busy"]["median_text_s"] <= TARGETS["busy_median_text_s"],
            "busy_median_plot_s": r["busy"]["median_plot_s"] <= TARGETS["busy_median_plot_s"],
            "cold_start_text_s": r["cold_start_text_s"] <= TARGETS["cold_start_text_s"]}

@@ -1,6 +1,6 @@
 """The public app's memory under hostile load: heavy visitors and heavy links against `python app.py`.
 
-    python bench/app_memory.py [--visitors 4] [--links 2] [--seconds 180]
+    python -m bench.app_memory [--visitors 4] [--links 2] [--seconds 180]
 
 - `--visitors` gradio_client sessions each apply, one after another, new recipes with the heaviest
   work the public app allows (bias fit on its 8 distilled images, calib-mse on the examples, every
@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 from urllib.parse import quote
 
-from app_load import BROWSER_ARGS, _free_port, _start
-from common import ROOT, machine, save
+from bench.app_load import BROWSER_ARGS, free_port, start_app
+from bench.common import ROOT, machine, save
 
 # The Space has 16 GB: the server, its caches and every visitor's work together must stay under this.
 BOUND_GB = 8.0
@@ -130,6 +130,7 @@ async def _links(chromium: str, url: str, pages: int, stop: threading.Event, ope
         await browser.close()
 
 
+# long: one run: the server, its hostile visitors and links, the memory sampled throughout, saved at the end
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--visitors", type=int, default=4)
@@ -140,8 +141,8 @@ def main(argv=None) -> int:
     p.add_argument("--notes", default="")
     args = p.parse_args(argv)
 
-    port = _free_port()
-    proc, _ = _start(port)
+    port = free_port()
+    proc, _ = start_app(port)
     url = f"http://127.0.0.1:{port}/"
     samples, stop, sampling = [], threading.Event(), threading.Event()
 

@@ -1,6 +1,6 @@
 """How much the app's background distillation slows a visitor's requests (target: at most 20 %).
 
-    python bench/background.py [--repeats R]
+    python -m bench.background [--repeats R]
 
 The app distils the other models' bias-fit images after start, one `spiq distill` child at a time
 at nice 19 and SCHED_IDLE on one thread (`spiq.ui.background`). Here a child of that same class distils 16
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from common import ROOT, machine, save
+from bench.common import ROOT, machine, save
 
 from spiq.config import QuantConfig
 from spiq.ui import views

@@ -1,6 +1,6 @@
 """Real int8 speed and accuracy: SPIQ exported to ONNX against ONNX Runtime's own quantizers.
 
-    python bench/int8.py [--limit N] [--runs R] [--threads T]
+    python -m bench.int8 [--limit N] [--runs R] [--threads T]
 
 EfficientNet-Lite0, CPU, `--threads` intra-op threads (default 2), batch 1 and 16. Latency is
 the median of `--runs` timed runs per variant (after warm-up), interleaved across variants in
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from common import SAMPLE_DIR, machine, save
+from bench.common import SAMPLE_DIR, machine, save
 
 import spiq
 from spiq import export as ex
@@ -63,6 +63,7 @@ def main(argv=None) -> int:
         return run(argv, Path(tmp))
 
 
+# long: one bench, step by step: export every variant, then parity, latency and targets, saved at the end
 def run(argv, tmp: Path) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--limit", type=int, help="evaluate top-1 on the first N images (default: all)")

@@ -1,6 +1,6 @@
 """Where the whole model loses, by layer group: each group's inputs quantized alone, every method.
 
-    python bench/layer_groups.py [--wbits 8] [--abits 5] [--limit N]
+    python -m bench.layer_groups [--wbits 8] [--abits 5] [--limit N]
 
 EfficientNet-Lite0 on the ImageNet sample. For each group of layers (the stem, the pointwise
 expansions that read the residual stream, the depthwise convs, the projections, the head, the
@@ -18,7 +18,7 @@ import sys
 import torch
 from tqdm import tqdm
 
-from common import SAMPLE_DIR, machine, save
+from bench.common import SAMPLE_DIR, machine, save
 
 import spiq
 from spiq.config import LayerOverride

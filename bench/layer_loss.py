@@ -1,6 +1,6 @@
 """Where a quantized model loses, layer by layer: input clipping, input rounding, or the weights.
 
-    python bench/layer_loss.py [--method spiq] [--wbits 8] [--abits 4] [--images 32]
+    python -m bench.layer_loss [--method spiq] [--wbits 8] [--abits 4] [--images 32]
 
 For each layer, the output SQNR (dB) on real images with one error source at a time (the layer
 isolated, float inputs). For SPIQ the weight column includes the cost of folding the per-channel
@@ -14,7 +14,7 @@ from dataclasses import asdict
 
 import torch
 
-from common import SAMPLE_DIR, save
+from bench.common import SAMPLE_DIR, save
 
 import spiq
 from spiq.analysis.layers import layer_breakdown

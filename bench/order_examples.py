@@ -1,6 +1,6 @@
 """Order the app's example images: first one that shows SPIQ's point at first sight.
 
-    python bench/order_examples.py [--bits 4]
+    python -m bench.order_examples [--bits 4]
 
 For every image in assets/: the float model's top-1 and how clear it is, and at W8A<bits> whether
 SPIQ keeps that top-1 while static per-tensor (the DFQ-style baseline) flips it or loses at
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from common import ROOT, machine, save
+from bench.common import ROOT, machine, save
 
 import spiq
 from spiq.analysis.examples import CLEAR_MARGIN, MIN_GAP_DB, example_order, score_example

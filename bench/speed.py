@@ -1,6 +1,6 @@
 """Time of the SPIQ simulation against the float model over the image sample (2 threads).
 
-    python bench/speed.py [--limit N] [--repeats R]
+    python -m bench.speed [--limit N] [--repeats R]
 
 SPIQ is static: its per-channel input scales are fixed and folded into the weights, so the
 simulation costs one fused fake-quant per layer input. Dynamic methods compute ranges per sample.
@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from common import SAMPLE_DIR, machine, save
+from bench.common import SAMPLE_DIR, machine, save
 
 import spiq
 from spiq.analysis.evaluate import load_images

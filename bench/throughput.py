@@ -1,7 +1,7 @@
 """Images per second of `spiq evaluate` (decoding, the float model and, for SPIQ, the quantized one
 on each batch) with 0 and 2 DataLoader workers, and the time a 50,000-image evaluation would take.
 
-    python bench/throughput.py [--limit N] [--batch-size B] [--device auto|cpu|cuda] [--workers 0,2]
+    python -m bench.throughput [--limit N] [--batch-size B] [--device auto|cpu|cuda] [--workers 0,2]
 
 Runs on a GPU when one is present (--device auto). The quantization itself (once per recipe, on
 the CPU) is timed apart, not counted in the images per second. The machine's load average is
@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from common import SAMPLE_DIR, machine, save
+from bench.common import SAMPLE_DIR, machine, save
 
 import spiq
 from spiq.analysis.evaluate import evaluate_folder

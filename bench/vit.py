@@ -1,7 +1,7 @@
 """Vision transformers: Liu et al.'s PTQ and SPIQ's LayerNorm ranges against per-tensor and dynamic baselines.
 
-    python bench/vit.py [--models deit_small_patch16_224,deit_base_patch16_224] [--limit N]
-    python bench/vit.py --toy [--toy-size tiny|small]   # random weights: mechanics and cost, offline
+    python -m bench.vit [--models deit_small_patch16_224,deit_base_patch16_224] [--limit N]
+    python -m bench.vit --toy [--toy-size tiny|small]   # random weights: mechanics and cost, offline
 
 Reproduces the cells of Liu et al. (NeurIPS 2021) for DeiT-S and DeiT-B (W8A8, W6A6, mixed
 precision at 8 and 6 average bits) on the ImageNet sample, beside SPIQ, static per-tensor and
@@ -21,7 +21,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from common import SAMPLE_DIR, machine, save
+from bench.common import SAMPLE_DIR, machine, save
 
 import spiq
 from spiq.core.metrics import tensor_sqnr_db

@@ -125,11 +125,11 @@ SENSITIVITY_WIDTHS = (4, 8)
 
 @pytest.fixture(scope="session")
 def lite0_sensitivity(lite0_loaded):
-    """(table, the files opened while it was measured, the images it was measured on, prepared)."""
+    """(table, the files opened while it was measured, the images it was measured on, its memo)."""
     from PIL import Image
 
     from spiq.analysis.sensitivity import sensitivity
-    from spiq.quantize.prepared import prepare
+    from spiq.quantize.memo import Memo
 
     config = spiq.QuantConfig(**SENSITIVITY_CONFIG)
     opened, real_open = [], Image.open
@@ -140,22 +140,28 @@ def lite0_sensitivity(lite0_loaded):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Image, "open", spy)
-        prepared = prepare(lite0_loaded, config)
-        images = prepared.distilled_images(8)[:4]
-        table = sensitivity(lite0_loaded, config, SENSITIVITY_WIDTHS, images=images, prepared=prepared)
-    return table, opened, images, prepared
+        memo = Memo(lite0_loaded)
+        images = memo.distilled_images(8)[:4]
+        table = sensitivity(lite0_loaded, config, SENSITIVITY_WIDTHS, images=images, memo=memo)
+    return table, opened, images, memo
 
 
 def without_fit_images(monkeypatch, cache, name: str) -> None:
-    """The app's cache as if model `name` had never been prepared: bias-fit images another test
+    """The app's cache as if model `name` had never been quantized: bias-fit images another test
     found are forgotten (restored after the test)."""
-    monkeypatch.setattr(cache, "_prepared", {k: v for k, v in cache._prepared.items() if k[0] != name})
+    from spiq.core.lru import LRU
+
+    kept = LRU()
+    for other in cache._memos:
+        if other != name:
+            kept[other] = cache._memos[other]
+    monkeypatch.setattr(cache, "_memos", kept)
 
 
 def cache_fit_images(loaded) -> None:
     """What `spiq distill --model NAME` leaves in the cache for `loaded` (in 3 optimisation steps, not 300)."""
     from spiq.quantize import distill
-    from spiq.quantize.prepared import distill_bounds
+    from spiq.quantize.memo import distill_bounds
 
     lo, hi, size = distill_bounds(loaded.preprocess)
     pixels = distill.to_pixels(distill.distill_images(loaded.model, 8, lo, hi, size, steps=3), lo, hi)
@@ -204,7 +210,7 @@ def toy_model(register) -> str:
 
 
 def load_script(path: Path):
-    """A script of the repository (bench/, tests/: not packages) loaded by path, as it runs."""
+    """A script under tests/ (not a package) loaded by path, as it runs; bench/ is a package: import bench.<name>."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(path.stem, path)

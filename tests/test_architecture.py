@@ -1,11 +1,15 @@
 """The package's shape: imports go one way between layers (docs/architecture.md), no cycle between
-modules (lazy imports included), and no private name used across modules."""
+modules (lazy imports included), and no private name used across modules. The same rules hold for
+`bench/`, the benchmarks, a layer above the whole of `spiq`."""
 import ast
 from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "spiq"
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "spiq"
+# The packages these rules cover: the library, and the benchmarks (run as `python -m bench.<name>`).
+PACKAGES = ["spiq", "bench"]
 # Lowest first. A module may import its own layer and the layers below it, never one above.
 LAYERS = [
     {"spiq.config", "spiq.core"},
@@ -19,13 +23,20 @@ LAYERS = [
     {"spiq.analysis"},
     {"spiq.ui"},
     {"spiq", "spiq.cli", "spiq.__main__"},
+    {"bench"},
 ]
+WHOLE = {"bench"}   # packages that are one layer, every module of them in it
+
+
+def files_of(package: str) -> list[Path]:
+    """The package's modules; the library's also count app.py, which lays out the app."""
+    return sorted((ROOT / package).rglob("*.py")) + ([ROOT / "app.py"] if package == "spiq" else [])
 
 
 def layer_of(module: str) -> int:
     parts = module.split(".")
     for i, names in enumerate(LAYERS):
-        if ".".join(parts[:2]) in names or module in names:
+        if ".".join(parts[:2]) in names or module in names or (parts[0] in WHOLE and parts[0] in names):
             return i
     raise AssertionError(f"{module} is in no layer: add it to LAYERS and docs/architecture.md")
 
@@ -37,20 +48,20 @@ def module_name(path: Path) -> str:
 
 
 def imports_of(path: Path) -> list[tuple[str, list[str], int]]:
-    """(module, names, line) of every import of spiq in the file, at any depth (lazy ones too)."""
+    """(module, names, line) of every import of spiq or bench in the file, at any depth (lazy ones too)."""
     out = []
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and node.module.split(".")[0] == "spiq":
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and node.module.split(".")[0] in PACKAGES:
             out.append((node.module, [a.name for a in node.names], node.lineno))
         elif isinstance(node, ast.ImportFrom) and node.level > 0:
-            raise AssertionError(f"{path}:{node.lineno}: relative import; spiq imports by full name")
+            raise AssertionError(f"{path}:{node.lineno}: relative import; imports are by full name")
         elif isinstance(node, ast.Import):
-            out += [(a.name, [], node.lineno) for a in node.names if a.name.split(".")[0] == "spiq"]
+            out += [(a.name, [], node.lineno) for a in node.names if a.name.split(".")[0] in PACKAGES]
     return out
 
 
-def package_imports() -> dict[str, list[tuple[str, list[str], int]]]:
-    return {module_name(p): imports_of(p) for p in sorted(PACKAGE.rglob("*.py"))}
+def package_imports(package: str = "spiq") -> dict[str, list[tuple[str, list[str], int]]]:
+    return {module_name(p): imports_of(p) for p in sorted((ROOT / package).rglob("*.py"))}
 
 
 def resolve(target: str, names: list[str], modules) -> list[str]:
@@ -91,16 +102,19 @@ def find_cycle(graph) -> list[str] | None:
     return None
 
 
-def test_imports_go_one_way_between_layers():
-    assert direction_errors(package_imports()) == []
+@pytest.mark.parametrize("package", PACKAGES)
+def test_imports_go_one_way_between_layers(package):
+    assert direction_errors(package_imports(package)) == []
 
 
-def test_no_import_cycle_lazy_imports_included():
-    assert find_cycle(package_imports()) is None
+@pytest.mark.parametrize("package", PACKAGES)
+def test_no_import_cycle_lazy_imports_included(package):
+    assert find_cycle(package_imports(package)) is None
 
 
-def test_no_private_name_crosses_a_module():
-    crossing = [f"{m}:{line} imports {n} from {t}" for m, imps in package_imports().items()
+@pytest.mark.parametrize("package", PACKAGES)
+def test_no_private_name_crosses_a_module(package):
+    crossing = [f"{m}:{line} imports {n} from {t}" for m, imps in package_imports(package).items()
                 for t, names, line in imps for n in names if n.startswith("_")]
     assert crossing == []
 
@@ -113,13 +127,35 @@ def test_the_checks_catch_what_they_forbid():
     graph = package_imports()
     graph["spiq.core.tensors"] = graph["spiq.core.tensors"] + [("spiq.core.quant", ["InputQuant"], 1)]
     assert find_cycle(graph) is not None
+    graph = package_imports()   # the library never reaches up into the benchmarks
+    graph["spiq.core.quant"] = graph["spiq.core.quant"] + [("bench.common", ["save"], 1)]
+    assert any("spiq.core.quant:1 imports bench.common" in e for e in direction_errors(graph))
+    bench = package_imports("bench")
+    assert direction_errors(bench) == [] and any(t.startswith("spiq") for imps in bench.values() for t, _, _ in imps)
+    bench["bench.common"] = bench["bench.common"] + [("bench", ["accuracy"], 1)]
+    assert find_cycle(bench) is not None
+
+
+def test_the_benchmarks_import_by_package():
+    """`python -m bench.<name>` from the root: helpers as `bench.common`, never by folder (`from common
+    import`, `sys.path`), each script runnable as a module."""
+    assert (ROOT / "bench" / "__init__.py").is_file()
+    stems = {p.stem for p in files_of("bench")} - {"__init__"}
+    for path in files_of("bench"):
+        tree = ast.parse(path.read_text())
+        tops = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        tops |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert not tops & stems, f"{path.name} imports {tops & stems} by folder: import bench.<name>"
+        assert "sys.path" not in path.read_text(), f"{path.name} edits sys.path"
+        if any(isinstance(n, ast.FunctionDef) and n.name == "main" for n in tree.body):
+            assert 'if __name__ == "__main__":' in path.read_text(), f"{path.name} has a main() but does not run it"
 
 
 @pytest.mark.parametrize("layer", sorted({n for names in LAYERS for n in names} - {"spiq", "spiq.cli",
                                                                                     "spiq.__main__", "spiq.config"}))
 def test_every_layer_is_written_down(layer):
     doc = (PACKAGE.parent / "docs" / "architecture.md").read_text()
-    assert f"`{layer.split('.', 1)[1]}/`" in doc, f"{layer} is not described in docs/architecture.md"
+    assert f"`{layer.split('.', 1)[-1]}/`" in doc, f"{layer} is not described in docs/architecture.md"
 
 
 def test_the_app_wires_components_to_spiq_ui_only():
@@ -147,9 +183,10 @@ def _long_functions(path: Path, limit: int = 60) -> list[str]:
     return found
 
 
-def test_modules_and_functions_are_short_or_say_why():
+@pytest.mark.parametrize("package", PACKAGES)
+def test_modules_and_functions_are_short_or_say_why(package):
     """No module over 500 lines; a function over 60 lines carries a `# long: <why>` line above it."""
-    files = sorted(PACKAGE.rglob("*.py")) + [PACKAGE.parent / "app.py"]
+    files = files_of(package)
     assert [f"{p} ({n} lines)" for p in files if (n := len(p.read_text().splitlines())) > 500] == []
     assert [f for p in files for f in _long_functions(p)] == []
 

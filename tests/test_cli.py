@@ -138,7 +138,7 @@ def test_distill_all_prepares_every_loadable_model_with_batchnorm(tmp_path, monk
     from spiq.models.vit import toy_vit
     from spiq.quantize import distill
     from spiq.quantize.distill import find_distilled
-    from spiq.quantize.prepared import distill_bounds
+    from spiq.quantize.memo import distill_bounds
 
     monkeypatch.setenv("SPIQ_CACHE", str(tmp_path / "cache"))
     register(registry.get_spec("efficientnet_lite0"),

@@ -16,6 +16,7 @@ from spiq.core.errors import AnalysisError, UnknownNameError
 from spiq.analysis.layers import reference_of
 from spiq.core.hooks import run_with_hooks
 from spiq.core.tensors import Range
+from spiq.methods.spiq import law_spec
 from spiq.quantize.report import QuantResult
 from spiq.ranges.laws import Dist
 
@@ -87,8 +88,8 @@ def law_vs_reality(qmodel: QuantResult, images: torch.Tensor, layer: str, channe
     report = qmodel.report
     law = law_of(qmodel, layer)
     bits = report.config.for_layer(layer).input_bits
-    per_c = report.prepared.data_free_range(layer, law, bits, True, report.config)
-    per_t = report.prepared.data_free_range(layer, law, bits, False, report.config)
+    per_c = law_spec(bits, True, report.config).of(law)
+    per_t = law_spec(bits, False, report.config).of(law)
     # the images run where the quantized model is; the law and its ranges stay on the CPU
     values = _input_values(reference_of(qmodel.model, qmodel), layer, images)
     clipped = _outside(values, per_c.lo.to(values.device)[:, None], per_c.hi.to(values.device)[:, None]).cpu()

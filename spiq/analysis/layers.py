@@ -20,6 +20,7 @@ from spiq.core.metrics import sqnr_db, tensor_sqnr_db
 from spiq.core.quant import Grid, QuantLayer, fake_quant_input, fold_input_scale, quantize_weight
 from spiq.models.vit import is_transformer, vit_graph
 from spiq.methods.liu_intervals import RankPairs
+from spiq.methods.spiq import law_spec
 from spiq.quantize.report import QuantResult
 from spiq.ranges.laws import observe, quantized_samples
 
@@ -31,9 +32,9 @@ def reference_of(model: nn.Module, qmodel: QuantResult) -> nn.Module:
 
 
 def _data_free_range(qmodel: QuantResult, layer: str, bits: int, per_channel: bool):
-    """The range the data-free law gives `layer` at `bits`, from quantize()'s memo."""
+    """The range the data-free law gives `layer` at `bits`, by the recipe's rule."""
     report = qmodel.report
-    return report.prepared.data_free_range(layer, report.propagation.inputs[layer], bits, per_channel, report.config)
+    return law_spec(bits, per_channel, report.config).of(report.propagation.inputs[layer])
 
 
 @dataclass

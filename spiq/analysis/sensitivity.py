@@ -17,7 +17,7 @@ from spiq.core.hooks import run_with_hooks
 from spiq.core.metrics import sqnr_db, tensor_sqnr_db
 from spiq.models.registry import LoadedModel
 from spiq.quantize.api import quantize
-from spiq.quantize.prepared import Prepared, prepare, quantizable_layers
+from spiq.quantize.memo import Memo, quantizable_layers
 
 # A side that is not being probed is kept at this width: the most `QuantConfig` allows, 16 bits
 # sits ~90 dB below the signal, so the probe measures the other side alone.
@@ -65,7 +65,7 @@ def probed_layers(model: nn.Module, config: QuantConfig) -> list[str]:
 
 @torch.no_grad()
 def sensitivity(model: nn.Module | LoadedModel, config: QuantConfig, widths=(4, 5, 6, 8),
-                images: torch.Tensor | None = None, prepared: Prepared | None = None,
+                images: torch.Tensor | None = None, memo: Memo | None = None,
                 progress: Callable[[float, str], None] | None = None, lock=None, device=None) -> list[LayerSensitivity]:
     """Per quantizable layer, the logit SQNR on `images` (default: the distilled ones) when only
     its input, or only its weights, is quantized at each of `widths` (weights also at
@@ -77,7 +77,7 @@ def sensitivity(model: nn.Module | LoadedModel, config: QuantConfig, widths=(4, 
     same images (small errors travel to the logits linearly): one network pass per layer and side
     instead of one per width. No real image is read unless `images` are real.
 
-    `lock` is held whenever the shared `model` or `prepared` is used (quantizing, copying the
+    `lock` is held whenever the shared `model` or `memo` is used (quantizing, copying the
     float model, the reference logits); the probes run on private copies without it.
 
     Quantizing runs where quantize() does, on the CPU; the probes, the reference logits and the
@@ -88,8 +88,8 @@ def sensitivity(model: nn.Module | LoadedModel, config: QuantConfig, widths=(4, 
     lock = lock or contextlib.nullcontext()
     device = module_device(loaded_model) if device is None else resolve_device(device)
     with lock:
-        prepared = prepared or prepare(model, config)
-        images = (prepared.distilled_images(DISTILLED_IMAGES) if images is None else images).to(device)
+        memo = memo or Memo(model)
+        images = (memo.distilled_images(DISTILLED_IMAGES) if images is None else images).to(device)
     names = probed_layers(loaded_model, config)
     sides = {"input": widths, "weight": sorted(set(widths) | {config.weight_bits})}
     say = progress or (lambda f, m: None)
@@ -98,10 +98,10 @@ def sensitivity(model: nn.Module | LoadedModel, config: QuantConfig, widths=(4, 
     for kind, bits in ((k, b) for k, bs in sides.items() for b in bs):
         say(0.3 * len(quantized) / steps, f"quantizing {kind}s at {bits} bits")
         with lock:
-            probe = quantize(model, probe_config(config, names, kind, bits), prepared=prepared).model
+            probe = quantize(model, probe_config(config, names, kind, bits), memo=memo).model
         quantized[kind, bits] = on_device(probe, device)
     with lock:
-        work = copy.deepcopy(prepared.folded).to(device)   # float; one quantized layer swapped in at a time
+        work = copy.deepcopy(memo.reference(config).folded).to(device)   # float; one quantized layer swapped in at a time
         reference = on_device(loaded_model, device)(images)
     own, sizes = _own_errors(work, quantized, names, images)
     probed = {}

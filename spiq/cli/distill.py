@@ -43,7 +43,7 @@ def _distill_all(n: int, out: str | None) -> int:
 
 def _distill(name: str, n: int, out: str | None) -> None:
     from spiq.quantize.distill import distilled_images, has_batchnorm, image_key, to_pixels, write_pixels
-    from spiq.quantize.prepared import distill_bounds
+    from spiq.quantize.memo import distill_bounds
     from spiq.models.registry import load_model
 
     model, preprocess, _ = load_model(name)

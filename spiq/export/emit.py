@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from spiq.core.tensors import broadcast_input
-from spiq.export.grids import QMAX, Enc, Grid, LayerPlan, out_view
+from spiq.export.grids import QMAX, Enc, Grid, Int8Layer, out_view
 from spiq.export.lower import Op
 from spiq.export.plan import Plan, cap_subsumed, node_grid, node_quant
 from spiq.export.support import ExportError
@@ -160,7 +160,7 @@ class _Layer:
     """One conv/linear of the graph: its input (through an explicit conversion where it has one),
     its weights and bias between its input's domain and its output's, and the Conv or Gemm."""
 
-    def __init__(self, graph: _Graph, lp: LayerPlan):
+    def __init__(self, graph: _Graph, lp: Int8Layer):
         self.g, self.b, self.lp = graph, graph.b, lp
         self.name = lp.op.name
         self.inner = layer_of(lp.op.module)
@@ -254,7 +254,7 @@ class _Layer:
         return codes
 
 
-def _transformed_weights(lp: LayerPlan, e_in: Enc, a_out: torch.Tensor, b_out: torch.Tensor, groups: int):
+def _transformed_weights(lp: Int8Layer, e_in: Enc, a_out: torch.Tensor, b_out: torch.Tensor, groups: int):
     """The layer's weight and bias between its input domain and its output domain.
 
     y'_o = a_o·y_o + b'_o with y_o = Σ W[o,c,k]·x_c + bias_o and x_c = (x'_c - b_c) / a_c: the weight

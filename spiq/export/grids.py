@@ -12,8 +12,9 @@ from spiq.core.tensors import Range, broadcast_input, per_input_channel
 from spiq.export.lower import Op
 from spiq.export.support import ExportError
 from spiq.graph.ops import SAME_PADDED, layer_of
-from spiq.quantize.layer import bias_shift, plan_layer
-from spiq.quantize.report import QuantReport
+from spiq.methods.layerwise import bias_shift, input_quant, layer_weights, weight_spec
+from spiq.methods.plans import LayerPlan
+from spiq.quantize.report import QuantPlan
 from spiq.ranges.laws import law_moments, range_effect, unknown_input_dist
 
 QMAX = Grid.UNSIGNED.levels(8)[1]   # uint8 activations: 255
@@ -47,10 +48,10 @@ def _input_columns_zero(codes: torch.Tensor, groups: int) -> torch.Tensor:
     return per_input_channel(codes.abs().double(), groups) == 0
 
 
-def _spiq_grid(ql: QuantLayer, channels: int) -> Grid:
-    q = ql.input_quant
+def _spiq_grid(decided: LayerPlan, groups: int, channels: int) -> Grid:
+    q = decided.input_quant
     step, zero = per_channel(q.scale, channels), per_channel(q.zero, channels)
-    dead = (step < DEAD * step.max()) & _input_columns_zero(ql.weight_codes, getattr(ql.layer, "groups", 1))
+    dead = (step < DEAD * step.max()) & _input_columns_zero(decided.weight_codes, groups)
     live = ~dead
     if dead.any():
         step[dead] = step[live].median() if live.any() else 1.0
@@ -107,7 +108,7 @@ class Enc:
 
 
 @dataclass
-class LayerPlan:
+class Int8Layer:
     """What one conv/linear computes, in original units: y = Σ weight·x̂ + bias, where x̂ is the
     input on `grid` (int8 layers: weight = codes·wscale / step, per output and input channel)."""
     name: str
@@ -149,15 +150,19 @@ def _pads(op: Op, shape_in: tuple) -> tuple[int, int, int, int]:
     return ph, pw, ph, pw
 
 
-def layer_plan(op: Op, shape_in: tuple) -> LayerPlan:
-    """A layer's plan on SPIQ's own grid; ExportError where its quantization has no int8 form."""
+def int8_layer(op: Op, shape_in: tuple, decided: LayerPlan | None) -> Int8Layer:
+    """A layer's int8 form on SPIQ's own grid, from what quantization `decided` for it (None: the
+    layer is float); ExportError where its quantization has no int8 form."""
     mod = op.module
     inner = layer_of(mod)
     bias = inner.bias.detach().double() if inner.bias is not None else torch.zeros(inner.weight.shape[0], dtype=torch.float64)
-    plan = LayerPlan(op.target, op, False, inner.weight.detach().double(), bias.clone(), pads=_pads(op, shape_in))
-    if not isinstance(mod, QuantLayer) or mod.input_quant is None:
+    plan = Int8Layer(op.target, op, False, inner.weight.detach().double(), bias.clone(), pads=_pads(op, shape_in))
+    if decided is None:
+        if isinstance(mod, QuantLayer) and mod.input_quant is not None:
+            raise ExportError(f"layer {op.target} is quantized but the plan has no entry for it: export the "
+                              "result of spiq.quantize as it is")
         return plan
-    q = mod.input_quant
+    q = decided.input_quant
     if q.mode != "static":
         raise ExportError(f"layer {op.target}: {q.mode} input quantization has no static int8 graph; "
                           "export a static method (spiq, static-tensor, calib-*)")
@@ -165,20 +170,20 @@ def layer_plan(op: Op, shape_in: tuple) -> LayerPlan:
         raise ExportError(f"layer {op.target}: {q.bits}-bit inputs; the int8 export needs 8-bit inputs "
                           "(ONNX Runtime's integer kernels take uint8 activations and saturate at 255, so a "
                           f"{q.bits}-bit grid's clipping has no kernel)")
-    if float(mod.weight_codes.abs().max()) > 127:
+    codes = decided.weight_codes
+    if float(codes.abs().max()) > 127:
         raise ExportError(f"layer {op.target}: weight codes exceed int8 (more than 8-bit weights)")
-    channels = shape_in[1]
-    grid = _spiq_grid(mod, channels)
-    out = inner.weight.shape[0]
-    ws = per_channel(mod.weight_scale, out)
+    groups = getattr(inner, "groups", 1)
+    grid = _spiq_grid(decided, groups, shape_in[1])
+    ws = per_channel(decided.weight_scale, inner.weight.shape[0])
     # codes·wscale is the weight times the input step: folded layers hold exactly that; a
     # per-tensor input multiplies its one step in.
-    wscale = ws if mod.folded else ws * grid.step[0]
-    check = mod.weight_codes.double() * out_view(wscale, inner.weight)
-    expect = plan.weight * broadcast_input(grid.step, plan.weight, getattr(inner, "groups", 1))
+    wscale = ws if decided.folded else ws * grid.step[0]
+    check = codes.double() * out_view(wscale, inner.weight)
+    expect = plan.weight * broadcast_input(grid.step, plan.weight, groups)
     if not torch.allclose(check, expect, rtol=1e-4, atol=1e-6 * float(expect.abs().max())):
         raise ExportError(f"layer {op.target}: its weights are not its integer codes times its scales")
-    plan.int8, plan.codes, plan.wscale, plan.grid, plan.spiq_grid = True, mod.weight_codes.double(), wscale, grid, grid
+    plan.int8, plan.codes, plan.wscale, plan.grid, plan.spiq_grid = True, codes.double(), wscale, grid, grid
     plan.input_quant = q
     return plan
 
@@ -188,9 +193,9 @@ def out_view(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return v.view((-1,) + (1,) * (w.dim() - 1))
 
 
-def requantize(report: QuantReport | None, lp: LayerPlan, grid: Grid) -> None:
+def requantize(report: QuantPlan | None, lp: Int8Layer, grid: Grid) -> None:
     """Quantize layer `lp` again, by the recipe quantize() used (`report`), for the input grid it really gets."""
-    reference = report.reference if report is not None and report.prepared is not None else None
+    reference = report.reference if report is not None else None
     if reference is None:
         raise ExportError(f"layer {lp.name}: its input grid must change for the int8 graph and the model "
                           "carries no float reference to re-quantize it from (quantize it with spiq.quantize)")
@@ -198,7 +203,8 @@ def requantize(report: QuantReport | None, lp: LayerPlan, grid: Grid) -> None:
     s = config.for_layer(lp.name)
     ref = reference.get_submodule(lp.name)
     rng = Range(grid.lo.float(), grid.hi.float())
-    inq, codes, w_scale, w_sim = plan_layer(ref, rng, 8, True, s.weight_bits, s.weight_per_channel, config)
+    inq = input_quant(ref, rng, 8, True)
+    codes, w_scale, w_sim = layer_weights(ref, inq, weight_spec(s, config))
     bias = ref.bias.detach().clone() if ref.bias is not None else torch.zeros(w_sim.shape[0])
     if config.bias_correction:
         dist = report.propagation.inputs.get(lp.name) if report.propagation is not None else None

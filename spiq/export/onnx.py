@@ -41,7 +41,7 @@ def build_export(qmodel: QuantResult | nn.Module, path: str, quantized: bool, in
     if isinstance(qmodel, QuantResult):
         # an int8_graph result simulates its source's graph: the graph written is the source's
         quant = qmodel.source or qmodel
-        if quant.report.liu is not None or is_transformer(quant.model):
+        if quant.report.searched or is_transformer(quant.model):
             raise ExportError(NO_VIT)
         check_exportable(quant.config)
         model, report = quant.model, quant.report

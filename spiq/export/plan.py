@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from spiq.export.grids import QMAX, Enc, Grid, LayerPlan, layer_plan
+from spiq.export.grids import QMAX, Enc, Grid, Int8Layer, int8_layer
 from spiq.export.lower import Op, graph_ops, trace_shaped
 from spiq.export.scales import build_encs, conversion, solve_group
 from spiq.export.support import ExportError
-from spiq.quantize.report import QuantReport
+from spiq.quantize.report import QuantPlan
 from spiq.ranges.laws import clip_range
 
 
@@ -21,7 +21,7 @@ class Plan:
     ops: list[Op]
     encs: list[Enc]
     enc_of: dict[str, Enc]
-    layers: dict[str, LayerPlan]
+    layers: dict[str, Int8Layer]
     users: dict[str, list[str]]
     input_shape: tuple[int, int, int]
     notes: list[str]
@@ -32,7 +32,7 @@ class Plan:
     dropped: dict[str, tuple[int, float]] = field(default_factory=dict)   # layer -> (filters, bound) kept as bias
 
 
-def plan_export(model: nn.Module, input_shape: tuple[int, int, int], report: QuantReport | None = None) -> Plan:
+def plan_export(model: nn.Module, input_shape: tuple[int, int, int], report: QuantPlan | None = None) -> Plan:
     """Lower `model` (BN folded) for (1, *input_shape) inputs and solve every domain of its int8 graph.
     `report`: what quantize() decided for `model` (None: a float model)."""
     gm = trace_shaped(model, input_shape)
@@ -42,7 +42,9 @@ def plan_export(model: nn.Module, input_shape: tuple[int, int, int], report: Qua
     for op in ops:
         for x in op.inputs:
             users[x].append(op.name)
-    layers = {op.target: layer_plan(op, by_name[op.inputs[0]].shape) for op in ops if op.kind == "layer"}
+    decided = report.layers if report is not None else {}
+    layers = {op.target: int8_layer(op, by_name[op.inputs[0]].shape, decided.get(op.target))
+              for op in ops if op.kind == "layer"}
     out_src = by_name[[op for op in ops if op.kind == "output"][0].inputs[0]]
     if len(out_src.shape) != 2:
         raise ExportError(f"cannot export: the model's output `{out_src.name}` is not (batch, classes) logits")
@@ -72,7 +74,7 @@ def plan_export(model: nn.Module, input_shape: tuple[int, int, int], report: Qua
     return plan
 
 
-def _plan_pre_pool(plan: Plan, report: QuantReport | None) -> None:
+def _plan_pre_pool(plan: Plan, report: QuantPlan | None) -> None:
     """Quantizers of the tensor in front of a global pool (an int8 pool reads and writes uint8).
 
     It shares the pooled tensor's domain but not its range: per position its values reach far
@@ -104,7 +106,7 @@ def _plan_pre_pool(plan: Plan, report: QuantReport | None) -> None:
 
 
 def _pre_pool_bound(plan: Plan, pool: Op, chain: list[str], by_name: dict[str, Op],
-                    report: QuantReport | None) -> float | None:
+                    report: QuantPlan | None) -> float | None:
     caps = [by_name[n].cap for n in chain if by_name[n].kind == "relu" and by_name[n].cap is not None]
     if caps:
         return min(float(torch.as_tensor(c).max()) for c in caps)

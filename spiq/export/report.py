@@ -5,7 +5,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from spiq.export.grids import LayerPlan
+from spiq.export.grids import Int8Layer
 from spiq.export.plan import Plan
 
 
@@ -60,13 +60,13 @@ def export_report(plan: Plan, proto, path: str, quantized: bool, batch: int | No
         notes=list(plan.notes), plan=plan)
 
 
-def _mul_reason(lp: LayerPlan, plan: Plan) -> str:
+def _mul_reason(lp: Int8Layer, plan: Plan) -> str:
     src = plan.enc_of[lp.op.inputs[0]].root
     what = "the graph input" if src.kind == "input" else f"`{src.name}` ({src.act or src.kind})"
     return f"its per-channel input grid cannot be folded through {what}"
 
 
-def _step_ratios(lp: LayerPlan) -> tuple[float, float]:
+def _step_ratios(lp: Int8Layer) -> tuple[float, float]:
     live = lp.grid.live & lp.spiq_grid.live
     if not live.any():
         return 1.0, 1.0

@@ -9,13 +9,13 @@ import torch
 
 from spiq.methods.registry import get_method
 from spiq.core.quant import QuantLayer
-from spiq.export.grids import QMAX, Enc, Grid, LayerPlan, neutral_dead, requantize, same_grid
+from spiq.export.grids import QMAX, Enc, Grid, Int8Layer, neutral_dead, requantize, same_grid
 from spiq.export.lower import Op
 from spiq.export.support import ExportError
-from spiq.quantize.report import QuantReport
+from spiq.quantize.report import QuantPlan
 
 
-def build_encs(ops: list[Op], users: dict[str, list[str]], layers: dict[str, LayerPlan]) -> tuple[list[Enc], dict[str, Enc]]:
+def build_encs(ops: list[Op], users: dict[str, list[str]], layers: dict[str, Int8Layer]) -> tuple[list[Enc], dict[str, Enc]]:
     """Every tensor's domain, by fx node, and the groups of domains that adds join (`Enc.group`)."""
     encs: list[Enc] = []
     enc_of: dict[str, Enc] = {}
@@ -71,7 +71,7 @@ def build_encs(ops: list[Op], users: dict[str, list[str]], layers: dict[str, Lay
     return encs, enc_of
 
 
-def _needed(e: Enc, layers: dict[str, LayerPlan]) -> tuple[Grid, bool]:
+def _needed(e: Enc, layers: dict[str, Int8Layer]) -> tuple[Grid, bool]:
     """The grid a domain's readers want: theirs if they agree, else one covering all their ranges."""
     grids = [layers[t].spiq_grid for t in e.targets]
     g0 = grids[0]
@@ -135,7 +135,7 @@ def _fit_shared(needs: list[torch.Tensor], lives: list[torch.Tensor], cover: boo
     return sigma, [float(math.exp(x + shift)) for x in v]
 
 
-def solve_group(members: list[Enc], layers: dict[str, LayerPlan], report: QuantReport | None, adds: list[Op],
+def solve_group(members: list[Enc], layers: dict[str, Int8Layer], report: QuantPlan | None, adds: list[Op],
                  enc_of: dict[str, Enc], order: dict[int, int]) -> None:
     """Solve one group of domains joined by adds: their shared shape a, each one's S, Z, b and grid;
     the layers whose grid changed are re-quantized for it."""
@@ -242,7 +242,7 @@ def _reference_domain(e: Enc, eqs) -> Enc | None:
     return None
 
 
-def conversion(lp: LayerPlan, src: Enc, encs: list[Enc]) -> Enc:
+def conversion(lp: Int8Layer, src: Enc, encs: list[Enc]) -> Enc:
     """An explicit per-channel Mul/Add domain in front of one layer reading a fixed domain."""
     g = lp.grid
     e = Enc(len(encs), lp.op, g.step.numel(), convert_for=lp.name, targets=[lp.name])

@@ -17,7 +17,7 @@ from spiq.export.report import ExportReport
 from spiq.export.support import ExportError
 from spiq.graph.trace import LeafTracer
 from spiq.quantize.api import register_int8_graph
-from spiq.quantize.report import QuantReport, QuantResult, module_of
+from spiq.quantize.report import QuantPlan, QuantResult, module_of
 
 
 def float_twin(qmodel: QuantResult | nn.Module, report: ExportReport, quantized: bool = False) -> nn.Module:
@@ -62,16 +62,18 @@ def int8_simulation(qmodel: QuantResult | nn.Module, report: ExportReport) -> nn
     return gm.eval()
 
 
-def _report_with_graph_grids(source: QuantReport, report: ExportReport) -> QuantReport:
+def _report_with_graph_grids(source: QuantPlan, report: ExportReport) -> QuantPlan:
     """source's report, but each layer the int8 graph re-quantized gives the shared grid it reads,
     so what reads a layer's range (the per-layer breakdown's clipping) sees the twin's; source's
     own report is left as it was."""
     layers = dict(source.layers)
     for name in report.requantized:
-        grid, old = report.plan.layers[name].grid, source.layers[name]
+        planned, old = report.plan.layers[name], source.layers[name]
+        grid = planned.grid
         layers[name] = replace(
-            old, input_bits=8, input_per_channel=True, range=Range(grid.lo.float(), grid.hi.float()),
-            data_free_range_from=f"{old.data_free_range_from}; int8 graph: the residual stream's shared grid")
+            old, input_bits=8, input_quant=planned.input_quant, range=Range(grid.lo.float(), grid.hi.float()),
+            data_free_range_from=f"{old.data_free_range_from}; int8 graph: the residual stream's shared grid",
+            reasons=old.reasons + ("re-quantized for the shared grid of the residual stream it reads",))
     return replace(source, layers=layers)
 
 

@@ -4,4 +4,4 @@ import spiq.methods.spiq  # noqa: F401
 import spiq.methods.static  # noqa: F401
 import spiq.methods.calibrated  # noqa: F401
 import spiq.methods.dynamic  # noqa: F401
-import spiq.methods.liu  # noqa: F401
+import spiq.methods.liu_ptq  # noqa: F401

@@ -1,9 +1,26 @@
 """calib-minmax, calib-percentile, calib-mse: static input ranges measured on calibration images."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from spiq.config import ConfigError, QuantConfig
 from spiq.core.tensors import Range
-from spiq.methods.registry import LayerInput, Method, register
+from spiq.methods.plans import LayerInput
+from spiq.methods.registry import Method, register
+from spiq.ranges.laws import Observed, calibrated_range
+
+
+@dataclass(frozen=True)
+class CalibratedRange:
+    """A range measured on calibration images by `rule` ("minmax", "percentile", "mse"). Only what
+    the rule reads is set: min/max and percentile ranges do not depend on the bits."""
+    rule: str
+    bits: int | None
+    per_channel: bool
+    percentile: float | None = None
+
+    def measure(self, observed: Observed) -> Range:
+        return calibrated_range(observed, self.rule, self.bits, self.per_channel, self.percentile or 99.99)
 
 
 def measured(x: LayerInput) -> Range:
@@ -22,8 +39,9 @@ def validate(config: QuantConfig) -> None:
 
 
 def _calibrated(rule: str, description: str, options: tuple[str, ...]) -> Method:
-    def calibration(bits: int, per_channel: bool, config: QuantConfig) -> tuple:
-        return rule, bits, per_channel, config.percentile
+    def calibration(bits: int, per_channel: bool, config: QuantConfig) -> CalibratedRange:
+        return CalibratedRange(rule, bits if rule == "mse" else None, per_channel,
+                               config.percentile if rule == "percentile" else None)
 
     return register(Method(f"calib-{rule}", description, needs_calibration=True, int8_graph=True,
                            options=options + ("calib_images",), input_range=measured, calibration=calibration,

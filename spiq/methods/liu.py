@@ -24,18 +24,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from spiq.config import MAX_BITS, MIN_BITS, ConfigError, QuantConfig
 from spiq.core.hooks import run_with_hooks
 from spiq.core.quant import Grid
 from spiq.methods.liu_intervals import (RankPairs, Search, Similarity, candidate_bits, choose_bits, nuclear_norm,
                                         on_interval, search_intervals)
-from spiq.methods.registry import Method, register
 from spiq.models.vit import BlockNames, TransformerError, VitGraph
-
-NAME = "liu-ptq"
-SEARCH_OPTIONS = ("search_points", "search_rounds", "search_tokens", "rank_pairs")
-OPTIONS = SEARCH_OPTIONS + ("rank_weight", "rank_margin", "mixed_precision", "calib_images")
-
 
 # --- the calibration data each site is searched on ---------------------------------------------
 
@@ -175,11 +168,22 @@ class _Operands:
     pairs: RankPairs | None = None   # attention scores: the ranking term's pairs
 
 
+def _call_memo(store: dict) -> Callable:
+    """A memo over a plain dict, for a search of its own (the quantizer's memo outlives one)."""
+    def memo(key, make):
+        if key not in store:
+            store[key] = make()
+        return store[key]
+    return memo
+
+
 class _Searcher:
     """Searches sites on demand, each (site, bits) once; the memo may outlive one quantize() call."""
 
-    def __init__(self, model: nn.Module, graph: VitGraph, calib: Calibration, settings: LiuSettings, memo: dict):
-        self.model, self.graph, self.calib, self.s, self.memo = model, graph, calib, settings, memo
+    def __init__(self, model: nn.Module, graph: VitGraph, calib: Calibration, settings: LiuSettings,
+                 memo: Callable | None):
+        self.model, self.graph, self.calib, self.s = model, graph, calib, settings
+        self.memo = memo if memo is not None else _call_memo({})
         self.ops: dict[str, _Ops] = {}
         self.block_of = {n: (b, role) for b in graph.blocks
                          for role, n in (("qkv", b.qkv), ("proj", b.proj), ("fc1", b.fc1), ("fc2", b.fc2),
@@ -226,23 +230,24 @@ class _Searcher:
     def site(self, name: str, bits_b: int, bits_a: int) -> Site:
         """Search one site: a layer (weight bits, input bits) or a matmul "<attn>.qk"/"<attn>.pv"."""
         key = ("liu", name, bits_b, bits_a, self.calib.key, self.s)
-        if key not in self.memo:
-            op = self.operands(name)
-            penalty = None
-            if op.pairs is not None:
-                signs = op.pairs.signs(op.target)
+        return self.memo(key, lambda: self._search_site(name, bits_b, bits_a))
 
-                def penalty(out):
-                    return self.s.rank_weight * op.pairs.hinge(signs, out, self.s.rank_margin)
+    def _search_site(self, name: str, bits_b: int, bits_a: int) -> Site:
+        op = self.operands(name)
+        penalty = None
+        if op.pairs is not None:
+            signs = op.pairs.signs(op.target)
 
-            found = search_intervals(op.a, op.kind_a, bits_a, op.b, op.kind_b, bits_b, op.fn, op.target,
-                                     self.s.points, self.s.rounds, penalty)
-            site = Site(found, bits_a, bits_b, op.kind_a, op.kind_b)
-            if self.s.bias_correction and op.kind_b == Grid.WEIGHT:
-                out = op.fn(site.quantize_a(op.a), site.quantize_b(op.b))
-                site.bias_shift = (op.target - out).reshape(-1, out.shape[-1]).mean(0)
-            self.memo[key] = site
-        return self.memo[key]
+            def penalty(out):
+                return self.s.rank_weight * op.pairs.hinge(signs, out, self.s.rank_margin)
+
+        found = search_intervals(op.a, op.kind_a, bits_a, op.b, op.kind_b, bits_b, op.fn, op.target,
+                                 self.s.points, self.s.rounds, penalty)
+        site = Site(found, bits_a, bits_b, op.kind_a, op.kind_b)
+        if self.s.bias_correction and op.kind_b == Grid.WEIGHT:
+            out = op.fn(site.quantize_a(op.a), site.quantize_b(op.b))
+            site.bias_shift = (op.target - out).reshape(-1, out.shape[-1]).mean(0)
+        return site
 
     def attention(self, b: BlockNames, bits: tuple[int, int]) -> dict[str, Site]:
         wb, ab = bits
@@ -324,7 +329,7 @@ def _module_bits(sr: _Searcher, modules: list, bits: Callable[[str], tuple[int, 
 
 
 def plan(model: nn.Module, graph: VitGraph, calib: Calibration, bits: Callable[[str], tuple[int, int] | None],
-         settings: LiuSettings, mixed_precision: float | None = None, memo: dict | None = None,
+         settings: LiuSettings, mixed_precision: float | None = None, memo: Callable | None = None,
          progress: Callable[[float, str], None] | None = None) -> LiuPlan:
     """Search every site of the transformer.
 
@@ -332,7 +337,7 @@ def plan(model: nn.Module, graph: VitGraph, calib: Calibration, bits: Callable[[
     attention matmuls follow their qkv layer. With `mixed_precision` (average bits), one width per
     attention and per MLP module replaces those of the blocks' layers.
     """
-    sr = _Searcher(model, graph, calib, settings, {} if memo is None else memo)
+    sr = _Searcher(model, graph, calib, settings, memo)
     out = LiuPlan()
     # block by block, so each block's activations can be dropped once both its modules are done
     modules = [m for b in graph.blocks for m in ((b, "attn", b.attention_layers), (b, "mlp", b.mlp_layers))]
@@ -378,7 +383,7 @@ class SiteScore:
 @torch.no_grad()
 def score(model: nn.Module, graph: VitGraph, plan: LiuPlan, calib: Calibration) -> dict[str, SiteScore]:
     """Every searched site's output correlation and mean error on the images of `calib`."""
-    sr = _Searcher(model, graph, calib, LiuSettings(), {})
+    sr = _Searcher(model, graph, calib, LiuSettings(), None)
     out = {}
     for name, site in {**plan.layers, **plan.matmuls}.items():
         op = sr.operands(name)
@@ -399,42 +404,6 @@ def score(model: nn.Module, graph: VitGraph, plan: LiuPlan, calib: Calibration) 
 def inversions(model: nn.Module, graph: VitGraph, plan: LiuPlan, calib: Calibration,
                pairs: int = 64) -> dict[str, tuple[int, int]]:
     """Per attention, (key pairs whose score order the quantized scores reverse, pairs compared)."""
-    sr = _Searcher(model, graph, calib, LiuSettings(rank_pairs=pairs), {})
+    sr = _Searcher(model, graph, calib, LiuSettings(rank_pairs=pairs), None)
     return {f"{b.attn}.qk": sr.inversions(b, plan.matmuls[f"{b.attn}.qk"])
             for b in graph.blocks if f"{b.attn}.qk" in plan.matmuls}
-
-
-# --- the method --------------------------------------------------------------------------------
-
-def validate(config: QuantConfig) -> None:
-    """The search's settings, and mixed precision, which only liu-ptq has."""
-    for name in SEARCH_OPTIONS:
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100_000:
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    for name, top in (("rank_weight", 100.0), ("rank_margin", 1000.0)):
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= top:
-            raise ConfigError(f"{name} must be a number from 0 to {top:g}, got {value!r}")
-    mp = config.mixed_precision
-    if mp is not None:
-        if isinstance(mp, bool) or not isinstance(mp, (int, float)) or not MIN_BITS <= mp <= MAX_BITS:
-            raise ConfigError(f"mixed_precision must be average bits from {MIN_BITS} to {MAX_BITS}, got {mp!r}")
-        if config.method != NAME:
-            raise ConfigError(f"mixed_precision is part of method {NAME!r}, not {config.method!r}")
-
-
-def search(model: nn.Module, graph: VitGraph, images: torch.Tensor, bits: Callable[[str], tuple[int, int] | None],
-           config: QuantConfig, memo: dict | None = None,
-           progress: Callable[[float, str], None] | None = None) -> LiuPlan:
-    """The plan of `config` for a transformer: its activations on `images`, then every site searched."""
-    calib = collect(model, graph, images, config.search_tokens)
-    settings = LiuSettings(config.search_points, config.search_rounds, config.rank_weight, config.rank_margin,
-                           config.rank_pairs, config.bias_correction)
-    return plan(model, graph, calib, bits, settings, config.mixed_precision, memo=memo, progress=progress)
-
-
-LIU_PTQ = register(Method(
-    NAME, "vision transformers (Liu et al. 2021): per-tensor intervals searched for output similarity "
-          "on calibration images, ranking loss on attention, bias correction",
-    needs_calibration=True, transformer_only=True, options=OPTIONS, search=search, validate=validate))

@@ -1,37 +1,18 @@
-"""The quantization methods by name: what each one is, and what quantize() calls for its layers.
+"""The quantization methods by name: what each one is, and the handler that plans its layers.
 
 Each module of `spiq.methods` builds its methods and `register`s them; importing the package
 imports them all. QuantConfig (spiq.config, a layer below) reads them through `use_methods`.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, Protocol
+import contextlib
+from collections.abc import Callable, Hashable, Iterator
+from dataclasses import dataclass, replace
 
 from spiq.config import GRANULARITIES, ConfigError, QuantConfig, suggest, use_methods
 from spiq.core.tensors import Range
-from spiq.ranges.laws import Dist
-
-
-class RangeSource(Protocol):
-    """A model's data-free ranges, each searched once and kept (spiq.quantize's Prepared)."""
-
-    def data_free_range(self, name: str, dist: Dist, bits: int, per_channel: bool, config: QuantConfig) -> Range:
-        ...
-
-
-@dataclass(frozen=True)
-class LayerInput:
-    """One quantized input, a layer's or an attention matmul operand's, and what its range is chosen from."""
-    name: str
-    bits: int
-    per_channel: bool
-    config: QuantConfig
-    dist: Dist | None                 # its data-free law, if known
-    prepared: RangeSource
-    calibrated: Mapping[str, Range]   # ranges measured on calibration images, by input name
-    bounds: Range | None = None       # where it lies whatever the data (the attention map: [0, 1])
+from spiq.methods import layerwise
+from spiq.methods.plans import LayerInput, MethodPlan, PlanContext
 
 
 def owns_nothing(config: QuantConfig) -> None:
@@ -40,7 +21,11 @@ def owns_nothing(config: QuantConfig) -> None:
 
 @dataclass(frozen=True)
 class Method:
-    """One quantization method: its properties, and the functions quantize() calls for it."""
+    """One quantization method: its properties, and the handler that plans its layers.
+
+    `plan(ctx, method)` turns the context of one quantization into the method's `MethodPlan`. A
+    method that chooses each input's range on its own gives `input_range` instead and gets the
+    layerwise handler (spiq.methods.layerwise): its ranges, weights and bias correction."""
     name: str
     description: str
     input_granularity: str = "tensor"    # where the config leaves it open
@@ -52,13 +37,16 @@ class Method:
     options: tuple[str, ...] = ()        # the QuantConfig fields that belong to it
     # The static range of one input; None where the input is quantized per sample at run time.
     input_range: Callable[[LayerInput], Range | None] | None = None
-    # What it measures on calibration images for an input of (bits, per_channel): the arguments
-    # (rule, bits, per_channel, percentile) of ranges.calibrated_range.
-    calibration: Callable[[int, bool, QuantConfig], tuple] | None = None
-    # Instead of input_range, one search over the whole model before any layer is quantized:
-    # (float model, its VitGraph, calibration images, (weight bits, input bits) of a layer or None,
-    # config, memo, progress) -> the plan its layers take their quantizers from.
-    search: Callable[..., Any] | None = None
+    # What a data-free range of (bits, per_channel) is memoised by (spiq.methods.spiq.LawRange).
+    range_spec: Callable[[int, bool, QuantConfig], Hashable] | None = None
+    # What it measures on calibration images for an input of (bits, per_channel): a spec with
+    # `.measure(observed)` (spiq.methods.calibrated.CalibratedRange), measured before planning.
+    calibration: Callable[[int, bool, QuantConfig], Hashable] | None = None
+    # Its data-free ranges at many bit widths, searched ahead of requests: (memo, input name, its
+    # law, config, bits) -> None (spiq.methods.spiq.warm).
+    warm: Callable[..., None] | None = None
+    # Instead of input_range, a handler of its own: (context, this method) -> its plan.
+    plan: Callable[[PlanContext, "Method"], MethodPlan] | None = None
     validate: Callable[[QuantConfig], None] = owns_nothing
 
 
@@ -69,14 +57,26 @@ def register(method: Method) -> Method:
     """Make `method` known by its name, to QuantConfig and quantize()."""
     if method.name in METHODS:
         raise ValueError(f"method {method.name!r} is registered twice")
-    if (method.input_range is None) == (method.search is None):
-        raise ValueError(f"method {method.name!r}: give either input_range or search")
+    if (method.input_range is None) == (method.plan in (None, layerwise.plan_layers)):
+        raise ValueError(f"method {method.name!r}: give either input_range or plan")
     if method.input_granularity not in GRANULARITIES:
         raise ValueError(f"method {method.name!r}: input_granularity must be one of {', '.join(GRANULARITIES)}")
-    if method.fold_choice and not method.data_free:
+    if method.fold_choice and method.range_spec is None:
         raise ValueError(f"method {method.name!r}: the fold choice reads the data-free law of each input")
+    if method.plan is None:
+        method = replace(method, plan=layerwise.plan_layers)
     METHODS[method.name] = method
     return method
+
+
+@contextlib.contextmanager
+def registered(method: Method) -> Iterator[Method]:
+    """`method` registered for the block only: a test's, or a one-off experiment's."""
+    method = register(method)
+    try:
+        yield method
+    finally:
+        METHODS.pop(method.name, None)
 
 
 def get_method(name: str) -> Method:

@@ -6,18 +6,62 @@ too (spiq.methods.static), one per tensor there.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from spiq.config import ConfigError, QuantConfig, check_choice
 from spiq.core.tensors import Range
-from spiq.methods.registry import LayerInput, Method, register
+from spiq.methods.layerwise import law_effect, memo_moments
+from spiq.methods.plans import LayerInput, Memo
+from spiq.methods.registry import Method, register
+from spiq.ranges.laws import Dist, clip_range, sigma_range, sorted_samples
 
 RANGE_OPTIONS = ("range_rule", "n_sigma", "clip_penalty")
 
 
+@dataclass(frozen=True)
+class LawRange:
+    """A data-free range: the rule that picks it from an input's law, at these bits, per channel
+    or per tensor. "mse": the expected clipping (weighted by `penalty`, config.clip_penalty) plus
+    rounding error is smallest; "sigma": mean ± `penalty` (config.n_sigma) std, the naive rule."""
+    rule: str
+    bits: int
+    per_channel: bool
+    penalty: float
+
+    def of(self, dist: Dist, sums=None) -> Range:
+        """The range of `dist` (`sums`: its sorted samples, when several ranges are searched on them)."""
+        if self.rule == "mse":
+            return clip_range(dist, self.bits, self.per_channel, self.penalty, sums)
+        return sigma_range(dist, self.penalty, self.per_channel)
+
+
+def law_spec(bits: int, per_channel: bool, config: QuantConfig) -> LawRange:
+    """The data-free range config's rule asks for at `bits`."""
+    penalty = config.clip_penalty if config.range_rule == "mse" else config.n_sigma
+    return LawRange(config.range_rule, bits, per_channel, penalty)
+
+
+def law_range(memo: Memo, name: str, dist: Dist, spec: LawRange, sums=None) -> Range:
+    """Input `name`'s range by `spec`, searched once per model."""
+    return memo(("range", name, spec), lambda: spec.of(dist, sums))
+
+
 def data_free_range(x: LayerInput) -> Range:
-    """The range the input's law gives at its bits (config.range_rule), searched once per model."""
+    """The range the input's law gives at its bits (config.range_rule)."""
     if x.bounds is not None:
         return x.bounds
-    return x.prepared.data_free_range(x.name, x.dist, x.bits, x.per_channel, x.config)
+    return law_range(x.memo, x.name, x.dist, law_spec(x.bits, x.per_channel, x.config))
+
+
+def warm(memo: Memo, name: str, dist: Dist, config: QuantConfig, bits) -> None:
+    """Input `name`'s data-free ranges at each of `bits`, per channel and per tensor, and what they
+    do to its law, searched ahead of requests (the law's sorted samples made once for all)."""
+    sums = sorted_samples(dist) if config.range_rule == "mse" and not dist.use_bounds else None
+    memo_moments(memo, name, dist)
+    for b in bits:
+        for per_channel in (True, False):
+            spec = law_spec(b, per_channel, config)
+            law_effect(memo, name, dist, spec, law_range(memo, name, dist, spec, sums), b)
 
 
 def validate(config: QuantConfig) -> None:
@@ -34,4 +78,4 @@ def validate(config: QuantConfig) -> None:
 SPIQ = register(Method(
     "spiq", "static per-input-channel ranges from BN statistics, scales folded into the weights",
     input_granularity="channel", data_free=True, int8_graph=True, fold_choice=True, options=RANGE_OPTIONS + ("fold",),
-    input_range=data_free_range, validate=validate))
+    input_range=data_free_range, range_spec=law_spec, warm=warm, validate=validate))

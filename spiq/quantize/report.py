@@ -1,60 +1,53 @@
-"""What quantize() returns: the quantized copy, and what was decided for it per layer and for the whole model."""
+"""What quantize() returns: the quantized copy, and the plan it applied, which is its report."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
+
 import torch
 from torch import nn
 
 from spiq.config import QuantConfig
-from spiq.core.tensors import Range
+from spiq.core.quant import InputQuant
+from spiq.methods.plans import LayerPlan
 from spiq.models.data import Preprocess
-from spiq.methods.liu import LiuPlan
-from spiq.quantize.prepared import Prepared
 from spiq.ranges.laws import Propagation
+from spiq.transforms.fold import EqualizedPair
 
 
-@dataclass
-class LayerReport:
-    method: str
-    input_bits: int
-    weight_bits: int
-    input_per_channel: bool
-    range: Range | None           # the static input range, None for dynamic or skipped layers
-    data_free_range_from: str     # "bn" (producer statistics) or the fallback used
-
-
-@dataclass
-class QuantReport:
-    """What quantize() decided, per layer, and where the graph analysis had to fall back."""
+@dataclass(frozen=True)
+class QuantPlan:
+    """Everything quantization decided for a model, layer by layer, and why: what `apply` makes
+    the quantized copy from, and the report every analysis and the export read. It holds no cache."""
     config: QuantConfig
-    layers: dict[str, LayerReport] = field(default_factory=dict)
-    fallbacks: dict[str, str] = field(default_factory=dict)
-    propagation: Propagation | None = None
-    # What the model was quantized from: its BN-folded float copy (the reference every analysis
-    # compares with) and the data-free ranges searched so far. Shared and read-only.
-    prepared: Prepared | None = field(default=None, repr=False)
-    # liu-ptq: the searched intervals, the bits mixed precision chose and the attention rank inversions.
-    liu: LiuPlan | None = None
+    layers: Mapping[str, LayerPlan]               # each quantized conv/linear, in model order
+    # The BN-folded float model the plan applies to: the reference every analysis compares with.
+    reference: nn.Module = field(repr=False)
+    matmuls: Mapping[str, InputQuant] = field(default_factory=dict)   # attention matmul operand -> quantizer
+    fallbacks: Mapping[str, str] = field(default_factory=dict)   # where the graph analysis had to guess
+    propagation: Propagation | None = field(default=None, repr=False)
+    preprocess: Preprocess | None = None
+    # What a method's whole-model search found, by method (liu-ptq: a LiuPlan: the intervals, the
+    # bits mixed precision chose, the attention rank inversions).
+    searched: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    equalized: tuple[EqualizedPair, ...] = ()
     # bias_images: how many distilled images the biases were fitted on (0: none), and what the fit
     # took from each layer's bias, which the int8 graph carries into the layers it re-quantizes.
     bias_images: int = 0
-    bias_fit: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
-
-    @property
-    def reference(self) -> nn.Module:
-        return self.prepared.folded
+    bias_fit: Mapping[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
 
 @dataclass(frozen=True, eq=False)
 class QuantResult:
-    """What quantize() returns: the quantized copy of the model with its report and config.
+    """What quantize() returns: the quantized copy of the model with its plan (`report`).
 
     Calling it runs the quantized model. `preprocess` is the input normalisation the first layer's
     range was derived from (None: ImageNet mean/std assumed). For `QuantConfig(int8_graph=True)`,
     `model` simulates the int8 graph of `source`, the result the int8 export writes.
     """
     model: nn.Module
-    report: QuantReport
+    report: QuantPlan
     preprocess: Preprocess | None = None
     source: QuantResult | None = None
 

@@ -49,7 +49,7 @@ def unavailable(cache: ModelCache, name: str, config: QuantConfig) -> str | None
         return (f"The advisor measures on images distilled from BatchNorm statistics; {name} has no BatchNorm. "
                 "Pick a CNN such as efficientnet_lite0.")
     for m in config.methods_named():
-        if get_method(m).needs_calibration or get_method(m).search is not None:
+        if get_method(m).needs_calibration:
             return (f"The advisor is data-free: method {m} reads calibration images. Pick spiq, static-tensor "
                     "or a dynamic method.")
     return None
@@ -74,10 +74,10 @@ def sensitivity_table(cache: ModelCache, name: str, config: QuantConfig, progres
         loaded = cache.load(name)
         # the distilled images, made without the lock where they neither ship nor are cached
         cache.distill(name, base.replace(bias_images=8), progress)
-        prepared = cache.prepared(name, base)
+        memo = cache.memo(name)
         with cache.lock:
-            images = prepared.distilled_images(8)[:ADVISOR_IMAGES]
-        return sensitivity(loaded.model, base, ADVISOR_WIDTHS, images=images, prepared=prepared, progress=progress,
+            images = memo.distilled_images(8)[:ADVISOR_IMAGES]
+        return sensitivity(loaded.model, base, ADVISOR_WIDTHS, images=images, memo=memo, progress=progress,
                            lock=cache.lock)
     return cache.slow(table_key(name, config), measure)
 

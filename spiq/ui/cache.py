@@ -1,5 +1,5 @@
 """Models kept in memory for many users at once: each float model loaded once and shared read-only,
-its prepared data-free analysis, a bounded LRU of quantized copies keyed by (model, config), and a
+its quantization memo (folded references, data-free ranges, distilled images), a bounded LRU of quantized copies keyed by (model, config), and a
 bounded LRU of computed views keyed by (model, config, image digest, view, options).
 
 Every computation that runs a shared model holds `ModelCache.lock`: the analyses attach forward
@@ -12,21 +12,19 @@ import contextlib
 import copy
 import json
 import threading
-from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
-from torch import nn
 
 from spiq.config import ConfigError, QuantConfig
-from spiq.models.data import IMAGE_EXTENSIONS, Preprocess, load_batch
+from spiq.core.lru import LRU
+from spiq.models.data import IMAGE_EXTENSIONS, load_batch
 from spiq.quantize.api import quantize
 from spiq.quantize.biasfit import bias_images_for
-from spiq.quantize.prepared import Prepared, prepare, prepared_key
+from spiq.quantize.memo import Memo
 from spiq.quantize.report import QuantResult
-from spiq.models.registry import load_model
+from spiq.models.registry import LoadedModel, load_model
 from spiq.ui.limits import Footprint, footprint
 
 
@@ -84,72 +82,64 @@ class PriorityLock:
             self._local.urgent = before
 
 
-@dataclass(frozen=True)
-class Loaded:
-    name: str
-    model: nn.Module
-    preprocess: Preprocess
-    classes: list[str]
-
-
 def config_key(config: QuantConfig) -> str:
     return json.dumps(config.to_dict(), sort_keys=True)
 
 
 class ModelCache:
+    """Every store is an `LRU` (`spiq.core.lru`): the quantized models, the views and the slow
+    results bounded, the rest (one entry per model, or per quantized model) unbounded."""
+
     def __init__(self, max_quantized: int = 4, calib_dir: str | Path | None = None, calib_images: int = 32,
                  max_views: int = 64, max_slow: int = 8, distill_inline: bool = True):
         self.lock = PriorityLock()
         # False: a recipe whose bias-fit images are neither shipped nor cached is refused rather than
         # distilled in the request (minutes of CPU, and memory that grows with the image count).
         self.distill_inline = distill_inline
-        self._footprints: dict[str, Footprint] = {}
         self.pinned: set[tuple[str, str]] = set()   # (model, config) the LRU never drops: see pin()
         self.max_quantized = max_quantized
         self.max_views = max_views
         self.calib_dir = Path(calib_dir) if calib_dir else None
         self.calib_images = calib_images
-        self._loaded: dict[str, Loaded] = {}
-        self._prepared: dict[tuple, Prepared] = {}
-        self._quantized: OrderedDict[tuple[str, str], QuantResult] = OrderedDict()
-        self._derived: dict[tuple, object] = {}   # image-independent analyses of the cached models
+        # Per model: the float model, its footprint, its calibration images, the lock of its distillation.
+        self._loaded: LRU[LoadedModel] = LRU()
+        self._footprints: LRU[Footprint] = LRU()
+        self._calib: LRU[torch.Tensor] = LRU()
+        self._distilling: LRU[threading.Lock] = LRU()
+        self._memos: LRU[Memo] = LRU()
+        # Quantized copies, the pinned ones kept; a copy dropped takes its derived analyses with it.
+        self._quantized: LRU[QuantResult] = LRU(max_quantized, keep=lambda key: key in self.pinned,
+                                                on_drop=self._forget_derived)
+        self._derived: LRU[object] = LRU()   # image-independent analyses of the cached models
         # Figures of one request each (~0.1-0.3 MB): bounded by count, whatever the model cache holds.
-        self._views: OrderedDict[tuple, object] = OrderedDict()
+        self._views: LRU[object] = LRU(max_views)
         self._views_lock = threading.Lock()   # not the model lock: a cached view never waits for a model run
         self.view_computes = 0   # views computed and views answered from the LRU: what tests and
         self.view_hits = 0       # benchmarks read to see that going back to a tab computes nothing
-        self._calib: dict[str, torch.Tensor] = {}
-        self._distilling: dict[str, threading.Lock] = {}
         # Results that take tens of seconds (the advisor's sensitivity tables, ~50 small rows each):
         # the last `max_slow`, each computed by one request while the others asking for it wait.
         self.max_slow = max_slow
-        self._slow: OrderedDict[tuple, object] = OrderedDict()
-        self._slow_flights: dict[tuple, threading.Lock] = {}
+        self._slow: LRU[object] = LRU(max_slow)
+        self._slow_flights: LRU[threading.Lock] = LRU()
 
-    def load(self, name: str) -> Loaded:
+    def _forget_derived(self, quantized_key: tuple[str, str]) -> None:
+        self._derived.drop(lambda key: key[:2] != quantized_key)
+
+    def load(self, name: str) -> LoadedModel:
         with self.lock:
-            if name not in self._loaded:
-                model, preprocess, classes = load_model(name)
-                for p in model.parameters():
-                    p.requires_grad_(False)  # shared read-only; attributions need input gradients only
-                self._loaded[name] = Loaded(name, model, preprocess, classes)
-            return self._loaded[name]
+            return self._loaded.make(name, lambda: _read_only(load_model(name)))
 
     def footprint(self, name: str) -> Footprint:
         """Model `name`'s weights and per-image activations, measured once (a forward pass with hooks)."""
         with self.lock:
-            if name not in self._footprints:
-                loaded = self.load(name)
-                self._footprints[name] = footprint(loaded.model, (3, loaded.preprocess.crop, loaded.preprocess.crop))
-            return self._footprints[name]
+            loaded = self.load(name)
+            return self._footprints.make(name, lambda: footprint(loaded.model, (3, loaded.preprocess.crop,
+                                                                                  loaded.preprocess.crop)))
 
-    def prepared(self, name: str, config: QuantConfig) -> Prepared:
-        key = (name, *prepared_key(config))
+    def memo(self, name: str) -> Memo:
+        """Model `name`'s quantization memo: its folded references, ranges and distilled images."""
         with self.lock:
-            if key not in self._prepared:
-                loaded = self.load(name)
-                self._prepared[key] = prepare(loaded.model, config, loaded.preprocess)
-            return self._prepared[key]
+            return self._memos.make(name, lambda: Memo(self.load(name)))
 
     def warm(self, name: str, config: QuantConfig | None = None) -> None:
         """Search the data-free ranges of every bit width ahead of the first request (seconds of CPU),
@@ -159,22 +149,23 @@ class ModelCache:
         model. The calibration runs the shared float model, so it takes the lock in short turns.
         """
         config = config or QuantConfig()
-        prepared = self.prepared(name, config)
-        prepared.warm(config)
+        memo = self.memo(name)
+        memo.warm(config)
         if self.calib_dir is not None:
-            prepared.warm_calibrated(self.calibration(name), config, lock=self.lock)
+            memo.warm_calibrated(self.calibration(name), config, lock=self.lock)
 
     def calibration(self, name: str) -> torch.Tensor:
         """The calib-* methods' images: every image of `calib_dir`, preprocessed for this model."""
         if self.calib_dir is None and name not in self._calib:
             raise ValueError("this cache has no calibration images (calib_dir)")
         with self.lock:
-            if name not in self._calib:
-                files = sorted(p for p in self.calib_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-                if not files:
-                    raise ValueError(f"no calibration images in {self.calib_dir}")
-                self._calib[name] = load_batch(files[: self.calib_images], self.load(name).preprocess)
-            return self._calib[name]
+            return self._calib.make(name, lambda: self._read_calibration(name))
+
+    def _read_calibration(self, name: str) -> torch.Tensor:
+        files = sorted(p for p in self.calib_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise ValueError(f"no calibration images in {self.calib_dir}")
+        return load_batch(files[: self.calib_images], self.load(name).preprocess)
 
     def use_calibration(self, name: str, images: torch.Tensor) -> None:
         """Calibrate model `name` on these preprocessed images instead of `calib_dir`'s: a report
@@ -186,12 +177,11 @@ class ModelCache:
                   progress: Callable[[float, str], None] | None = None) -> QuantResult:
         """The quantized copy of model `name` for `config`, shared by everyone who asks for it.
 
-        Cheap to keep: copies made from one prepared model share its weight tensors.
+        Cheap to keep: copies made with one memo share its weight tensors.
         """
         key = (name, config_key(config))
         with self.lock:
             if key in self._quantized:
-                self._quantized.move_to_end(key)
                 return self._quantized[key]
         report = progress
         if self.distill(name, config, progress) and progress is not None:
@@ -203,14 +193,10 @@ class ModelCache:
             loaded = self.load(name)
             calib = self.calibration(name) if config.needs_calibration else None
             q = quantize(loaded.model, config, calib_data=calib, progress=report,
-                         prepared=self.prepared(name, config))
+                         memo=self.memo(name))
             for p in q.model.parameters():
                 p.requires_grad_(False)
-            self._quantized[key] = q
-            while len(self._quantized) > self.max_quantized + len(self.pinned):
-                gone = next(k for k in self._quantized if k not in self.pinned)
-                del self._quantized[gone]
-                self._derived = {k: v for k, v in self._derived.items() if k[:2] != gone}
+            self._quantized[key] = q   # past max_quantized, drops the least recently used unpinned copy
             return q
 
     def has_quantized(self, name: str, config: QuantConfig) -> bool:
@@ -228,7 +214,7 @@ class ModelCache:
         """Whether config's bias fit (default: the default recipe's) can run without distilling first."""
         config = config or QuantConfig()
         n = bias_images_for(config, self.load(name).model)
-        return not n or self.prepared(name, config).images_ready(n)
+        return not n or self.memo(name).images_ready(n)
 
     def check_fit(self, name: str, config: QuantConfig) -> None:
         """Raise unless config's bias fit can run here: its images ready, or distilled on demand."""
@@ -246,19 +232,19 @@ class ModelCache:
         n = bias_images_for(config, loaded.model)
         if not n:
             return False
-        prepared = self.prepared(name, config)
-        if prepared.images_ready(n):
+        memo = self.memo(name)
+        if memo.images_ready(n):
             return False
         self.check_fit(name, config)
         with self.lock:   # copied while no request has hooks on the shared model
-            model_lock = self._distilling.setdefault(name, threading.Lock())
+            model_lock = self._distilling.make(name, threading.Lock)
             private = copy.deepcopy(loaded.model)
         # Never wait for the shared lock while holding model_lock: a view holding the shared lock
         # may be waiting for this model's images.
         with model_lock:
-            if prepared.images_ready(n):
+            if memo.images_ready(n):
                 return False
-            prepared.distilled_images(n, progress, copy_of_source=private)
+            memo.distilled_images(n, progress, copy_of_source=private)
             return True
 
     def derived(self, name: str, config: QuantConfig, what: str, compute: Callable[[], object], fresh: bool = False,
@@ -284,7 +270,6 @@ class ModelCache:
         with self._views_lock:
             if key not in self._views:
                 return False, None
-            self._views.move_to_end(key)
             self.view_hits += 1
             return True, self._views[key]
 
@@ -300,10 +285,7 @@ class ModelCache:
         value = compute()
         with self._views_lock:
             self.view_computes += 1
-            self._views[key] = value
-            self._views.move_to_end(key)
-            while len(self._views) > self.max_views:
-                self._views.popitem(last=False)
+            self._views[key] = value   # past max_views, drops the least recently used
         return value
 
     def cached_slow(self, key: tuple) -> tuple[bool, object]:
@@ -311,7 +293,6 @@ class ModelCache:
         with self._views_lock:
             if key not in self._slow:
                 return False, None
-            self._slow.move_to_end(key)
             return True, self._slow[key]
 
     def slow(self, key: tuple, compute: Callable[[], object]):
@@ -323,17 +304,15 @@ class ModelCache:
         if found:
             return value
         with self._views_lock:
-            flight = self._slow_flights.setdefault(key, threading.Lock())
+            flight = self._slow_flights.make(key, threading.Lock)
         with flight:
             found, value = self.cached_slow(key)
             if found:
                 return value
             value = compute()
             with self._views_lock:
-                self._slow[key] = value
-                self._slow_flights.pop(key, None)
-                while len(self._slow) > self.max_slow:
-                    self._slow.popitem(last=False)
+                self._slow[key] = value   # past max_slow, drops the least recently used
+                self._slow_flights.pop(key)
         return value
 
     def view_keys(self) -> list[tuple]:
@@ -344,3 +323,10 @@ class ModelCache:
     def cached_configs(self) -> list[tuple[str, str]]:
         with self.lock:
             return list(self._quantized)
+
+
+def _read_only(loaded: LoadedModel) -> LoadedModel:
+    """A float model shared by every user: read-only (attributions need input gradients only)."""
+    for p in loaded.model.parameters():
+        p.requires_grad_(False)
+    return loaded

@@ -9,7 +9,7 @@ from urllib.parse import urlencode
 from spiq.config import ConfigError, QuantConfig
 from spiq.models.data import open_image
 from spiq.quantize.api import check_config
-from spiq.ui import tabs, views
+from spiq.ui import views
 from spiq.ui.cache import ModelCache
 
 # The example photos beside the package (app.py runs from the repository).
@@ -29,14 +29,14 @@ def example_names() -> dict[str, str]:
 @functools.lru_cache(maxsize=1)
 def _example_digests() -> dict[str, str]:
     """Pixel digest -> file name of each shipped example: which example an image is, however it came."""
-    return {tabs.image_digest(open_image(Path(path))): name for name, path in example_names().items()}
+    return {views.image_digest(open_image(Path(path))): name for name, path in example_names().items()}
 
 
-def link_query(applied: str, image) -> str:
+def link_query(config: QuantConfig, image) -> str:
     """The query string of a link to this state: the applied recipe and, if the image is a shipped
     example, its file name (an uploaded image cannot travel in a link)."""
-    params = {"recipe": QuantConfig.from_json(applied).to_json()}
-    if image is not None and (name := _example_digests().get(tabs.image_digest(image))) is not None:
+    params = {"recipe": config.to_json()}
+    if image is not None and (name := _example_digests().get(views.image_digest(image))) is not None:
         params["example"] = name
     return "?" + urlencode(params)
 

@@ -21,13 +21,14 @@ from spiq.analysis import layers as analysis
 from spiq.ui import plots
 from spiq.analysis.attribution import attribution_drift
 from spiq.models.data import allowed_file
-from spiq.ui.cache import Loaded, ModelCache, config_key
+from spiq.models.registry import LoadedModel
+from spiq.ui.cache import ModelCache, config_key
 from spiq.config import GRANULARITIES, MAX_BITS, METHODS, MIN_BITS, ConfigError, QuantConfig, read_recipe_text
 from spiq.core.quant import QuantLayer
 from spiq.ui.scratch import ScratchDir
 from spiq.methods.registry import get_method
 from spiq.quantize.api import methods_for
-from spiq.quantize.prepared import quantizable_layers
+from spiq.quantize.memo import quantizable_layers
 from spiq.quantize.report import QuantResult
 from spiq.models.vit import is_transformer  # noqa: F401  (the app asks views whether a model has attention)
 from spiq.core.metrics import tensor_sqnr_db
@@ -36,7 +37,8 @@ from spiq.core.metrics import tensor_sqnr_db
 @dataclass
 class Scene:
     """One user's request made concrete: the shared models and the image as the model sees it."""
-    loaded: Loaded
+    name: str                    # the model's name in the registry
+    loaded: LoadedModel
     config: QuantConfig
     qmodel: QuantResult
     x: torch.Tensor              # (3, H, W) preprocessed
@@ -58,11 +60,19 @@ class Scene:
         return [n for n in self.layers if prop is not None and n in prop.inputs]
 
 
+def image_digest(image: Image.Image) -> str:
+    """Names the pixels, so the same photo sent again (another session, an example) finds its views."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{image.mode} {image.size}".encode())
+    h.update(image.tobytes())
+    return h.hexdigest()
+
+
 def scene(cache: ModelCache, name: str, config: QuantConfig, image: Image.Image, progress=None) -> Scene:
     loaded = cache.load(name)
     qmodel = cache.quantized(name, config, progress)
     x = loaded.preprocess(image)
-    return Scene(loaded, config, qmodel, x, loaded.preprocess.to_image(x))
+    return Scene(name, loaded, config, qmodel, x, loaded.preprocess.to_image(x))
 
 
 def _describe(cmp: analysis.Comparison) -> str:
@@ -92,7 +102,7 @@ def channel_ranges(cache: ModelCache, sc: Scene, layer: str):
 def default_range_layer(cache: ModelCache, sc: Scene) -> str | None:
     """The layer whose channels' data-free ranges differ most (at 8 bits, whatever the recipe's):
     where per-channel input ranges show their point. Computed from the model, once per recipe."""
-    spread = cache.derived(sc.loaded.name, sc.config, "channel_spread", lambda: analysis.channel_spread(sc.qmodel, 8))
+    spread = cache.derived(sc.name, sc.config, "channel_spread", lambda: analysis.channel_spread(sc.qmodel, 8))
     shown = {n: v for n, v in spread.items() if n in sc.range_layers}
     return max(shown, key=shown.get) if shown else None
 
@@ -103,7 +113,7 @@ def layer_error(cache: ModelCache, sc: Scene, raised: dict[str, int] | None = No
     with cache.lock:
         breakdown = analysis.layer_breakdown(sc.loaded.model, sc.qmodel, sc.x[None])
         rows = analysis.layer_sqnr(sc.loaded.model, sc.qmodel, sc.x[None], breakdown=breakdown)
-        folds = cache.derived(sc.loaded.name, sc.config, "fold_cost",
+        folds = cache.derived(sc.name, sc.config, "fold_cost",
                               lambda: analysis.fold_cost(sc.loaded.model, sc.qmodel))
     table = [[r.name, round(r.isolated, 2), round(r.propagated, 2), round(b.clip, 2), round(b.input, 2),
               round(b.weight, 2), round(100 * b.clipped, 3)] for r, b in zip(rows, breakdown)]
@@ -283,6 +293,13 @@ def _control_choice(label: str, value, options) -> str:
     if not isinstance(value, str) or value not in options:
         raise ConfigError(f"{label} must be one of {', '.join(options)}; got {value!r}")
     return value
+
+
+def control_values(config: QuantConfig) -> tuple:
+    """What the app's controls show for `config`: (method, weight bits, input bits, weight and input
+    granularity, bias fit), the values `config_from_controls` reads back."""
+    return (config.method, config.weight_bits, config.input_bits, config.weight_granularity,
+            config.input_granularity or "method default", config.bias_images != 0)
 
 
 def config_from_controls(applied: QuantConfig, method, wbits, abits, wgran, igran, bias_fit, rows) -> QuantConfig:

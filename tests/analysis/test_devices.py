@@ -64,7 +64,7 @@ CALLS = {
     "layer_breakdown": lambda s: layers.layer_breakdown(s.loaded.model, s.q, s.x),
     "layer_sqnr": lambda s: layers.layer_sqnr(s.loaded.model, s.q, s.x),
     "channel_ranges": lambda s: layers.channel_ranges(s.loaded.model, s.q, LAYER, s.x),
-    "channel_spread": lambda s: layers.channel_spread(s.q, 6),   # 6 bits: searched here, not memoized by quantize()
+    "channel_spread": lambda s: layers.channel_spread(s.q, 6),
     "fold_cost": lambda s: layers.fold_cost(s.loaded.model, s.q),
     "compare_predictions": lambda s: layers.compare_predictions(s.loaded.model, s.q, s.x[0], s.loaded.classes),
     "error_maps": lambda s: layers.error_maps(s.loaded.model, s.q, s.x[0]),
@@ -75,7 +75,7 @@ CALLS = {
     "grad_cam_vit": lambda s: attribution.attribution_drift(s.vit, s.vq, s.vx[0], "grad-cam"),
     "law_vs_reality": lambda s: law.law_vs_reality(s.q, s.x, LAYER),
     "score_example": lambda s: examples.score_example(s.loaded, "x", s.x[0], s.q, s.static),
-    "sensitivity": lambda s: sensitivity.sensitivity(s.loaded, CONFIG, (4, 8), images=s.x, prepared=s.q.report.prepared),
+    "sensitivity": lambda s: sensitivity.sensitivity(s.loaded, CONFIG, (4, 8), images=s.x),
 }
 # quantize() runs on the CPU (prepare's laws start from the preprocess's CPU bounds): sensitivity()
 # takes the model there and runs its probes on the device it is given
@@ -150,27 +150,10 @@ def assert_same(a, b, exact: bool) -> None:
             assert x == y or (x != x and y != y)   # NaN equals NaN here
 
 
-MEMOS = ("ranges", "effects", "moments", "weights")
-
-
-@contextlib.contextmanager
-def memos_kept(s: Scene):
-    """What the block adds to quantize()'s memos forgotten after it: the next run searches again."""
-    held = [(p, {m: getattr(p, m).copy() for m in MEMOS}) for p in (s.q.report.prepared, s.vq.report.prepared)]
-    try:
-        yield
-    finally:
-        for p, memos in held:
-            for m, kept in memos.items():
-                getattr(p, m).clear()
-                getattr(p, m).update(kept)
-
-
 @pytest.mark.parametrize("name", list(CALLS))
 def test_nothing_is_made_on_the_default_device(scene, name, spiq_code_only):
     """Model and images on the CPU, the default device elsewhere: the very numbers of the plain run."""
-    with memos_kept(scene):
-        plain = CALLS[name](scene)
+    plain = CALLS[name](scene)
     with default_device("meta"):
         moved = CALLS[name](scene)
     assert_same(plain, moved, exact=True)
@@ -185,8 +168,7 @@ def test_the_device_gives_the_cpus_numbers_on_the_cpu(scene, name, device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_sensitivity_probes_on_the_device_it_is_given(scene, device):
     def table(on):
-        return sensitivity.sensitivity(scene.loaded, CONFIG, (4, 8), images=scene.x, prepared=scene.q.report.prepared,
-                                       device=on)
+        return sensitivity.sensitivity(scene.loaded, CONFIG, (4, 8), images=scene.x, device=on)
     assert_same(table("cpu"), table(device), exact=device == "cpu")
 
 

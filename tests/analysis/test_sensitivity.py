@@ -54,12 +54,12 @@ def test_classifier_and_stem_inputs_are_among_the_most_sensitive(lite0_sensitivi
 
 
 def test_the_probe_is_quantize_with_every_other_layer_skipped(lite0_sensitivity, lite0_loaded):
-    table, _, images, prepared = lite0_sensitivity
+    table, _, images, memo = lite0_sensitivity
     names = probed_layers(lite0_loaded.model, CONFIG)
     config = probe_config(CONFIG, names, "input", LO)
     alone = config.replace(overrides={**config.overrides, **{n: LayerOverride(skip=True)
                                                            for n in names if n != "classifier"}})
-    q = spiq.quantize(lite0_loaded, alone, prepared=prepared)
+    q = spiq.quantize(lite0_loaded, alone, memo=memo)
     with torch.no_grad():
         expected = tensor_sqnr_db(lite0_loaded.model(images), q(images))
     assert next(r for r in table if r.name == "classifier").input_sqnr[LO] == pytest.approx(expected, abs=1e-3)

@@ -104,9 +104,9 @@ def test_parity_with_the_simulation_of_the_config(spiq_w8a8, exported, images):
     assert len(rows) == 50 and all(r["sqnr_db"] > 12 for r in rows)
 
 
-def test_int8_graph_config_simulates_what_onnx_runtime_runs(spiq_w8a8, exported, images, tmp_path):
+def test_int8_graph_config_simulates_what_onnx_runtime_runs(spiq_w8a8, exported, images, tmp_path, lite0_loaded):
     x, y = images
-    twin = spiq.quantize(spiq_w8a8.report.prepared.source,
+    twin = spiq.quantize(lite0_loaded.model,
                          spiq.QuantConfig(method="spiq", weight_bits=8, input_bits=8, int8_graph=True),
                          preprocess=spiq_w8a8.preprocess)
     report = ex.export_onnx(twin, tmp_path / "twin.onnx")
@@ -129,9 +129,10 @@ def test_int8_graph_config_simulates_what_onnx_runtime_runs(spiq_w8a8, exported,
         spiq.QuantConfig(method="spiq", weight_bits=8, input_bits=4, int8_graph=True)
 
 
-def test_int8_graph_carries_the_bias_fit_into_the_layers_it_requantizes(spiq_w8a8, exported, images, tmp_path):
+def test_int8_graph_carries_the_bias_fit_into_the_layers_it_requantizes(spiq_w8a8, exported, images, tmp_path,
+                                                                       lite0_loaded):
     x, _ = images
-    source = spiq_w8a8.report.prepared.source
+    source = lite0_loaded.model
     config = spiq.QuantConfig(method="spiq", weight_bits=8, input_bits=8, int8_graph=True)
     pre = spiq_w8a8.preprocess
     fitted = spiq.quantize(source, config, preprocess=pre)   # bias_images automatic: 8 on a model with BatchNorm

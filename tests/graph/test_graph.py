@@ -8,7 +8,7 @@ import spiq
 from spiq.transforms.fold import fold_batchnorm
 from spiq.graph.trace import analyse
 from spiq.core.quant import QuantLayer
-from spiq.quantize.api import prepare, quantizable_layers
+from spiq.quantize.memo import Memo, quantizable_layers
 from spiq.ranges.laws import propagate
 
 
@@ -44,9 +44,9 @@ def test_se_hardswish_silu_models_are_analysed_without_crash(sample):
     for arch in ("mobilenet_v3_large", "efficientnet_b0", "resnet18"):
         model = torchvision.models.get_model(arch, weights=None).eval()
         config = spiq.QuantConfig(method="spiq", weight_bits=8, input_bits=8, bias_images=2)
-        prepared = prepare(model, config)
-        prepared.distilled[2] = x   # real images stand in for distilled ones: the graph is what is tested here
-        q = spiq.quantize(model, config, prepared=prepared)
+        memo = Memo(model)
+        memo.hold_distilled(x)   # real images stand in for distilled ones: the graph is what is tested here
+        q = spiq.quantize(model, config, memo=memo)
         report = q.report
         assert set(report.layers) == set(quantizable_layers(model))
         assert report.bias_images == 2 and len(report.bias_fit) >= 9, arch   # layers before SiLU/Hardswish/ReLU

@@ -8,7 +8,11 @@ import spiq
 from spiq.core.tensors import Range
 from spiq.config import METHODS, ConfigError, QuantConfig
 from spiq.methods.registry import METHODS as REGISTERED
-from spiq.methods.registry import LayerInput, Method, get_method, register
+from spiq.methods import layerwise
+from spiq.methods.calibrated import CalibratedRange
+from spiq.methods.plans import LayerInput, LayerPlan, MethodPlan
+from spiq.methods.registry import Method, get_method, register, registered
+from spiq.methods.spiq import data_free_range
 from spiq.models.toy import toy_cnn
 
 
@@ -26,7 +30,7 @@ def test_every_method_is_registered_in_the_app_order_with_its_properties():
     assert [m for m in METHODS if get_method(m).int8_graph] == ["spiq", "static-tensor", "calib-minmax",
                                                                "calib-percentile", "calib-mse"]
     assert [m for m in METHODS if get_method(m).fold_choice] == ["spiq"]
-    assert [m for m in METHODS if get_method(m).search is not None] == ["liu-ptq"]
+    assert [m for m in METHODS if get_method(m).plan is not layerwise.plan_layers] == ["liu-ptq"]
 
 
 def test_a_layer_input_gets_its_range_from_its_method():
@@ -37,7 +41,7 @@ def test_a_layer_input_gets_its_range_from_its_method():
     assert get_method("calib-mse").input_range(x) is measured
     assert get_method("dynamic-channel").input_range(x) is None      # per sample at run time
     assert get_method("calib-percentile").calibration(6, True, QuantConfig(percentile=99.9)) == \
-        ("percentile", 6, True, 99.9)
+        CalibratedRange("percentile", None, True, 99.9)
 
 
 def _bypassing_checks(**changes) -> QuantConfig:
@@ -98,8 +102,35 @@ def test_an_unknown_method_is_refused_with_a_suggestion(name, close):
 def test_the_registry_refuses_an_incomplete_or_repeated_method():
     with pytest.raises(ValueError, match="registered twice"):
         register(get_method("spiq"))
-    with pytest.raises(ValueError, match="either input_range or search"):
+    with pytest.raises(ValueError, match="either input_range or plan"):
         register(Method("half", "neither a range nor a search"))
     with pytest.raises(ValueError, match="data-free law"):
         register(dataclasses.replace(get_method("calib-mse"), name="calib-fold", fold_choice=True))
     assert "half" not in REGISTERED and "calib-fold" not in REGISTERED
+
+
+def test_a_new_method_is_one_registration_and_quantize_plans_with_it():
+    """What a newcomer writes for a method: its range rule (here the data-free range, halved), or a
+    handler of its own; nothing in spiq.quantize changes, and the method is gone after the block."""
+    def half_range(x: LayerInput) -> Range:
+        rng = data_free_range(x)
+        return Range(rng.lo / 2, rng.hi / 2)
+
+    model, pre = toy_cnn()
+    with registered(Method("half-law", "half the data-free range", input_range=half_range)) as half:
+        assert half.plan is layerwise.plan_layers and "half-law" in METHODS
+        q = spiq.quantize(model, QuantConfig(method="half-law", bias_images=0), preprocess=pre)
+        full = spiq.quantize(model, QuantConfig(method="static-tensor", bias_images=0), preprocess=pre)
+        name = next(n for n, lp in q.report.layers.items() if lp.data_free_range_from == "bn")
+        got, ref = q.report.layers[name], full.report.layers[name]
+        assert isinstance(got, LayerPlan) and got.method == "half-law"
+        assert torch.equal(got.range.hi, ref.range.hi / 2)
+
+        def skip_all(ctx, method) -> MethodPlan:   # a handler of its own: plans no layer
+            return MethodPlan()
+
+        with registered(Method("nothing", "leaves every layer float", plan=skip_all)):
+            assert not spiq.quantize(model, QuantConfig(method="nothing", bias_images=0), preprocess=pre).report.layers
+    assert "half-law" not in METHODS and "nothing" not in REGISTERED
+    with pytest.raises(ConfigError, match="method must be one of"):
+        QuantConfig(method="half-law")

@@ -22,7 +22,7 @@ import torch
 import spiq
 from spiq.models.data import IMAGE_EXTENSIONS, load_batch
 from spiq.quantize.api import methods_for
-from spiq.quantize.prepared import prepare
+from spiq.quantize.memo import Memo
 
 ROOT = Path(__file__).resolve().parents[2]
 ASSETS = ROOT / "assets"
@@ -30,7 +30,7 @@ STORED = Path(__file__).with_name("fingerprint.json")
 MODEL = "efficientnet_lite0"
 BITS = ["W8A8", "W8A6", "W8A4", "W4A8"]
 # The logits are hashed on this grid. At one thread count, runs agree bit for bit on this machine
-# (fresh quantizations and ones sharing a prepared model too), so the grid need only sit above
+# (fresh quantizations and ones sharing a memo too), so the grid need only sit above
 # float noise; a change that moves any logit by a step moves the hash, and real changes move them
 # by far more (a bias-fit shift 0.1 % smaller: every recipe).
 GRID = 1e-3
@@ -68,7 +68,7 @@ def config_of(recipe: str) -> spiq.QuantConfig:
 def quantized_logits(only: list[str] | None = None, shared: bool = True) -> dict[str, np.ndarray]:
     """Each recipe's logits on the example photos, one quantization per recipe (each method's defaults).
 
-    `shared`: the recipes share one prepared model, as the app's re-quantizations do (the folding,
+    `shared`: the recipes share one memo, as the app's re-quantizations do (the folding,
     laws and ranges made once); the logits are those of a fresh quantize() either way."""
     threads = torch.get_num_threads()
     torch.set_num_threads(THREADS)
@@ -76,13 +76,13 @@ def quantized_logits(only: list[str] | None = None, shared: bool = True) -> dict
         loaded = spiq.load_model(MODEL)
         x = load_batch(example_images(), loaded.preprocess)
         calib = load_batch(calibration_images(), loaded.preprocess)
-        prepared = prepare(loaded) if shared else None
+        memo = Memo(loaded) if shared else None
         out = {}
         with torch.no_grad():
             for recipe in only or recipes(loaded.model):
                 config = config_of(recipe)
                 q = spiq.quantize(loaded, config, calib_data=calib if config.needs_calibration else None,
-                                  prepared=prepared)
+                                  memo=memo)
                 out[recipe] = q(x).numpy().astype(np.float64)
         return out
     finally:

@@ -13,7 +13,7 @@ from spiq.core.metrics import parameter_checksum
 from spiq.core.metrics import mean_logit_sqnr_db
 from spiq.graph.trace import analyse
 from spiq.quantize.biasfit import activated_layers
-from spiq.quantize.prepared import distill_bounds, input_bounds_of, prepare, quantizable_layers
+from spiq.quantize.memo import Memo, distill_bounds, input_bounds_of, quantizable_layers
 
 
 def _bn_gap(model: nn.Module, x: torch.Tensor) -> float:
@@ -101,8 +101,7 @@ def test_the_default_models_images_ship_with_the_package(lite0, tmp_path, monkey
     def no_distilling(*_a, **_k):
         raise AssertionError("distilled instead of read from the package")
     monkeypatch.setattr(distill, "distill_images", no_distilling)
-    prepared = prepare(lite0_loaded)
-    x = prepared.distilled_images(8)
+    x = Memo(lite0_loaded).distilled_images(8)
     lo, hi, _ = distill_bounds(lite0_loaded.preprocess)
     assert x.shape == (8, 3, 224, 224) and x.dtype == torch.float32
     assert (x >= lo.view(1, -1, 1, 1)).all() and (x <= hi.view(1, -1, 1, 1)).all()

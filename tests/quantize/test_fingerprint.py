@@ -29,7 +29,7 @@ def test_quantized_logits_match_the_stored_fingerprint():
     assert not moved, (
         f"{len(moved)} recipe(s) moved from tests/quantize/fingerprint.json{other_torch}:\n  " + "\n  ".join(moved) + "\n"
         "If the change is meant to move them: python tests/quantize/fingerprint.py --update, re-run "
-        "python bench/accuracy.py and python bench/results_doc.py, and commit them with the change, saying why "
+        "python -m bench.accuracy and python -m bench.results_doc, and commit them with the change, saying why "
         "in the message. If not, the change moved the quantized models by mistake.")
 
 

@@ -7,7 +7,8 @@ from torch import nn
 import spiq
 from spiq.analysis.evaluate import predict
 from spiq.core.quant import QuantLayer
-from spiq.quantize.api import prepare, quantizable_layers
+from spiq.quantize import memo as memo_module
+from spiq.quantize.memo import Memo, quantizable_layers
 from spiq.ranges.laws import observe
 
 
@@ -108,25 +109,29 @@ def test_calibrated_methods_need_images(lite0, sample, lite0_loaded):
     assert torch.allclose(rng.hi, obs.hi.clamp_min(1e-8), rtol=1e-3)  # ref has 16-bit weights
 
 
-def test_calibrated_ranges_kept_across_bits_are_a_fresh_calls(lite0, sample, lite0_loaded):
+def test_calibrated_ranges_kept_across_bits_are_a_fresh_calls(lite0, sample, lite0_loaded, monkeypatch):
     calib = sample[0][:12]
-    prepared = prepare(lite0_loaded)
+    memo = Memo(lite0_loaded)
+    observed = []
+    monkeypatch.setattr(memo_module, "observe", lambda *a, **k: observed.append(1) or observe(*a, **k))
     for bits in (5, 4):   # percentile ranges do not depend on the bits: the second call reuses them
         cfg = spiq.QuantConfig(method="calib-percentile", weight_bits=8, input_bits=bits, calib_images=12)
-        kept = spiq.quantize(lite0_loaded, cfg, calib_data=calib, prepared=prepared).report.layers
+        kept = spiq.quantize(lite0_loaded, cfg, calib_data=calib, memo=memo).report.layers
         fresh = spiq.quantize(lite0_loaded, cfg, calib_data=calib).report.layers
         for name in ("conv_stem", "blocks.3.0.conv_pwl", "classifier"):
             assert torch.equal(kept[name].range.hi, fresh[name].range.hi), (bits, name)
-    assert len(prepared.calibrated) == len(quantizable_layers(lite0))
+    assert len(observed) == 3   # the memo's first call, and each fresh call
     # warmed ahead (as the app does at start): the MSE ranges of a bit width, found, not searched
     cfg6 = spiq.QuantConfig(method="calib-mse", weight_bits=8, input_bits=6, calib_images=12)
-    prepared.warm_calibrated(calib, cfg6, bits=(6,))
-    assert len(prepared.calibrated) == 3 * len(quantizable_layers(lite0))
-    kept = spiq.quantize(lite0_loaded, cfg6, calib_data=calib, prepared=prepared).report.layers
+    memo.warm_calibrated(calib, cfg6, bits=(6,))
+    assert len(observed) == 4
+    kept = spiq.quantize(lite0_loaded, cfg6, calib_data=calib, memo=memo).report.layers
+    assert len(observed) == 4
     fresh = spiq.quantize(lite0_loaded, cfg6, calib_data=calib).report.layers
     assert all(torch.equal(kept[n].range.hi, fresh[n].range.hi) for n in kept)
     # other images: observed again
-    other = spiq.quantize(lite0_loaded, cfg, calib_data=sample[0][100:112], prepared=prepared).report.layers
+    other = spiq.quantize(lite0_loaded, cfg, calib_data=sample[0][100:112], memo=memo).report.layers
+    assert len(observed) == 6
     assert not torch.equal(other["classifier"].range.hi, kept["classifier"].range.hi)
 
 

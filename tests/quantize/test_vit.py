@@ -10,7 +10,7 @@ from spiq.methods import liu
 from spiq.core.metrics import tensor_sqnr_db
 from spiq.core.metrics import parameter_checksum
 from spiq.core.quant import ActQuant, QuantLayer
-from spiq.quantize.api import prepare
+from spiq.quantize.memo import Memo
 from spiq.models.vit import TapAttention, vit_graph
 
 from spiq.models.vit import toy_vit
@@ -18,7 +18,7 @@ from spiq.models.vit import toy_vit
 
 @pytest.fixture(scope="module")
 def prepared(vit):
-    return prepare(vit)
+    return Memo(vit).reference(spiq.QuantConfig())
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +167,7 @@ def test_mixed_precision_meets_the_budget_exactly_and_is_reproducible(vit, vit_i
     chosen = []
     for _ in range(2):
         q = spiq.quantize(vit, config, calib_data=calib)
-        bits = q.report.liu.module_bits
+        bits = q.report.searched["liu-ptq"].module_bits
         size = {m: sum(p.numel() for n, p in vit.get_submodule(m).named_parameters() if n.endswith("weight")
                        and "norm" not in n) for m in bits}
         assert sum(size[m] * b for m, b in bits.items()) == 6 * sum(size.values())
@@ -195,7 +195,7 @@ def test_choose_bits_is_the_exact_optimum():
 def test_liu_quantizers_are_the_searched_intervals(vit, vit_images):
     calib, _ = vit_images
     q = spiq.quantize(vit, spiq.QuantConfig(method="liu-ptq", weight_bits=6, input_bits=6, search_points=20), calib_data=calib)
-    plan = q.report.liu
+    plan = q.report.searched["liu-ptq"]
     layer = q.model.get_submodule("blocks.1.mlp.fc1")
     site = plan.layers["blocks.1.mlp.fc1"]
     assert math.isclose(float(layer.input_quant.scale), site.search.delta_a, rel_tol=1e-6)

@@ -9,7 +9,7 @@ from spiq.analysis.evaluate import predict
 from spiq.transforms.fold import ChannelReLU6, fold_batchnorm
 from spiq.graph.trace import analyse
 from spiq.core.quant import QuantLayer
-from spiq.quantize.api import prepare
+from spiq.quantize.memo import Memo
 
 
 def _rel(a, b):
@@ -50,8 +50,9 @@ def test_folding_torchvision_architectures_is_exact(arch, sample):
 
 @torch.no_grad()
 def test_equalization_is_exact_and_balances_the_weights(lite0, sample, lite0_loaded):
-    prepared = prepare(lite0_loaded, spiq.QuantConfig(equalize=True))
-    plain = prepare(lite0_loaded, spiq.QuantConfig())
+    memo = Memo(lite0_loaded)
+    prepared = memo.reference(spiq.QuantConfig(equalize=True))
+    plain = memo.reference(spiq.QuantConfig())
     eq = prepared.folded
     # pointwise -> depthwise -> pointwise in each block, through ReLU6s that now cap per channel
     assert len(prepared.equalized) == 34

@@ -1,10 +1,10 @@
-"""The Advisor tab's handlers and views on EfficientNet-Lite0, with a sensitivity table given in place
+"""The Advisor tab's advice and views on EfficientNet-Lite0, with a sensitivity table given in place
 of the measured one (measuring takes minutes on two shared cores; the browser test measures it)."""
 import pytest
 
 from spiq.analysis.sensitivity import LayerSensitivity, probed_layers
 from spiq.config import LayerOverride, QuantConfig
-from spiq.ui import advisor, handlers, plots, tabs, views
+from spiq.ui import advisor, plots, state, tab_advisor, tab_layer_error, tab_story, views, viewtabs
 from spiq.ui.cache import ModelCache
 
 MODEL = "efficientnet_lite0"
@@ -35,14 +35,13 @@ def cache(monkeypatch):
     model = cache.load(MODEL).model
     table = _table(model, APPLIED)
     cache.slow(advisor.table_key(MODEL, APPLIED), lambda: table)
-    monkeypatch.setattr(handlers, "CACHE", cache)
+    monkeypatch.setattr(state, "CACHE", cache)
     return cache
 
 
 def test_fill_gives_a_recipe_with_per_layer_overrides_that_apply_keeps(cache):
     model = cache.load(MODEL).model
-    *controls, rows, recipe = handlers.fill_advice(MODEL, APPLIED.to_json(), 4.5)
-    advised = QuantConfig.from_json(recipe)
+    advised = tab_advisor.advised(MODEL, APPLIED, 4.5)
     bits = {n: advised.for_layer(n).input_bits for n in probed_layers(model, APPLIED)}
     assert bits["classifier"] == 8
     assert len(set(bits.values())) > 1
@@ -54,8 +53,8 @@ def test_fill_gives_a_recipe_with_per_layer_overrides_that_apply_keeps(cache):
     assert {n for n, o in advised.overrides.items() if o.input_bits} == {n for n, b in bits.items()
                                                                         if b != advised.input_bits}
     assert advised.overrides["conv_stem"].weight_bits == 6   # the recipe's own override kept
-    # the table shows the advice, and Apply (controls + table) makes the same recipe of it
-    assert rows == views.layer_rows(model, advised)
+    # Fill shows the advice in the controls and the table, and Apply makes the same recipe of them
+    controls, rows = views.control_values(advised), views.layer_rows(model, advised)
     assert [r[5] for r in rows] == [advised.for_layer(r[0]).input_bits for r in rows]
     assert views.config_from_controls(advised, *controls, rows).to_dict() == advised.to_dict()
     # the filled recipe finds the table its advice came from: no new measurement
@@ -89,15 +88,15 @@ def test_the_layer_error_tab_is_drawn_again_once_the_advisor_measured(cache):
     from PIL import Image
 
     image = Image.new("RGB", (8, 8))
-    measured = tabs.Request(MODEL, APPLIED, image, tabs.image_digest(image), budget=5.0)
-    other = tabs.Request(MODEL, QuantConfig(weight_bits=6), image, tabs.image_digest(image), budget=5.0)
-    assert tabs.drawn(cache, measured, "layer-error") == measured.drawn() + "|5.0"
-    assert tabs.drawn(cache, other, "layer-error") == other.drawn()
-    assert tabs.drawn(cache, measured, "story") == measured.drawn()
+    measured = viewtabs.Request(MODEL, APPLIED, image, views.image_digest(image), {"budget": 5.0})
+    other = viewtabs.Request(MODEL, QuantConfig(weight_bits=6), image, views.image_digest(image), {"budget": 5.0})
+    assert viewtabs.drawn_key(cache, measured, tab_layer_error.WORK) == measured.drawn() + "|5.0"
+    assert viewtabs.drawn_key(cache, other, tab_layer_error.WORK) == other.drawn()
+    assert viewtabs.drawn_key(cache, measured, tab_story.WORK) == measured.drawn()
 
 
 def test_the_advisor_refuses_what_it_cannot_measure(cache):
     text, fig, rows = advisor.advisor(cache, MODEL, QuantConfig(method="calib-minmax"), 4.5)
     assert "calibration images" in text and fig is None and rows == []
     with pytest.raises(Exception, match="budget must be from 4 to 8 bits in steps of 0.25"):
-        handlers.fill_advice(MODEL, APPLIED.to_json(), 9.0)
+        tab_advisor.advised(MODEL, APPLIED, 9.0)

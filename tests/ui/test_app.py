@@ -11,6 +11,9 @@ from gradio_client import Client, handle_file
 from conftest import APP_VIT as VIT
 from PIL import Image
 
+from spiq.ui import state, tab_attention
+from spiq.ui.page import DEFAULT_MODEL
+
 ROOT = Path(__file__).resolve().parents[2]
 
 EMPTY_TABLE = {"headers": [], "data": []}
@@ -33,11 +36,12 @@ def test_the_page_is_drawn_with_the_default_predictions(app):
     """The predictions written into the page are those a request for the default state returns."""
     from spiq.config import QuantConfig
     from spiq.models.data import open_image
-    from spiq.ui import page
+    from spiq.ui.page import EXAMPLES, first_predictions
 
     module, _ = app
-    fig, text = page.first_predictions(module.CACHE)
-    want_fig, want_text = module.predict(page.DEFAULT_MODEL, QuantConfig().to_json(), open_image(Path(page.EXAMPLES[0])))
+    fig, text = first_predictions(state.CACHE)
+    want = module.page.predict(DEFAULT_MODEL, QuantConfig().to_json(), open_image(Path(EXAMPLES[0])))
+    want_fig, want_text = want[module.page.pred_plot], want[module.page.pred_text]
     assert text == want_text and "logit SQNR" in text
     assert _pixels(_png(fig)).tolist() == _pixels(_png(want_fig)).tolist()
     served = {c["id"]: c.get("props", {}).get("value") for c in module.demo.config["components"]}
@@ -60,7 +64,7 @@ def test_concurrent_users_each_get_their_own_config(app, tmp_path):
     from spiq.models.data import open_image
 
     module, url = app
-    float_model = module.CACHE.load(module.DEFAULT_MODEL).model
+    float_model = state.CACHE.load(DEFAULT_MODEL).model
     before = parameter_checksum(float_model)
     jobs = [("spiq", 8, 4, "cat.jpg"), ("static-tensor", 8, 4, "cat.jpg"), ("dynamic-channel", 8, 4, "coffee.jpg"),
             ("spiq", 4, 8, "rocket.jpg"), ("calib-mse", 8, 5, "cat.jpg"), ("dynamic-tensor", 6, 6, "astronaut.jpg"),
@@ -79,8 +83,8 @@ def test_concurrent_users_each_get_their_own_config(app, tmp_path):
 
     # what the library computes for each config on its own, outside the app and its cache (the
     # calibration images are the app's: the examples)
-    model, preprocess, classes = spiq.load_model(module.DEFAULT_MODEL)
-    calib = module.CACHE.calibration(module.DEFAULT_MODEL)
+    model, preprocess, classes = spiq.load_model(DEFAULT_MODEL)
+    calib = state.CACHE.calibration(DEFAULT_MODEL)
     for (method, w, a, img), (out, again) in zip(jobs, results):
         applied = json.loads(out[1])   # outputs: table, recipe, download, status, plot, text
         assert applied == {"version": 1, "method": method, "weight_bits": w, "input_bits": a}
@@ -100,13 +104,13 @@ def test_views_leave_the_shared_float_model_untouched(app):
     from spiq.core.metrics import parameter_checksum
 
     module, url = app
-    model = module.CACHE.load(module.DEFAULT_MODEL).model
+    model = state.CACHE.load(DEFAULT_MODEL).model
     before = parameter_checksum(model)
     client = Client(url, verbose=False)
     _apply(client, "spiq", 8, 4, str(ROOT / "assets" / "cat.jpg"))
     out = client.predict(handle_file(str(ROOT / "assets" / "cat.jpg")), None, None, None, "integrated-gradients", 11,
                          api_name="/refresh")
-    assert out[-2] == module.NO_ATTENTION   # a CNN has no attention view
+    assert out[-2] == tab_attention.NO_ATTENTION   # a CNN has no attention view
     assert "input_bits\": 4" in out[-1]
     assert client.predict(handle_file(str(ROOT / "assets" / "cat.jpg")), "grad-cam", api_name="/attribution")
     assert parameter_checksum(model) == before
@@ -236,10 +240,10 @@ def test_bias_fit_box_switches_the_distilled_bias_fit(app):
     cat = str(ROOT / "assets" / "cat.jpg")
     off = json.loads(_apply(client, "spiq", 8, 5, cat, bias_fit=False)[1])
     assert off == {"version": 1, "method": "spiq", "weight_bits": 8, "input_bits": 5, "bias_images": 0}
-    assert module.CACHE.quantized(module.DEFAULT_MODEL, QuantConfig.from_dict(off)).report.bias_images == 0
+    assert state.CACHE.quantized(DEFAULT_MODEL, QuantConfig.from_dict(off)).report.bias_images == 0
     on = json.loads(_apply(client, "spiq", 8, 5, cat)[1])
     assert on == {"version": 1, "method": "spiq", "weight_bits": 8, "input_bits": 5}   # back to automatic
-    assert module.CACHE.quantized(module.DEFAULT_MODEL, QuantConfig.from_dict(on)).report.bias_images == 8
+    assert state.CACHE.quantized(DEFAULT_MODEL, QuantConfig.from_dict(on)).report.bias_images == 8
 
 
 def test_recipe_round_trip_with_per_layer_table(app, tmp_path):
@@ -273,7 +277,7 @@ def test_unavailable_model_is_refused_and_the_session_keeps_its_model(app):
         pytest.skip("torchvision weights are cached or downloadable here: nothing is unavailable")
     client = Client(url, verbose=False)
     out = client.predict(offline[0], "spiq", 8, 4, "channel", "method default", True, api_name="/select_model")
-    assert out[0] == module.DEFAULT_MODEL  # the dropdown goes back to the model in use
+    assert out[0] == DEFAULT_MODEL  # the dropdown goes back to the model in use
     fig, text = client.predict(handle_file(str(ROOT / "assets" / "coffee.jpg")), api_name="/predict")
     assert "espresso" in text
 
@@ -321,13 +325,13 @@ def test_transformer_liu_ptq_and_attention_maps(app):
     assert "liu-ptq" in [row[0] for row in table["data"]]
     maps, inversions, text = client.predict(handle_file(cat), 0, api_name="/attention")
     config = QuantConfig.from_json(applied)
-    sc = views.scene(module.CACHE, VIT, config, open_image(cat))
+    sc = views.scene(state.CACHE, VIT, config, open_image(cat))
     am = analysis.attention_maps(sc.loaded.model, sc.qmodel, sc.x, 0)
     reversed_pairs, pairs = am.inversions[0]
     assert f"**{reversed_pairs:,}** of {pairs:,}" in text and reversed_pairs > 0
     # a CNN takes no liu-ptq: switching back drops it from the choices
-    out = client.predict(module.DEFAULT_MODEL, "liu-ptq", 6, 6, "channel", "method default", True, api_name="/select_model")
-    assert out[0] == module.DEFAULT_MODEL and out[3] == "spiq" and '"method": "spiq"' in out[2]
+    out = client.predict(DEFAULT_MODEL, "liu-ptq", 6, 6, "channel", "method default", True, api_name="/select_model")
+    assert out[0] == DEFAULT_MODEL and out[3] == "spiq" and '"method": "spiq"' in out[2]
 
 
 class _ProgressRecorder:
@@ -343,23 +347,25 @@ class _ProgressRecorder:
 def test_long_handlers_report_progress(app):
     from spiq.config import QuantConfig
     from spiq.models.data import open_image
-    from spiq.quantize.api import quantizable_layers
+    from spiq.quantize.memo import quantizable_layers
 
     module, _ = app
     cat = open_image(str(ROOT / "assets" / "cat.jpg"))
     # bits no other test applies, so the quantization really runs instead of coming from the cache
     bar = _ProgressRecorder()
-    applied = module.apply(module.DEFAULT_MODEL, QuantConfig().to_json(), "spiq", 7, 3, "channel", "method default",
-                           True, None, cat, progress=bar)[0]
+    page = module.page   # the handlers answer {component: update}
+    applied = page.apply(DEFAULT_MODEL, QuantConfig().to_json(), "spiq", 7, 3, "channel", "method default",
+                         True, None, cat, progress=bar)[page.applied]
     fractions = [f for f, _ in bar.updates]
     assert fractions == sorted(fractions) and fractions[0] == 0 and fractions[-1] == 1.0
     layers = [d for _, d in bar.updates if d.startswith("quantizing ")]
-    names = quantizable_layers(module.CACHE.load(module.DEFAULT_MODEL).model)
+    names = quantizable_layers(state.CACHE.load(DEFAULT_MODEL).model)
     assert len(layers) >= 5 and {d.split()[1] for d in layers} <= set(names)
     assert len(bar.updates) <= 13   # throttled: every update is a message to the browser
 
     bar = _ProgressRecorder()
-    out = module.refresh(module.DEFAULT_MODEL, applied, cat, None, None, None, "grad-cam", None, progress=bar)
+    out = page.view_events.refresh(DEFAULT_MODEL, applied, cat, progress=bar, range_layer=None, map_layer=None,
+                                   channel=None, attr_method="grad-cam", block=None)
     assert [d for _, d in bar.updates] == ["quantizing", "story", "channel ranges", "layer error", "error map",
                                            "attribution", "attention"]
-    assert '"input_bits": 3' in out[-1]
+    assert '"input_bits": 3' in out[page.views_note]

@@ -11,7 +11,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from spiq.ui import handlers
+from spiq.ui import state
 
 ROOT = Path(__file__).resolve().parents[2]
 CAT = str(ROOT / "assets" / "cat.jpg")
@@ -154,11 +154,11 @@ def test_nested_and_oversized_recipes_are_refused(app, tmp_path):
 def test_the_same_recipe_is_written_once(app):
     module, url = app
     client = Client(url, verbose=False)
-    before = set(handlers.RECIPES.root.iterdir())
+    before = set(state.RECIPES.root.iterdir())
     for _ in range(3):
         out = client.predict("static-tensor", 7, 7, "tensor", "method default", True, EMPTY_TABLE, handle_file(CAT),
                              api_name="/apply")
-    new = set(handlers.RECIPES.root.iterdir()) - before
+    new = set(state.RECIPES.root.iterdir()) - before
     assert len(new) <= 1 and json.loads(Path(out[2]).read_text())["weight_bits"] == 7
 
 
@@ -183,9 +183,9 @@ def test_disk_use_stays_bounded_over_20_deploys(app, tmp_path):
                        api_name="/apply")
         *_, onnx_file = client.predict(handle_file(CAT), api_name="/deploy")
         assert Path(onnx_file).stat().st_size > 1_000_000
-        sizes.append(handlers.EXPORTS.size())
-    entries = list(handlers.EXPORTS.root.iterdir())
-    assert len(entries) <= handlers.EXPORTS.max_entries
-    one = max(p.stat().st_size for p in handlers.EXPORTS.root.rglob("*.onnx"))
-    assert max(sizes) <= (handlers.EXPORTS.max_entries + 3) * one   # + the model's three baselines
+        sizes.append(state.EXPORTS.size())
+    entries = list(state.EXPORTS.root.iterdir())
+    assert len(entries) <= state.EXPORTS.max_entries
+    one = max(p.stat().st_size for p in state.EXPORTS.root.rglob("*.onnx"))
+    assert max(sizes) <= (state.EXPORTS.max_entries + 3) * one   # + the model's three baselines
     assert _du(cache) - cache_before < 2 * one   # downloads are served in place, not copied

@@ -5,7 +5,9 @@ import sys
 import pytest
 
 from conftest import APP_CNN, cache_fit_images, without_fit_images
+from spiq.ui import state
 from spiq.ui.background import FAILED, READY, RUNNING, BackgroundDistiller, Job, distill_command
+from spiq.ui.page import DEFAULT_MODEL
 
 EMPTY_TABLE = {"headers": [], "data": []}   # no per-layer overrides
 
@@ -34,10 +36,9 @@ def test_a_model_whose_fit_is_not_ready_is_used_at_once_with_the_fit_off(app, mo
     from gradio_client import Client
 
     module, url = app
-    handlers = sys.modules["spiq.ui.handlers"]
     monkeypatch.setenv("SPIQ_CACHE", str(tmp_path))
-    without_fit_images(monkeypatch, module.CACHE, APP_CNN)   # another test may have made them
-    monkeypatch.setattr(handlers.BACKGROUND, "jobs", {APP_CNN: Job(APP_CNN, RUNNING)})
+    without_fit_images(monkeypatch, state.CACHE, APP_CNN)   # another test may have made them
+    monkeypatch.setattr(state.BACKGROUND, "jobs", {APP_CNN: Job(APP_CNN, RUNNING)})
     client = Client(url, verbose=False)
     # model, table, status, method, bias fit, its note, the timer asking again
     model, _, status, _, fit, note, timer = client.predict(APP_CNN, "spiq", 8, 4, "channel", "method default", True,
@@ -46,10 +47,11 @@ def test_a_model_whose_fit_is_not_ready_is_used_at_once_with_the_fit_off(app, mo
     assert "being distilled in the background (running)" in note
     with pytest.raises(Exception, match="still being distilled in the background"):
         client.predict("spiq", 8, 4, "channel", "method default", True, EMPTY_TABLE, None, api_name="/apply")
-    cache_fit_images(module.CACHE.load(APP_CNN))
-    handlers.BACKGROUND.jobs[APP_CNN].state = READY
-    note, timer = handlers.fit_status(APP_CNN)
+    cache_fit_images(state.CACHE.load(APP_CNN))
+    state.BACKGROUND.jobs[APP_CNN].state = READY
+    status = module.page.fit_status(APP_CNN)   # {component: update}
+    note, timer = status[module.page.fit_note], status[module.page.fit_timer]
     assert "ready: tick Bias fit and Apply" in note and timer.active is False
     recipe = client.predict("spiq", 8, 4, "channel", "method default", True, EMPTY_TABLE, None, api_name="/apply")[1]
     assert "bias_images" not in recipe   # the default, the fit on: applied from the background's images
-    client.predict(module.DEFAULT_MODEL, "spiq", 8, 4, "channel", "method default", True, api_name="/select_model")
+    client.predict(DEFAULT_MODEL, "spiq", 8, 4, "channel", "method default", True, api_name="/select_model")

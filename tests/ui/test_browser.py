@@ -12,6 +12,8 @@ import pytest
 from playwright import sync_api
 
 from conftest import free_port, wait_serving
+from spiq.ui import state
+from spiq.ui.page import DEFAULT_MODEL
 
 # A real browser against a served app: the slow tier.
 pytestmark = pytest.mark.slow
@@ -225,7 +227,7 @@ def test_views_are_computed_when_their_tab_is_shown(app):
     """On load and on Apply only the predictions and the tab in view are computed; another tab
     computes when it is opened; going back to a computed tab computes nothing."""
     module, url = app
-    cache = module.CACHE
+    cache = state.CACHE
     names = {i: getattr(f, "name", "") for i, f in module.demo.fns.items()}
     problems, joins = [], []
 
@@ -418,16 +420,13 @@ def test_a_hostile_link_is_shown_as_text_never_as_markup(app_url):
 def test_the_fit_note_says_when_a_models_background_images_are_ready(app, monkeypatch, tmp_path):
     """A model whose bias-fit images are still distilled in the background opens with the fit off
     and a note; the note says so when they are ready, without a reload."""
-    import sys as _sys
-
     from conftest import APP_CNN, cache_fit_images, without_fit_images
     from spiq.ui.background import READY, RUNNING, Job
 
     module, url = app
-    handlers = _sys.modules["spiq.ui.handlers"]
     monkeypatch.setenv("SPIQ_CACHE", str(tmp_path))
-    without_fit_images(monkeypatch, module.CACHE, APP_CNN)   # another test may have made them
-    monkeypatch.setattr(handlers.BACKGROUND, "jobs", {APP_CNN: Job(APP_CNN, RUNNING)})
+    without_fit_images(monkeypatch, state.CACHE, APP_CNN)   # another test may have made them
+    monkeypatch.setattr(state.BACKGROUND, "jobs", {APP_CNN: Job(APP_CNN, RUNNING)})
     problems = []
     with sync_api.sync_playwright() as p:
         browser, page = _open_app(p, url, problems)
@@ -437,12 +436,12 @@ def test_the_fit_note_says_when_a_models_background_images_are_ready(app, monkey
         page.wait_for_function("document.querySelector('#fit-note').innerText.includes('being distilled')",
                                timeout=60_000)
         assert not page.locator("#bias-fit input").is_checked()
-        cache_fit_images(module.CACHE.load(APP_CNN))
-        handlers.BACKGROUND.jobs[APP_CNN].state = READY
+        cache_fit_images(state.CACHE.load(APP_CNN))
+        state.BACKGROUND.jobs[APP_CNN].state = READY
         page.wait_for_function("document.querySelector('#fit-note').innerText.includes('are ready')",
                                timeout=30_000)   # the note's timer asks every 5 s
         page.locator("#model input").click()
-        page.get_by_role("option", name=module.DEFAULT_MODEL).click()
+        page.get_by_role("option", name=DEFAULT_MODEL).click()
         page.wait_for_function("document.querySelector('#fit-note').innerText.trim() === ''", timeout=60_000)
         browser.close()
     assert not problems, "\n".join(problems)
@@ -527,7 +526,7 @@ def test_law_and_advisor_views(app):
         page.wait_for_function("document.querySelector('#status').innerText.includes('overrides')", timeout=300_000)
         status = page.inner_text("#status")
         applied = QuantConfig.from_json(status[status.index("{"):status.rindex("}") + 1])   # "Applied {recipe}"
-        found, table = module.CACHE.cached_slow(advisor.table_key(module.DEFAULT_MODEL, QuantConfig()))
+        found, table = state.CACHE.cached_slow(advisor.table_key(DEFAULT_MODEL, QuantConfig()))
         assert found
         expected = advisor.advice_for(table, QuantConfig(), 5.0).config
         assert applied.to_dict() == expected.to_dict()

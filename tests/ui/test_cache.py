@@ -1,4 +1,4 @@
-"""Re-quantizing fast for many users: prepared analyses, the model cache, the per-layer table, the views."""
+"""Re-quantizing fast for many users: the quantization memo, the model cache, the per-layer table, the views."""
 import contextlib
 from pathlib import Path
 
@@ -11,7 +11,7 @@ from spiq.ui.cache import ModelCache
 from spiq.core.metrics import parameter_checksum
 from spiq.config import METHODS, ConfigError, QuantConfig
 from spiq.models.data import open_image
-from spiq.quantize.api import prepare
+from spiq.quantize.memo import Memo
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 
@@ -24,10 +24,10 @@ def _same_model(a, b):
 
 
 @pytest.fixture(scope="module")
-def prepared(lite0, lite0_loaded):
-    p = prepare(lite0_loaded)
-    p.warm(QuantConfig(), bits=(4, 5))   # what the app does in the background: ranges and their effects
-    return p
+def memo(lite0, lite0_loaded):
+    m = Memo(lite0_loaded)
+    m.warm(QuantConfig(), bits=(4, 5))   # what the app does in the background: ranges and their effects
+    return m
 
 
 @pytest.mark.parametrize("kw", [dict(weight_bits=8, input_bits=4), dict(weight_bits=4, input_bits=8, fold="always"),
@@ -35,23 +35,23 @@ def prepared(lite0, lite0_loaded):
                                 dict(method="dynamic-channel", weight_bits=8, input_bits=4, weight_rounding="nearest"),
                                 dict(method="spiq", weight_bits=8, input_bits=5,
                                      overrides={"conv_head": {"input_bits": 8}, "classifier": {"skip": True}})])
-def test_prepared_requantization_is_identical(lite0, prepared, sample, kw, lite0_loaded):
+def test_memoised_requantization_is_identical(lite0, memo, sample, kw, lite0_loaded):
     config = QuantConfig(**kw)
     fresh = spiq.quantize(lite0_loaded, config)
-    fast = spiq.quantize(lite0_loaded, config, prepared=prepared)
+    fast = spiq.quantize(lite0_loaded, config, memo=memo)
     _same_model(fresh, fast)
     x = sample[0][:4]
     with torch.no_grad():
         assert torch.equal(fresh(x), fast(x))
     # a second request for the same config reuses the searched ranges and weights
-    again = spiq.quantize(lite0_loaded, config, prepared=prepared)
+    again = spiq.quantize(lite0_loaded, config, memo=memo)
     _same_model(fresh, again)
 
 
-def test_prepared_from_another_model_is_refused(lite0, prepared):
+def test_a_memo_of_another_model_is_refused(lite0, memo):
     other, _, _ = spiq.load_model("efficientnet_lite0")
     with pytest.raises(ValueError, match="another model"):
-        spiq.quantize(other, QuantConfig(), prepared=prepared)
+        spiq.quantize(other, QuantConfig(), memo=memo)
 
 
 @pytest.mark.slow   # a heavy end-to-end job

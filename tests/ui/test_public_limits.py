@@ -8,6 +8,7 @@ import time
 import urllib.parse
 from pathlib import Path
 
+import gradio as gr
 import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
@@ -16,7 +17,8 @@ from conftest import APP_CNN
 from test_app_security import CAT, EMPTY_TABLE, _raw
 
 from spiq.config import QuantConfig
-from spiq.ui import echo, handlers, limits
+from spiq.ui import echo, limits, state
+from spiq.ui.page import DEFAULT_MODEL
 
 HOSTILE = ['<img src="https://evil.example/x.png" onerror="alert(1)">',
            "<a href='https://evil.example'>click</a>",
@@ -31,11 +33,11 @@ class _Query:
         self.query_params = params
 
 
-def _open_link(monkeypatch, model, **params) -> tuple[list, list[str]]:
-    """open_link as a page load with these query parameters: (outputs, the warnings it raised)."""
+def _open_link(monkeypatch, page, **params) -> tuple[dict, list[str]]:
+    """open_link as a page load with these query parameters: ({component: update}, the warnings it raised)."""
     warnings = []
-    monkeypatch.setattr(handlers.gr, "Warning", lambda message, **kw: warnings.append(message))
-    return handlers.open_link(model, _Query(**params)), warnings
+    monkeypatch.setattr(gr, "Warning", lambda message, **kw: warnings.append(message))
+    return page.open_link(DEFAULT_MODEL, _Query(**params)), warnings
 
 
 @pytest.mark.parametrize("payload", HOSTILE)
@@ -58,10 +60,10 @@ def test_closing_tags_are_not_taken_for_server_paths():
 @pytest.mark.parametrize("payload", HOSTILE[:3])
 def test_a_hostile_link_is_a_plain_text_warning_and_the_default_page(app, monkeypatch, payload):
     module, _ = app
-    out, warnings = _open_link(monkeypatch, module.DEFAULT_MODEL, recipe=json.dumps({"method": payload}))
+    out, warnings = _open_link(monkeypatch, module.page, recipe=json.dumps({"method": payload}))
     assert len(warnings) == 1 and "<" not in warnings[0] and "method" in warnings[0]
     assert "&lt;" in warnings[0]   # shown, as text
-    assert out[-1] is False        # the page keeps its default state
+    assert out == {module.page.linked: False}   # the page keeps its default state
 
 
 @pytest.mark.parametrize("recipe, field", [({"bias_images": 256}, "bias_images"), ({"bias_images": 32}, "bias_images"),
@@ -70,9 +72,9 @@ def test_a_hostile_link_is_a_plain_text_warning_and_the_default_page(app, monkey
 def test_links_asking_for_work_beyond_the_public_limits_are_refused_at_once(app, monkeypatch, recipe, field):
     module, _ = app
     start = time.monotonic()
-    out, warnings = _open_link(monkeypatch, module.DEFAULT_MODEL, recipe=json.dumps(recipe))
+    out, warnings = _open_link(monkeypatch, module.page, recipe=json.dumps(recipe))
     assert time.monotonic() - start < 5   # distilling 256 images took minutes and 8 GB
-    assert len(warnings) == 1 and out[-1] is False
+    assert len(warnings) == 1 and out == {module.page.linked: False}
     assert (field or "vision transformers") in warnings[0]
 
 
@@ -102,8 +104,8 @@ def test_a_model_without_distilled_images_is_never_distilled_in_a_request(app, m
     from conftest import without_fit_images
 
     module, url = app
-    without_fit_images(monkeypatch, module.CACHE, APP_CNN)
-    monkeypatch.setattr(handlers.BACKGROUND, "jobs", {})   # and nothing distils it in the background
+    without_fit_images(monkeypatch, state.CACHE, APP_CNN)
+    monkeypatch.setattr(state.BACKGROUND, "jobs", {})   # and nothing distils it in the background
     client = Client(url, verbose=False)
     selected = client.predict(APP_CNN, "spiq", 8, 8, "channel", "method default", True, api_name="/select_model")
     assert selected[0] == APP_CNN and selected[4] is False   # opened with the fit off
@@ -112,7 +114,7 @@ def test_a_model_without_distilled_images_is_never_distilled_in_a_request(app, m
         client.predict("spiq", 8, 8, "channel", "method default", True, EMPTY_TABLE, handle_file(CAT),
                        api_name="/apply")
     assert time.monotonic() - start < 10
-    assert not module.CACHE.fit_ready(APP_CNN)
+    assert not state.CACHE.fit_ready(APP_CNN)
 
 
 def test_admission_waits_then_refuses_and_counts_nested_work_once():
@@ -152,7 +154,7 @@ def test_the_footprint_of_lite0_weighs_weights_and_activations(lite0):
 def test_a_full_server_refuses_views_as_busy_but_keeps_predicting(app, monkeypatch):
     module, url = app
     gate = limits.Admission(budget=1, wait_s=0.5)
-    monkeypatch.setattr(handlers, "ADMISSION", gate)
+    monkeypatch.setattr(state, "ADMISSION", gate)
     client = Client(url, verbose=False)
     client.predict("spiq", 8, 6, "channel", "method default", True, EMPTY_TABLE, handle_file(CAT), api_name="/apply")
     held = threading.Event(), threading.Event()
