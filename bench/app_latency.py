@@ -58,7 +58,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 # The app as it runs after its first seconds: ranges searched (app.py does it in a background
 # thread; here before serving, so no request races the search), then the same queue settings.
-WARM_SERVER = ("import torch, app; torch.set_num_threads(2); app.warm_up(); "
+WARM_SERVER = ("import torch, app; from spiq.ui import state; torch.set_num_threads(2); state.warm_up(); "
                "app.demo.queue(default_concurrency_limit=4).launch(server_name='127.0.0.1')")
 
 

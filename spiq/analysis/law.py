@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from spiq.core.errors import AnalysisError, UnknownNameError
-from spiq.analysis.layers import reference_of
+from spiq.analysis.layers import data_free_range, reference_of
 from spiq.core.hooks import run_with_hooks
 from spiq.core.tensors import Range
-from spiq.methods.spiq import law_spec
+from spiq.quantize.memo import Memo
 from spiq.quantize.report import QuantResult
 from spiq.ranges.laws import Dist
 
@@ -80,16 +80,18 @@ def _outside(values: torch.Tensor, lo, hi) -> torch.Tensor:
 
 
 @torch.no_grad()
-def law_vs_reality(qmodel: QuantResult, images: torch.Tensor, layer: str, channel: int | None = None) -> LawVsReality:
+def law_vs_reality(qmodel: QuantResult, images: torch.Tensor, layer: str, channel: int | None = None,
+                   memo: Memo | None = None) -> LawVsReality:
     """`layer`'s input law for one `channel` against its values on `images` (N, 3, H, W), with SPIQ's
     per-channel range and the per-tensor range at the recipe's input bits, and every channel's
     predicted against observed spread. `channel` None: the channel SPIQ's range clips most on
-    these images (where none is clipped, the one with the widest range)."""
+    these images (where none is clipped, the one with the widest range). `memo`: the Memo `qmodel`
+    was quantized with, to find the ranges rather than search them."""
     report = qmodel.report
     law = law_of(qmodel, layer)
     bits = report.config.for_layer(layer).input_bits
-    per_c = law_spec(bits, True, report.config).of(law)
-    per_t = law_spec(bits, False, report.config).of(law)
+    per_c = data_free_range(qmodel, layer, bits, True, memo)
+    per_t = data_free_range(qmodel, layer, bits, False, memo)
     # the images run where the quantized model is; the law and its ranges stay on the CPU
     values = _input_values(reference_of(qmodel.model, qmodel), layer, images)
     clipped = _outside(values, per_c.lo.to(values.device)[:, None], per_c.hi.to(values.device)[:, None]).cpu()

@@ -20,7 +20,8 @@ from spiq.core.metrics import sqnr_db, tensor_sqnr_db
 from spiq.core.quant import Grid, QuantLayer, fake_quant_input, fold_input_scale, quantize_weight
 from spiq.models.vit import is_transformer, vit_graph
 from spiq.methods.liu_intervals import RankPairs
-from spiq.methods.spiq import law_spec
+from spiq.methods.spiq import law_range, law_spec
+from spiq.quantize.memo import Memo
 from spiq.quantize.report import QuantResult
 from spiq.ranges.laws import observe, quantized_samples
 
@@ -31,10 +32,12 @@ def reference_of(model: nn.Module, qmodel: QuantResult) -> nn.Module:
     return on_device(qmodel.report.reference, module_device(qmodel.model))
 
 
-def _data_free_range(qmodel: QuantResult, layer: str, bits: int, per_channel: bool):
-    """The range the data-free law gives `layer` at `bits`, by the recipe's rule."""
+def data_free_range(qmodel: QuantResult, layer: str, bits: int, per_channel: bool, memo: Memo | None = None):
+    """The range the data-free law gives `layer` at `bits`, by the recipe's rule: searched, or found
+    in `memo` (the Memo it was quantized with, where ranges are searched once per model)."""
     report = qmodel.report
-    return law_spec(bits, per_channel, report.config).of(report.propagation.inputs[layer])
+    spec, dist = law_spec(bits, per_channel, report.config), report.propagation.inputs[layer]
+    return spec.of(dist) if memo is None else law_range(memo.scoped(report.config), layer, dist, spec)
 
 
 @dataclass
@@ -153,8 +156,10 @@ class ChannelRanges:
 
 
 @torch.no_grad()
-def channel_ranges(model: nn.Module, qmodel: QuantResult, layer: str, images: torch.Tensor) -> ChannelRanges:
-    """Per-channel vs per-tensor input ranges of `layer` and how the images fill them."""
+def channel_ranges(model: nn.Module, qmodel: QuantResult, layer: str, images: torch.Tensor,
+                   memo: Memo | None = None) -> ChannelRanges:
+    """Per-channel vs per-tensor input ranges of `layer` and how the images fill them (`memo`: the
+    Memo `qmodel` was quantized with, to find the ranges rather than search them)."""
     report = qmodel.report
     if layer not in report.layers:
         raise UnknownNameError(f"{layer!r} is not a quantized layer of this model")
@@ -162,8 +167,8 @@ def channel_ranges(model: nn.Module, qmodel: QuantResult, layer: str, images: to
     dist = report.propagation.inputs.get(layer) if report.propagation else None
     if dist is None:
         raise AnalysisError(f"{layer}: no data-free law (its producer could not be analysed)")
-    per_c = _data_free_range(qmodel, layer, bits, True)
-    per_t = _data_free_range(qmodel, layer, bits, False)
+    per_c = data_free_range(qmodel, layer, bits, True, memo)
+    per_t = data_free_range(qmodel, layer, bits, False, memo)
     obs = observe(reference_of(model, qmodel), [layer], images)[layer]
     levels = Grid.UNSIGNED.levels(bits)[1]
     lo, hi = per_c.lo.to(obs.sample.device), per_c.hi.to(obs.sample.device)   # the law's range, brought to the images
@@ -181,7 +186,7 @@ def channel_ranges(model: nn.Module, qmodel: QuantResult, layer: str, images: to
         clipped=outside.cpu())
 
 
-def channel_spread(qmodel: QuantResult, bits: int = 8) -> dict[str, float]:
+def channel_spread(qmodel: QuantResult, bits: int = 8, memo: Memo | None = None) -> dict[str, float]:
     """For each layer whose input has a data-free law: how far its channels' ranges differ, as the
     bits a channel's own range saves over one range spanning them all (log2 of the span of all the
     channels' ranges over the channel's, averaged over the live channels). What per-channel input
@@ -191,7 +196,7 @@ def channel_spread(qmodel: QuantResult, bits: int = 8) -> dict[str, float]:
     for name in qmodel.report.layers:
         if prop is None or name not in prop.inputs:
             continue
-        rng = _data_free_range(qmodel, name, bits, True)
+        rng = data_free_range(qmodel, name, bits, True, memo)
         width, span = rng.hi - rng.lo, float(rng.hi.max() - rng.lo.min())
         live = width > span * 2.0 ** -bits   # a dead channel's range says nothing about the others
         out[name] = float(torch.log2(span / width[live]).mean()) if live.any() else 0.0
@@ -209,8 +214,9 @@ class FoldCost:
 
 
 @torch.no_grad()
-def fold_cost(model: nn.Module, qmodel: QuantResult) -> list[FoldCost]:
-    """For every layer with folded per-channel input scales: weight error added vs input error removed."""
+def fold_cost(model: nn.Module, qmodel: QuantResult, memo: Memo | None = None) -> list[FoldCost]:
+    """For every layer with folded per-channel input scales: weight error added vs input error removed
+    (`memo`: as channel_ranges')."""
     reference = reference_of(model, qmodel)
     report = qmodel.report
     cfg = report.config
@@ -242,8 +248,8 @@ def fold_cost(model: nn.Module, qmodel: QuantResult) -> list[FoldCost]:
             return sqnr_db(float((x ** 2 * p).sum()), float(((xq - x) ** 2 * p).sum()))
 
         out.append(FoldCost(name, wsqnr(w), folded_sqnr,
-                            isqnr(_data_free_range(qmodel, name, lr.input_bits, False)),
-                            isqnr(_data_free_range(qmodel, name, lr.input_bits, True))))
+                            isqnr(data_free_range(qmodel, name, lr.input_bits, False, memo)),
+                            isqnr(data_free_range(qmodel, name, lr.input_bits, True, memo))))
     return out
 
 

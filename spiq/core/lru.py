@@ -62,7 +62,7 @@ class LRU(Generic[V]):
 
     def drop(self, keep: Callable[[Hashable], bool]) -> None:
         """Forget every key for which `keep(key)` is false."""
-        for key in [k for k in self._items if not keep(k)]:
+        for key in [k for k in list(self._items) if not keep(k)]:   # list(): one step under the GIL
             del self._items[key]
 
     def clear(self) -> None:

@@ -152,7 +152,7 @@ def default_law_layer(cache: ModelCache, sc: Scene) -> str | None:
 def law(cache: ModelCache, sc: Scene, layer: str, channel: int | None = None):
     """(channel shown, histogram with the law, spread scatter, summary) of one layer's input on the image."""
     with cache.lock:
-        lv = law_vs_reality(sc.qmodel, sc.x[None], layer, channel)
+        lv = law_vs_reality(sc.qmodel, sc.x[None], layer, channel, cache.memo(sc.name))
     hist, scatter = plots.law_vs_reality(lv)
     c = lv.channel
     text = (f"Channel {c} of {lv.law.channels}: the law says mean {float(lv.predicted_mean[c]):.3g}, std "

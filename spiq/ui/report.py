@@ -67,7 +67,7 @@ def fold_figure(cache: ModelCache, model: str, config: QuantConfig) -> go.Figure
     (the Layer error tab's third figure, from the same cached rows)."""
     loaded, q = cache.load(model), cache.quantized(model, config)
     with cache.lock:
-        rows = cache.derived(model, config, "fold_cost", lambda: fold_cost(loaded.model, q))
+        rows = cache.derived(model, config, "fold_cost", lambda: fold_cost(loaded.model, q, cache.memo(model)))
     return plots.fold_cost(rows) if rows else None
 
 

@@ -95,14 +95,14 @@ RANGES_CAPTION = ("Look for bars far shorter than the shaded per-tensor band: on
 
 def channel_ranges(cache: ModelCache, sc: Scene, layer: str):
     with cache.lock:
-        cr = analysis.channel_ranges(sc.loaded.model, sc.qmodel, layer, sc.x[None])
+        cr = analysis.channel_ranges(sc.loaded.model, sc.qmodel, layer, sc.x[None], cache.memo(sc.name))
     return plots.channel_ranges(cr, caption=RANGES_CAPTION)
 
 
 def default_range_layer(cache: ModelCache, sc: Scene) -> str | None:
     """The layer whose channels' data-free ranges differ most (at 8 bits, whatever the recipe's):
     where per-channel input ranges show their point. Computed from the model, once per recipe."""
-    spread = cache.derived(sc.name, sc.config, "channel_spread", lambda: analysis.channel_spread(sc.qmodel, 8))
+    spread = cache.derived(sc.name, sc.config, "channel_spread", lambda: analysis.channel_spread(sc.qmodel, 8, cache.memo(sc.name)))
     shown = {n: v for n, v in spread.items() if n in sc.range_layers}
     return max(shown, key=shown.get) if shown else None
 
@@ -114,7 +114,7 @@ def layer_error(cache: ModelCache, sc: Scene, raised: dict[str, int] | None = No
         breakdown = analysis.layer_breakdown(sc.loaded.model, sc.qmodel, sc.x[None])
         rows = analysis.layer_sqnr(sc.loaded.model, sc.qmodel, sc.x[None], breakdown=breakdown)
         folds = cache.derived(sc.name, sc.config, "fold_cost",
-                              lambda: analysis.fold_cost(sc.loaded.model, sc.qmodel))
+                              lambda: analysis.fold_cost(sc.loaded.model, sc.qmodel, cache.memo(sc.name)))
     table = [[r.name, round(r.isolated, 2), round(r.propagated, 2), round(b.clip, 2), round(b.input, 2),
               round(b.weight, 2), round(100 * b.clipped, 3)] for r, b in zip(rows, breakdown)]
     return (plots.layer_sqnr(rows, raised=raised, budget=budget), plots.layer_breakdown(breakdown),
