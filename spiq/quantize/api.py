@@ -14,7 +14,7 @@ from spiq.models.registry import LoadedModel
 from spiq.quantize.check import check_config, methods_for  # noqa: F401
 from spiq.quantize.memo import Memo
 from spiq.quantize.apply import apply
-from spiq.quantize.plan import plan
+from spiq.quantize.plan import planned
 from spiq.quantize.report import QuantResult
 
 
@@ -29,7 +29,8 @@ def quantize(model: nn.Module | LoadedModel, config: QuantConfig, calib_data: to
     and the report says so). `calib_data` (N, 3, H, W) preprocessed images are needed only by the
     calib-* methods and liu-ptq. `memo` is a `Memo(model)` kept from earlier calls, to re-quantize fast.
     """
-    result = apply(plan(model, config, calib_data, progress, memo, preprocess=preprocess))
+    decided, applied = planned(model, config, calib_data, progress, memo, preprocess=preprocess)
+    result = applied or apply(decided)   # the bias fit applies the plan on its way: not done twice
     return _int8_graph(result) if config.int8_graph else result
 
 

@@ -20,7 +20,7 @@ from spiq.quantize.check import check_config
 from spiq.quantize.distill import has_batchnorm
 from spiq.quantize.memo import Memo, Reference, quantizable_layers
 from spiq.quantize.apply import apply
-from spiq.quantize.report import QuantPlan
+from spiq.quantize.report import QuantPlan, QuantResult
 from spiq.ranges.laws import observe
 
 Progress = Callable[[float, str], None]
@@ -32,6 +32,14 @@ def plan(model: nn.Module | LoadedModel, config: QuantConfig, calib_data: torch.
          preprocess: Preprocess | None = None) -> QuantPlan:
     """What quantize() would make of `model` (its arguments, but for int8_graph, which acts on the
     result): each layer's plan from its method's handler, then the bias fit. `model` is left as it was."""
+    return planned(model, config, calib_data, progress, memo, preprocess=preprocess)[0]
+
+
+@torch.no_grad()
+def planned(model: nn.Module | LoadedModel, config: QuantConfig, calib_data: torch.Tensor | None = None,
+            progress: Progress | None = None, memo: Memo | None = None, *,
+            preprocess: Preprocess | None = None) -> tuple[QuantPlan, QuantResult | None]:
+    """`plan`'s plan, and `apply(plan)` where the bias fit made it on the way (None otherwise)."""
     if isinstance(model, LoadedModel):
         model, preprocess = model.model, preprocess or model.preprocess
     check_config(model, config)
@@ -58,11 +66,12 @@ def plan(model: nn.Module | LoadedModel, config: QuantConfig, calib_data: torch.
     layers = {n: planned.layers[n] for n in settings if n in planned.layers}
     result = QuantPlan(config, layers, reference.folded, planned.matmuls, fallbacks, reference.propagation,
                        memo.preprocess, planned.extra, reference.equalized)
+    applied = None
     if fit_on is not None:
-        result = _fit_biases(result, memo, fit_on, fit_images)
+        result, applied = _fit_biases(result, memo, fit_on, fit_images)
     if progress is not None:
         progress(1.0, "done")
-    return result
+    return result, applied
 
 
 def _memo_for(model: nn.Module, memo: Memo | None, preprocess: Preprocess | None) -> Memo:
@@ -109,8 +118,9 @@ def _plan_methods(ctx: PlanContext, used: list[Method], progress: Progress | Non
     return MethodPlan(layers, matmuls, searched)
 
 
-def _fit_biases(plan: QuantPlan, memo: Memo, images: torch.Tensor, n: int) -> QuantPlan:
-    """The plan with each activated layer's bias fitted, in order, on n distilled images."""
+def _fit_biases(plan: QuantPlan, memo: Memo, images: torch.Tensor, n: int) -> tuple[QuantPlan, QuantResult]:
+    """The plan with each activated layer's bias fitted, in order, on n distilled images, and the
+    fitted model, which is that plan applied."""
     activations, targets = memo.fit_targets(plan.config, n)
     q = apply(plan).model
     shifts = fit_biases(q, targets, images, activations)
@@ -120,4 +130,5 @@ def _fit_biases(plan: QuantPlan, memo: Memo, images: torch.Tensor, n: int) -> Qu
             reason = f"bias fitted on {n} images distilled from the BatchNorm statistics"
             layers[name] = replace(layers[name], bias=q.get_submodule(name).layer.bias.detach(),
                                    reasons=layers[name].reasons + (reason,))
-    return replace(plan, layers=layers, bias_images=n, bias_fit=shifts)
+    fitted = replace(plan, layers=layers, bias_images=n, bias_fit=shifts)
+    return fitted, QuantResult(q, fitted, fitted.preprocess)
