@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from spiq.core.quant import Grid, InputQuant, QuantLayer
+from spiq.core.quant import Grid, InputQuant, QuantLayer, channel_axis
 from spiq.core.tensors import Range, broadcast_input, per_input_channel
 from spiq.export.lower import Op
 from spiq.export.support import ExportError
@@ -203,7 +203,7 @@ def requantize(report: QuantPlan | None, lp: Int8Layer, grid: Grid) -> None:
     s = config.for_layer(lp.name)
     ref = reference.get_submodule(lp.name)
     rng = Range(grid.lo.float(), grid.hi.float())
-    inq = input_quant(ref, rng, 8, True)
+    inq = input_quant(rng, 8, True, channel_axis(ref))
     codes, w_scale, w_sim = layer_weights(ref, inq, weight_spec(s, config))
     bias = ref.bias.detach().clone() if ref.bias is not None else torch.zeros(w_sim.shape[0])
     if config.bias_correction:

@@ -59,12 +59,12 @@ def bias_shift(layer: nn.Module, w_float: torch.Tensor, w_sim: torch.Tensor, mea
     return output_mean(layer, w_sim, mean_xq) - output_mean(layer, w_float, mean_x)
 
 
-def input_quant(layer: nn.Module, rng: Range | None, bits: int, per_channel: bool) -> InputQuant:
-    """The static quantizer of `rng`, or a dynamic one where there is no range."""
+def input_quant(rng: Range | None, bits: int, per_channel: bool, axis: int) -> InputQuant:
+    """The static quantizer of `rng`, or a dynamic one where there is no range (channels on `axis`)."""
     if rng is None:
-        return InputQuant("dynamic", bits, per_channel, axis=channel_axis(layer))
+        return InputQuant("dynamic", bits, per_channel, axis=axis)
     scale, zero = input_scale_zero(rng, bits)
-    return InputQuant("static", bits, per_channel, scale, zero, channel_axis(layer))
+    return InputQuant("static", bits, per_channel, scale, zero, axis)
 
 
 def layer_weights(layer: nn.Module, inq: InputQuant, spec: WeightSpec, memo=None):
@@ -108,7 +108,7 @@ class _Layer:
         return memo_moments(self.ctx.memo, self.name, self.x.dist)
 
     def weights(self, rng: Range | None, per_channel: bool):
-        inq = input_quant(self.layer, rng, self.x.bits, per_channel)
+        inq = input_quant(rng, self.x.bits, per_channel, channel_axis(self.layer))
         folds = rng is not None and per_channel
         spec = weight_spec(self.s, self.x.config)
         fold_spec = self.range_spec(per_channel) if folds else None
@@ -184,10 +184,7 @@ def _matmul_quant(ctx: PlanContext, method, site: str, s: LayerSettings) -> Inpu
     bounds = Range(torch.tensor(0.0), torch.tensor(1.0)) if operand == "p_in" else None
     rng = method.input_range(LayerInput(site, s.input_bits, False, ctx.config, ctx.matmul_laws.get(site), ctx.memo,
                                         calibrated, bounds))
-    if rng is None:
-        return InputQuant("dynamic", s.input_bits, s.input_per_channel, axis=-1)
-    scale, zero = input_scale_zero(rng, s.input_bits)
-    return InputQuant("static", s.input_bits, False, scale, zero, -1)
+    return input_quant(rng, s.input_bits, s.input_per_channel if rng is None else False, -1)
 
 
 def plan_layers(ctx: PlanContext, method) -> MethodPlan:
